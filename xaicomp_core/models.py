@@ -1,0 +1,373 @@
+"""Models: the built-in trained networks, torchvision architectures and safe loading of user weights.
+
+Every model returned here is in ``eval()`` mode and carries a :class:`ModelInfo` (class names, preprocessing,
+model card) as ``model.xaicomp_info``; :func:`model_info` reads it back.
+
+Weights are read with ``safetensors`` or ``torch.load(weights_only=True)``: a file that would need to run code
+to load is refused, never executed.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import pickle
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .archs import FashionResNet, FashionVGG, LeNet5
+from .data import ASSETS_DIR, FASHION_MNIST_CLASSES, Preprocessing
+from .errors import WeightsError
+
+MODELS_DIR = ASSETS_DIR / "models"
+FASHION_PREPROCESSING = Preprocessing((28, 28), 1, (0.2860,), (0.3530,))
+IMAGENET_PREPROCESSING = Preprocessing((224, 224), 3, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+MAX_WEIGHTS_BYTES = 1024 * 1024 * 1024
+
+
+@dataclass
+class ModelInfo:
+    """What a model is and how to feed it.
+
+    Parameters
+    ----------
+    name : str
+        Display name (``"fashion-vgg"``, ``"resnet18 (my.pt)"``).
+    arch : str
+        Architecture id accepted by :func:`build_arch`.
+    class_names : list of str
+        One name per output.
+    preprocessing : Preprocessing
+        Input size, channels and normalisation.
+    source : str
+        ``"builtin"``, ``"pretrained"``, ``"weights file"`` or ``"random"``.
+    card : dict
+        Model card of a built-in model (accuracy, training command, ...); empty otherwise.
+    """
+
+    name: str
+    arch: str
+    class_names: list[str]
+    preprocessing: Preprocessing
+    source: str = "builtin"
+    card: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of outputs."""
+        return len(self.class_names)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form."""
+        return {"name": self.name, "arch": self.arch, "class_names": list(self.class_names),
+                "preprocessing": self.preprocessing.to_dict(), "source": self.source}
+
+
+@dataclass(frozen=True)
+class BuiltinSpec:
+    """A built-in architecture trained by :mod:`xaicomp_core.train`."""
+
+    factory: Callable[[], nn.Module]
+    description: str
+    epochs: int
+    lr: float
+    target_accuracy: float
+
+
+BUILTIN_MODELS: dict[str, BuiltinSpec] = {
+    "fashion-vgg": BuiltinSpec(FashionVGG, "VGG-style conv net with BatchNorm (paper-like setting; default)",
+                               epochs=15, lr=0.05, target_accuracy=0.92),
+    "fashion-lenet": BuiltinSpec(LeNet5, "classic LeNet-5 (ReLU, max pooling), for teaching",
+                                 epochs=25, lr=0.05, target_accuracy=0.89),
+    "fashion-resnet": BuiltinSpec(lambda: FashionResNet(width=16),
+                                  "small ResNet with BatchNorm and skip connections (exercises canonizers)",
+                                  epochs=20, lr=0.05, target_accuracy=0.91),
+}
+DEFAULT_MODEL = "fashion-vgg"
+
+#: torchvision architectures offered by name (any other name from ``torchvision.models.list_models`` works too).
+TORCHVISION_ARCHS = ["alexnet", "vgg11_bn", "vgg16", "resnet18", "resnet50", "mobilenet_v2"]
+
+
+def model_info(model: nn.Module) -> ModelInfo:
+    """The :class:`ModelInfo` attached to ``model`` (a generic one if none is attached)."""
+    info = getattr(model, "xaicomp_info", None)
+    if isinstance(info, ModelInfo):
+        return info
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    n = last[-1].out_features if last else 10
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    ch = first.in_channels if first is not None else 1
+    pre = FASHION_PREPROCESSING if ch == 1 else Preprocessing((32, 32), 3, (0.5,) * 3, (0.5,) * 3)
+    names = FASHION_MNIST_CLASSES if n == 10 else [str(i) for i in range(n)]
+    return ModelInfo(type(model).__name__, type(model).__name__, list(names), pre, source="python")
+
+
+def attach_info(model: nn.Module, info: ModelInfo) -> nn.Module:
+    """Attach ``info`` to ``model`` and put it in eval mode; returns ``model``."""
+    model.xaicomp_info = info  # type: ignore[assignment]
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Architectures
+# ----------------------------------------------------------------------------------------------------------------
+def build_arch(arch: str, num_classes: int | None = None) -> nn.Module:
+    """Build an untrained architecture by id: a built-in name or a torchvision model name."""
+    key = arch.removeprefix("torchvision:")
+    if key in BUILTIN_MODELS:
+        model = BUILTIN_MODELS[key].factory()
+        if num_classes not in (None, 10):
+            raise WeightsError(f"{key} has 10 outputs, not {num_classes}")
+        return model
+    import torchvision
+
+    names = set(torchvision.models.list_models(module=torchvision.models))
+    if key not in names:
+        raise WeightsError(f"unknown architecture {arch!r}; choose one of "
+                           f"{', '.join(list(BUILTIN_MODELS) + TORCHVISION_ARCHS)} or another torchvision model")
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    return torchvision.models.get_model(key, weights=None, **kwargs)
+
+
+def builtin_card(name: str) -> dict[str, Any]:
+    """The model card of a built-in model (``assets/models/<name>.json``)."""
+    path = MODELS_DIR / f"{name}.json"
+    if not path.exists():
+        raise WeightsError(f"missing model card {path}; train with `python -m xaicomp_core.train {name}`")
+    return json.loads(path.read_text())
+
+
+def load_builtin_model(name: str = DEFAULT_MODEL) -> nn.Module:
+    """Load a built-in trained model from ``assets/models`` (offline).
+
+    Parameters
+    ----------
+    name : str
+        ``"fashion-vgg"`` (default), ``"fashion-lenet"`` or ``"fashion-resnet"``.
+
+    Returns
+    -------
+    torch.nn.Module
+        In eval mode, with ``xaicomp_info`` attached.
+    """
+    if name not in BUILTIN_MODELS:
+        raise WeightsError(f"unknown built-in model {name!r}; available: {', '.join(BUILTIN_MODELS)}")
+    card = builtin_card(name)
+    model = build_arch(name)
+    state = load_weights_file(MODELS_DIR / f"{name}.safetensors")
+    load_state_dict_checked(model, state, name)
+    pre = Preprocessing.from_dict(card["preprocessing"])
+    return attach_info(model, ModelInfo(name, name, list(card["class_names"]), pre, "builtin", card))
+
+
+def load_torchvision_model(arch: str, pretrained: bool = True, allow_random: bool = False,
+                           num_classes: int | None = None) -> nn.Module:
+    """A torchvision architecture with its pretrained (ImageNet) weights.
+
+    Pretrained weights come from torchvision's cache or a download; offline, a clear :class:`WeightsError` is
+    raised unless ``allow_random`` is set, in which case the model keeps random weights (and says so).
+    """
+    import torchvision
+
+    model = build_arch(arch, None if pretrained else num_classes)
+    pre, classes, source = IMAGENET_PREPROCESSING, None, "random"
+    if pretrained:
+        try:
+            weights = torchvision.models.get_model_weights(arch).DEFAULT
+            classes = list(weights.meta.get("categories") or [])
+            state = weights.get_state_dict(progress=False)
+            load_state_dict_checked(model, state, f"{arch} pretrained weights")
+            source = "pretrained"
+        except WeightsError:
+            raise
+        except Exception as e:  # network errors come in many types
+            if not allow_random:
+                raise WeightsError(f"could not get pretrained weights for {arch} ({e.__class__.__name__}: "
+                                   f"{str(e)[:120]}); this machine may be offline. Pass a weights file, or ask "
+                                   "for random weights explicitly") from None
+    out = _num_outputs(model)
+    if not classes or len(classes) != out:
+        classes = FASHION_MNIST_CLASSES if out == 10 else [str(i) for i in range(out)]
+    name = f"{arch} ({'ImageNet weights' if source == 'pretrained' else 'random weights'})"
+    return attach_info(model, ModelInfo(name, arch, list(classes), pre, source))
+
+
+def _num_outputs(model: nn.Module) -> int:
+    lin = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    last = lin[-1]
+    return last.out_features if isinstance(last, nn.Linear) else last.out_channels
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Weights files
+# ----------------------------------------------------------------------------------------------------------------
+def load_weights_file(path: str | pathlib.Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from ``.safetensors`` or a ``.pt``/``.pth`` file without executing pickled code.
+
+    Raises
+    ------
+    WeightsError
+        For missing, oversized, corrupt or unsafe files, and for NaN/inf values.
+    """
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise WeightsError(f"weights file {path} does not exist")
+    if path.stat().st_size > MAX_WEIGHTS_BYTES:
+        _too_big(path.name, path.stat().st_size)
+    return load_weights_bytes(path.read_bytes(), path.name)
+
+
+def _too_big(name: str, size: int) -> None:
+    raise WeightsError(f"{name} is {size / 2**20:.0f} MiB, over the {MAX_WEIGHTS_BYTES / 2**20:.0f} MiB limit")
+
+
+def load_weights_bytes(data: bytes, name: str = "weights") -> dict[str, torch.Tensor]:
+    """Like :func:`load_weights_file` for bytes already in memory (an upload)."""
+    import io
+
+    if len(data) > MAX_WEIGHTS_BYTES:
+        _too_big(name, len(data))
+    if len(data) == 0:
+        raise WeightsError(f"{name} is empty")
+    is_safetensors = name.lower().endswith(".safetensors") or (
+        len(data) > 8 and data[8:9] == b"{" and not data.startswith(b"PK"))
+    if is_safetensors:
+        from safetensors.torch import load as st_load
+
+        try:
+            state = st_load(data)
+        except Exception as e:
+            raise WeightsError(f"{name} is not a valid safetensors file ({str(e)[:100]})") from None
+    else:
+        try:
+            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            msg = str(e).split("\n")[0] if "Unsupported" not in str(e) else "it contains Python objects"
+            raise WeightsError(f"refusing to load {name}: it is not a plain tensor file ({msg[:160]}); only "
+                               "state dicts of tensors are accepted, code in pickles is never run") from None
+        except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError) as e:
+            raise WeightsError(f"{name} is corrupt or not a PyTorch weights file ({str(e)[:100]})") from None
+        state = _extract_state_dict(obj, name)
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise WeightsError(f"{name}: tensor(s) {', '.join(bad[:5])} contain NaN or infinite values")
+    return state
+
+
+def _extract_state_dict(obj: Any, name: str) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model_state_dict", "model"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{name} does not hold a state dict of tensors")
+    return {str(k).removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], name: str = "weights") -> None:
+    """Load ``state`` into ``model`` or raise a :class:`WeightsError` naming missing, unexpected and mis-shaped keys.
+
+    The model is left unchanged if anything does not match.
+    """
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_short(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_short(unexpected)}")
+        if shapes:
+            parts.append(f"shape mismatches (file vs model): {_short(shapes)}")
+        raise WeightsError(f"{name} do not fit {type(model).__name__}: " + "; ".join(parts))
+    full = dict(own)
+    full.update({k: v.to(own[k].dtype) for k, v in state.items()})
+    model.load_state_dict(full, strict=True)
+
+
+def _short(items: list[str], n: int = 6) -> str:
+    more = f" (+{len(items) - n} more)" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+def infer_num_classes(state: dict[str, torch.Tensor]) -> int | None:
+    """Number of outputs of the last 2-D weight in a state dict (the classifier), if any."""
+    mats = [v for k, v in state.items() if k.endswith("weight") and v.ndim in (2, 4)]
+    return int(mats[-1].shape[0]) if mats else None
+
+
+def load_model(arch: str = DEFAULT_MODEL, weights: str | pathlib.Path | bytes | None = None,
+               weights_name: str | None = None, pretrained: bool = True, allow_random: bool = False,
+               class_names: list[str] | None = None, preprocessing: Preprocessing | None = None) -> nn.Module:
+    """The front door: a built-in model, a torchvision architecture, or an architecture with user weights.
+
+    Parameters
+    ----------
+    arch : str
+        Built-in name (``fashion-vgg``...) or torchvision name (``resnet18``...).
+    weights : path or bytes, optional
+        A ``.safetensors`` / ``.pt`` / ``.pth`` state dict to load into ``arch``.
+    weights_name : str, optional
+        File name for error messages (and type detection) when ``weights`` is bytes.
+    pretrained, allow_random : bool
+        For torchvision architectures without a weights file (see :func:`load_torchvision_model`).
+    class_names, preprocessing : optional
+        Override what is inferred.
+    """
+    if weights is None:
+        if arch in BUILTIN_MODELS:
+            model = load_builtin_model(arch)
+        else:
+            model = load_torchvision_model(arch, pretrained=pretrained, allow_random=allow_random)
+    else:
+        if isinstance(weights, bytes):
+            label = weights_name or "uploaded weights"
+            state = load_weights_bytes(weights, label)
+        else:
+            label = pathlib.Path(weights).name
+            state = load_weights_file(weights)
+        n = infer_num_classes(state)
+        model = build_arch(arch, None if arch in BUILTIN_MODELS else n)
+        load_state_dict_checked(model, state, label)
+        if arch in BUILTIN_MODELS:
+            pre, names = FASHION_PREPROCESSING, list(FASHION_MNIST_CLASSES)
+        else:
+            out = _num_outputs(model)
+            pre = IMAGENET_PREPROCESSING
+            names = list(FASHION_MNIST_CLASSES) if out == 10 else [str(i) for i in range(out)]
+        attach_info(model, ModelInfo(f"{arch} ({label})", arch, names, pre, "weights file"))
+    info = model_info(model)
+    if class_names is not None:
+        if len(class_names) != info.num_classes:
+            raise WeightsError(f"{len(class_names)} class names for a model with {info.num_classes} outputs")
+        info.class_names = list(class_names)
+    if preprocessing is not None:
+        info.preprocessing = preprocessing
+    return model
+
+
+def state_dict_hash(model: nn.Module) -> str:
+    """sha256 over names, shapes and bytes of the state dict (detects any mutation)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(str(tuple(v.shape)).encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters."""
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,210 @@
+"""CompressionPlan: what to prune and how many bits each kept weight gets. Versioned, JSON round-trip."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from .errors import PlanError
+
+PLAN_VERSION = 1
+FP32 = 32
+
+#: criterion -> (description, uses a prune ratio)
+CRITERIA: dict[str, tuple[str, bool]] = {
+    "paper": ("paper rule: prune exactly the weights with LRP relevance <= 0", False),
+    "lrp": ("rank weights by |relevance|, prune the lowest", True),
+    "lrp-signed": ("rank weights by signed relevance (negatives first)", True),
+    "lrp-zero": ("prune only weights with exactly zero relevance (free)", False),
+    "magnitude": ("rank weights by |weight| (classic baseline)", True),
+    "random": ("prune a seeded random subset (sanity baseline)", True),
+    "lrp-filter": ("prune whole output channels by summed relevance (Yeom et al., structured)", True),
+}
+SCOPES = ("global", "per-layer")
+GRANULARITIES = ("weight", "channel", "layer")
+BIT_RANKINGS = ("criterion", "relevance", "magnitude")
+PROTECT = ("none", "first-last")
+QUANTIZERS = ("mse", "absmax")
+
+
+@dataclass
+class CompressionPlan:
+    """A compression plan.
+
+    Parameters
+    ----------
+    criterion : str
+        One of :data:`CRITERIA`.
+    prune_ratio : float
+        Fraction of the prunable weights to remove, in [0, 1) (ignored by ``paper`` and ``lrp-zero``).
+    scope : {"global", "per-layer"}
+        Rank weights across all layers, or prune/allocate the same fraction in every layer.
+    protect : {"none", "first-last"}
+        ``first-last`` keeps the first and last layer dense and in fp32.
+    bit_levels : list of int
+        Bit widths in descending order, each 1-8, or 32 for "keep fp32" (e.g. ``[8, 4, 2]``).
+    bit_split : list of float
+        Fraction of the kept weights given each level but the last (e.g. ``[0.2, 0.5]``: top 20 % get 8 bits, the
+        next 50 % 4 bits, the rest 2 bits). Length ``len(bit_levels) - 1``, sum at most 1.
+    bit_ranking : {"criterion", "relevance", "magnitude"}
+        What ranks the kept weights for bits: the pruning criterion's score, |relevance| or |weight|.
+    granularity : {"weight", "channel", "layer"}
+        Bit width chosen per weight (the paper), per output channel or per layer.
+    quantizer : {"mse", "absmax"}
+        Scale per (output channel, bit class): the one of 16 clipping ratios with least squared error, or max|w|.
+    composite : str
+        LRP composite the relevance comes from.
+    seed : int
+        Seed of the ``random`` criterion.
+    """
+
+    criterion: str = "lrp"
+    prune_ratio: float = 0.0
+    scope: str = "global"
+    protect: str = "none"
+    bit_levels: list[int] = field(default_factory=lambda: [FP32])
+    bit_split: list[float] = field(default_factory=list)
+    bit_ranking: str = "criterion"
+    granularity: str = "weight"
+    quantizer: str = "mse"
+    composite: str = "epsilon"
+    seed: int = 0
+    version: int = PLAN_VERSION
+
+    def __post_init__(self) -> None:
+        self.bit_levels = [int(b) for b in self.bit_levels]
+        self.bit_split = [float(f) for f in self.bit_split]
+        self.prune_ratio = float(self.prune_ratio)
+
+    # ------------------------------------------------------------------------------------------------------------
+    @property
+    def uses_ratio(self) -> bool:
+        """Whether ``prune_ratio`` applies to this criterion."""
+        return CRITERIA.get(self.criterion, ("", True))[1]
+
+    @property
+    def quantized(self) -> bool:
+        """Whether any level is below fp32."""
+        return any(b != FP32 for b in self.bit_levels)
+
+    def validate(self) -> CompressionPlan:
+        """Raise :class:`PlanError` with a readable message if anything is out of range; returns ``self``."""
+        from .relevance import COMPOSITES
+
+        if self.version > PLAN_VERSION:
+            raise PlanError(f"plan version {self.version} is newer than this xaicomp understands ({PLAN_VERSION}); "
+                            "upgrade xaicomp")
+        if self.version < 1:
+            raise PlanError(f"invalid plan version {self.version}")
+        if self.criterion not in CRITERIA:
+            raise PlanError(f"unknown criterion {self.criterion!r}; choose one of {', '.join(CRITERIA)}")
+        if not (0.0 <= self.prune_ratio < 1.0) or self.prune_ratio != self.prune_ratio:
+            raise PlanError(f"prune ratio must be in [0, 1), got {self.prune_ratio}")
+        for name, value, allowed in (("scope", self.scope, SCOPES), ("granularity", self.granularity, GRANULARITIES),
+                                     ("bit ranking", self.bit_ranking, BIT_RANKINGS),
+                                     ("protect", self.protect, PROTECT), ("quantizer", self.quantizer, QUANTIZERS),
+                                     ("composite", self.composite, tuple(COMPOSITES))):
+            if value not in allowed:
+                raise PlanError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
+        if not self.bit_levels:
+            raise PlanError("at least one bit level is needed")
+        bad = [b for b in self.bit_levels if not (1 <= b <= 8 or b == FP32)]
+        if bad:
+            raise PlanError(f"bit widths must be 1-8 or 32 (fp32), got {bad}")
+        if any(a <= b for a, b in zip(self.bit_levels, self.bit_levels[1:])):
+            raise PlanError(f"bit levels must be distinct and in descending order, got {self.bit_levels}")
+        if len(self.bit_split) != len(self.bit_levels) - 1:
+            raise PlanError(f"{len(self.bit_levels)} bit levels need {len(self.bit_levels) - 1} split fraction(s), "
+                            f"got {len(self.bit_split)}")
+        if any(not (0.0 <= f <= 1.0) or f != f for f in self.bit_split):
+            raise PlanError(f"bit split fractions must lie in [0, 1], got {self.bit_split}")
+        if sum(self.bit_split) > 1.0 + 1e-9:
+            raise PlanError(f"bit split fractions add up to {sum(self.bit_split):.3f}, more than 1 "
+                            "(thresholds out of order)")
+        return self
+
+    # ------------------------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable dict (includes ``version``)."""
+        return asdict(self)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """JSON text."""
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CompressionPlan:
+        """Build and validate a plan from a dict; unknown keys or newer versions raise :class:`PlanError`."""
+        if not isinstance(d, dict):
+            raise PlanError("a plan must be a JSON object")
+        version = d.get("version", PLAN_VERSION)
+        if not isinstance(version, int):
+            raise PlanError(f"invalid plan version {version!r}")
+        if version > PLAN_VERSION:
+            raise PlanError(f"plan version {version} is newer than this xaicomp understands ({PLAN_VERSION}); "
+                            "upgrade xaicomp")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise PlanError(f"unknown plan field(s): {', '.join(unknown)}")
+        try:
+            plan = cls(**d)
+        except (TypeError, ValueError) as e:
+            raise PlanError(f"invalid plan: {e}") from None
+        return plan.validate()
+
+    @classmethod
+    def from_json(cls, text: str) -> CompressionPlan:
+        """Parse JSON text (see :meth:`from_dict`)."""
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PlanError(f"plan is not valid JSON ({e.msg} at line {e.lineno})") from None
+        return cls.from_dict(d)
+
+    def replace(self, **changes: Any) -> CompressionPlan:
+        """A copy with some fields changed."""
+        return replace(self, **changes)
+
+    def key(self) -> str:
+        """Canonical string identifying the plan (for caches)."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def describe(self) -> str:
+        """One-line human summary."""
+        if self.criterion == "paper":
+            prune = "prune relevance <= 0 (paper rule)"
+        elif self.criterion == "lrp-zero":
+            prune = "prune zero-relevance weights"
+        else:
+            prune = f"prune {self.prune_ratio:.0%} by {self.criterion} ({self.scope})"
+        levels = ["fp32" if b == FP32 else f"{b}b" for b in self.bit_levels]
+        if len(levels) == 1:
+            bits = f"all kept weights {levels[0]}"
+        else:
+            shares = [*self.bit_split, max(0.0, 1 - sum(self.bit_split))]
+            bits = " / ".join(f"{s:.0%} {lv}" for s, lv in zip(shares, levels)) + f" per {self.granularity}"
+        return f"{prune}; {bits}"
+
+    def cli_args(self) -> str:
+        """The ``xaicomp compress`` options that reproduce this plan."""
+        parts = [f"--criterion {self.criterion}"]
+        if self.uses_ratio:
+            parts.append(f"--prune {self.prune_ratio:g}")
+        parts.append("--bits " + ",".join(str(b) for b in self.bit_levels))
+        if self.bit_split:
+            parts.append("--split " + ",".join(f"{f:g}" for f in self.bit_split))
+        defaults = CompressionPlan()
+        for name, flag in (("scope", "--scope"), ("granularity", "--granularity"), ("bit_ranking", "--bit-ranking"),
+                           ("protect", "--protect"), ("quantizer", "--quantizer"), ("composite", "--composite"),
+                           ("seed", "--seed")):
+            if getattr(self, name) != getattr(defaults, name):
+                parts.append(f"{flag} {getattr(self, name)}")
+        return " ".join(parts)
+
+    @classmethod
+    def uniform(cls, bits: int, **kwargs: Any) -> CompressionPlan:
+        """Every kept weight at ``bits`` (baseline)."""
+        return cls(bit_levels=[bits], bit_split=[], **kwargs)

@@ -1,0 +1,448 @@
+"""CompressionSession: the cached, fast engine the app, the CLI and notebooks drive.
+
+Relevance is computed once per composite and cached; scores are sorted once per (criterion, composite, protection);
+``evaluate(plan)`` slices the sorted order into a mask, allocates bits, quantizes the flat weight vector, copies the
+result into one reusable working model and runs a single forward pass over the evaluation set under
+``torch.inference_mode``. The model passed in is never modified.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .criteria import LRPFilter, ScoreInputs, bit_scores, get_criterion
+from .data import DataLike, as_tensors
+from .errors import PlanError, XaicompError
+from .models import model_info, state_dict_hash
+from .plan import FP32, CompressionPlan
+from .pruning import LayerLayout, SortedScores, channel_mask, ratio_mask, rule_mask
+from .quantization import Quantized, allocate_bits, quantize
+from .relevance import DEFAULT_COMPOSITE, RelevanceResult, compute_relevance
+from .size import SizeBreakdown, compute_size
+
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass
+class LayerStats:
+    """Per-layer outcome of a plan."""
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    params: int
+    kept: int
+    sparsity: float
+    mean_bits: float
+    bits_histogram: dict[str, int]
+    protected: bool
+    keep_encoding: str
+    bytes: int
+    fp32_bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable dict."""
+        d = dict(self.__dict__)
+        d["shape"] = list(self.shape)
+        return d
+
+
+@dataclass
+class CompressedWeights:
+    """A plan applied to the weights (no evaluation): masks, classes, codes, scales and sizes."""
+
+    plan: CompressionPlan
+    layout: LayerLayout
+    keep: torch.Tensor
+    quant: Quantized
+    size: SizeBreakdown
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Dequantized weight tensors by parameter name."""
+        return self.layout.split(self.quant.values)
+
+
+@dataclass
+class EvaluationResult:
+    """Accuracy, sparsity, bits and size of one plan.
+
+    Attributes
+    ----------
+    accuracy, baseline_accuracy : float
+        Top-1 on the evaluation set, compressed and original.
+    per_class_accuracy, baseline_per_class_accuracy : list of float
+    sparsity : float
+        Pruned fraction of the prunable (compressible) weights.
+    sparsity_all : float
+        Pruned fraction of all conv/linear weights.
+    mean_bits : float
+        Average bit width of the kept compressible weights.
+    layers : list of LayerStats
+    size : SizeBreakdown
+    """
+
+    plan: CompressionPlan
+    accuracy: float
+    baseline_accuracy: float
+    correct: int
+    baseline_correct: int
+    images: int
+    per_class_accuracy: list[float]
+    baseline_per_class_accuracy: list[float]
+    class_names: list[str]
+    sparsity: float
+    sparsity_all: float
+    mean_bits: float
+    layers: list[LayerStats]
+    size: SizeBreakdown
+    predictions: torch.Tensor = field(repr=False)
+    seconds: float = 0.0
+
+    @property
+    def compression_ratio(self) -> float:
+        """fp32 bytes / estimated packed bytes."""
+        return self.size.compression_ratio
+
+    @property
+    def reduction(self) -> float:
+        """Fraction of the fp32 size saved."""
+        return self.size.reduction
+
+    @property
+    def accuracy_change(self) -> float:
+        """accuracy - baseline accuracy."""
+        return self.accuracy - self.baseline_accuracy
+
+    def to_dict(self, tensors: bool = False) -> dict[str, Any]:
+        """JSON-serialisable summary (``tensors=True`` adds per-tensor size rows)."""
+        size = self.size.to_dict()
+        if not tensors:
+            size.pop("tensors")
+        return {
+            "plan": self.plan.to_dict(),
+            "description": self.plan.describe(),
+            "accuracy": self.accuracy,
+            "baseline_accuracy": self.baseline_accuracy,
+            "accuracy_change": self.accuracy_change,
+            "correct": self.correct,
+            "baseline_correct": self.baseline_correct,
+            "images": self.images,
+            "sparsity": self.sparsity,
+            "sparsity_all": self.sparsity_all,
+            "mean_bits": self.mean_bits,
+            "compression_ratio": self.compression_ratio,
+            "reduction": self.reduction,
+            "size": size,
+            "per_class_accuracy": dict(zip(self.class_names, self.per_class_accuracy)),
+            "baseline_per_class_accuracy": dict(zip(self.class_names, self.baseline_per_class_accuracy)),
+            "layers": [layer.to_dict() for layer in self.layers],
+            "seconds": self.seconds,
+        }
+
+
+def _accuracy(pred: torch.Tensor, y: torch.Tensor, n_classes: int) -> tuple[int, list[float]]:
+    correct = pred == y
+    per = torch.bincount(y[correct], minlength=n_classes).double() / torch.bincount(y, minlength=n_classes).clamp(
+        min=1).double()
+    return int(correct.sum()), per.tolist()
+
+
+class CompressionSession:
+    """Compute relevance once, then evaluate any number of plans fast.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The trained model; never modified.
+    reference_data : ImageDataset, (inputs, labels) or Dataset
+        Samples whose LRP relevance scores the weights.
+    eval_data : ImageDataset, (inputs, labels) or Dataset
+        Samples for top-1 accuracy.
+    composite : str
+        Default LRP composite (a plan may name another; each is computed once).
+    epsilon : float
+        Stabiliser of the epsilon rule.
+    target : {"true", "predicted"}
+        Start relevance from the true or the predicted class.
+    reference_samples : int, optional
+        Use only the first ``n`` reference samples.
+    relevance_batch_size, eval_batch_size : int
+        Batch sizes of the relevance and evaluation passes.
+    progress : callable, optional
+        ``progress(done, total)`` while relevance is computed.
+    """
+
+    def __init__(self, model: nn.Module, reference_data: DataLike, eval_data: DataLike, *,
+                 composite: str = DEFAULT_COMPOSITE, epsilon: float = 1e-6, target: str = "true",
+                 reference_samples: int | None = None, relevance_batch_size: int = 250, eval_batch_size: int = 1000,
+                 progress: ProgressFn | None = None, cache_size: int = 64) -> None:
+        self.model = model.eval()
+        self.info = model_info(model)
+        pre, n_cls = self.info.preprocessing, self.info.num_classes
+        self.x_ref, self.y_ref = as_tensors(reference_data, pre, n_cls, "reference data")
+        if reference_samples is not None:
+            if reference_samples < 1:
+                raise XaicompError("need at least one reference sample")
+            self.x_ref, self.y_ref = self.x_ref[:reference_samples], self.y_ref[:reference_samples]
+        self.x_eval, self.y_eval = as_tensors(eval_data, pre, n_cls, "evaluation data")
+        self.composite = composite
+        self.epsilon = epsilon
+        self.target = target
+        self.relevance_batch_size = relevance_batch_size
+        self.eval_batch_size = eval_batch_size
+        self.progress = progress
+        self.layout = LayerLayout.from_model(model)
+        if not self.layout.names:
+            raise XaicompError("the model has no conv or linear layers to compress")
+        own = dict(model.named_parameters())
+        self._weights = {n: own[n].detach().clone() for n in self.layout.names}
+        self._weights_flat = self.layout.flat(self._weights).float()
+        self._state = {k: v.detach() for k, v in model.state_dict().items()}
+        self._work = copy.deepcopy(model).eval()
+        for p in self._work.parameters():
+            p.requires_grad_(False)
+        self._work_params = dict(self._work.named_parameters())
+        self._lock = threading.RLock()
+        self._relevance: dict[str, RelevanceResult] = {}
+        self._sorted: dict[tuple, SortedScores] = {}
+        self._channel_scores: dict[tuple, torch.Tensor] = {}
+        self._layouts = {"none": self.layout}
+        self._results: OrderedDict[str, EvaluationResult] = OrderedDict()
+        self._cache_size = cache_size
+        self.model_hash = state_dict_hash(model)
+        with self._lock:
+            self.baseline_logits = self._forward()
+        self.baseline_pred = self.baseline_logits.argmax(1)
+        self.baseline_correct, self.baseline_per_class = _accuracy(self.baseline_pred, self.y_eval, n_cls)
+        self.baseline_accuracy = self.baseline_correct / len(self.y_eval)
+
+    # ------------------------------------------------------------------------------------------------------------
+    @property
+    def class_names(self) -> list[str]:
+        """The model's class names."""
+        return self.info.class_names
+
+    def fp32_bytes(self) -> int:
+        """fp32 dense size of the model's state dict."""
+        return sum(4 * v.numel() for v in self._state.values() if v.is_floating_point())
+
+    def relevance(self, composite: str | None = None, progress: ProgressFn | None = None) -> RelevanceResult:
+        """Per-weight relevance over the reference set for ``composite`` (computed once, then cached)."""
+        composite = composite or self.composite
+        with self._lock:
+            if composite not in self._relevance:
+                self._relevance[composite] = compute_relevance(
+                    self.model, self.x_ref, self.y_ref, composite, epsilon=self.epsilon, target=self.target,
+                    batch_size=self.relevance_batch_size, progress=progress or self.progress)
+            return self._relevance[composite]
+
+    def has_relevance(self, composite: str | None = None) -> bool:
+        """Whether relevance for ``composite`` is already cached."""
+        return (composite or self.composite) in self._relevance
+
+    def layout_for(self, protect: str) -> LayerLayout:
+        """Layer layout for a protection setting."""
+        if protect not in self._layouts:
+            self._layouts[protect] = self.layout.with_protect(protect)
+        return self._layouts[protect]
+
+    def _inputs(self, plan: CompressionPlan) -> ScoreInputs:
+        crit = get_criterion(plan.criterion)
+        need = crit.needs_relevance or plan.bit_ranking == "relevance" or (
+            plan.bit_ranking == "criterion" and len(plan.bit_levels) > 1 and plan.criterion not in ("magnitude",
+                                                                                                   "random"))
+        rel = self.relevance(plan.composite) if need else None
+        return ScoreInputs(self._weights, rel.weights if rel else None, rel.extra if rel else None, plan.seed)
+
+    def _sorted_scores(self, key: tuple, layout: LayerLayout, make: Callable[[], dict[str, torch.Tensor]]
+                       ) -> SortedScores:
+        full = (*key, tuple(layout.protected))
+        if full not in self._sorted:
+            self._sorted[full] = SortedScores.build(layout, layout.flat(make(), torch.float64))
+        return self._sorted[full]
+
+    # ------------------------------------------------------------------------------------------------------------
+    def compress(self, plan: CompressionPlan) -> CompressedWeights:
+        """Apply a plan to the weights: masks, bit classes, quantized values and the size breakdown."""
+        plan.validate()
+        with self._lock:
+            layout = self.layout_for(plan.protect)
+            crit = get_criterion(plan.criterion)
+            inp = self._inputs(plan)
+            rel_key = plan.composite if crit.needs_relevance else None
+            rule = crit.rule_prune(inp)
+            if rule is not None:
+                keep = rule_mask(layout, layout.flat(rule))
+            elif crit.structured:
+                ck = (plan.criterion, rel_key)
+                if ck not in self._channel_scores:
+                    ch = LRPFilter().channel_scores(inp)
+                    self._channel_scores[ck] = torch.cat([ch[n] for n in layout.names])
+                keep = channel_mask(layout, self._channel_scores[ck], plan.prune_ratio, plan.scope,
+                                    exclude_layers={len(layout.names) - 1})
+            else:
+                seed = plan.seed if plan.criterion == "random" else None
+                scores = self._sorted_scores(("prune", plan.criterion, rel_key, seed), layout,
+                                             lambda: crit.scores(inp))
+                keep = ratio_mask(layout, scores, plan.prune_ratio, plan.scope)
+            levels = list(plan.bit_levels)
+            if len(levels) > 1:
+                ranking = plan.bit_ranking if plan.bit_ranking != "criterion" else f"c:{plan.criterion}"
+                uses_rel = ranking == "relevance" or ranking not in ("magnitude", "c:magnitude", "c:random")
+                bkey = ("bits", ranking, plan.composite if uses_rel else None,
+                        plan.seed if ranking == "c:random" else None)
+                bs = self._sorted_scores(bkey, layout, lambda: bit_scores(plan.bit_ranking, plan.criterion, inp))
+                desc = bs.global_order.flip(0)
+                layer_desc = {i: o.flip(0) for i, o in bs.layer_orders.items()}
+                klass = allocate_bits(layout, keep, bs.flat, desc, layer_desc, levels, plan.bit_split,
+                                      plan.granularity, plan.scope)
+            else:
+                klass = allocate_bits(layout, keep, self._weights_flat, torch.zeros(0, dtype=torch.long), {},
+                                      levels, [], plan.granularity, plan.scope)
+            quant = quantize(layout, self._weights_flat, keep, klass, levels, plan.quantizer)
+            size = compute_size(layout, keep, klass, quant.group_count, levels, plan.granularity, self._state)
+            return CompressedWeights(plan, layout, keep, quant, size)
+
+    def _forward(self, x: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.x_eval if x is None else x
+        outs = []
+        with torch.inference_mode():
+            for i in range(0, len(x), self.eval_batch_size):
+                outs.append(self._work(x[i:i + self.eval_batch_size]))
+        return torch.cat(outs)
+
+    def _load(self, weights: torch.Tensor | None) -> None:
+        """Copy compressed (or, with None, original) weights into the working model."""
+        src = self.layout.split(weights) if weights is not None else self._weights
+        with torch.no_grad():
+            for name in self.layout.names:
+                self._work_params[name].copy_(src[name])
+
+    def compressed_logits(self, plan: CompressionPlan, x: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of the compressed model on ``x`` (default: the evaluation set)."""
+        cw = self.compress(plan)
+        with self._lock:
+            self._load(cw.quant.values)
+            try:
+                return self._forward(x)
+            finally:
+                self._load(None)
+
+    def compressed_model(self, plan: CompressionPlan | CompressedWeights) -> nn.Module:
+        """A new model (deep copy) holding the compressed weights."""
+        cw = plan if isinstance(plan, CompressedWeights) else self.compress(plan)
+        model = copy.deepcopy(self.model).eval()
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, w in cw.weights().items():
+                params[name].copy_(w)
+        return model
+
+    def evaluate(self, plan: CompressionPlan) -> EvaluationResult:
+        """Apply ``plan`` and measure accuracy, sparsity, bits and size (cached per plan)."""
+        key = plan.key()
+        with self._lock:
+            if key in self._results:
+                self._results.move_to_end(key)
+                return self._results[key]
+            t0 = time.perf_counter()
+            cw = self.compress(plan)
+            self._load(cw.quant.values)
+            try:
+                logits = self._forward()
+            finally:
+                self._load(None)
+            result = self._result(cw, logits.argmax(1), time.perf_counter() - t0)
+            self._results[key] = result
+            if len(self._results) > self._cache_size:
+                self._results.popitem(last=False)
+            return result
+
+    def _result(self, cw: CompressedWeights, pred: torch.Tensor, seconds: float) -> EvaluationResult:
+        layout, keep, klass = cw.layout, cw.keep, cw.quant.klass
+        n_cls = self.info.num_classes
+        correct, per_class = _accuracy(pred, self.y_eval, n_cls)
+        levels = cw.plan.bit_levels
+        lv = torch.tensor(levels, dtype=torch.float64)
+        sizes = {t.name: t for t in cw.size.tensors}
+        modules = dict(self.model.named_modules())
+        layers = []
+        comp_mask = ~layout.protected_flat
+        for i, name in enumerate(layout.names):
+            sl = layout.layer_slice(i)
+            kept = int(keep[sl].sum())
+            kc = klass[sl]
+            counts = torch.bincount(kc[kc >= 0].long(), minlength=len(levels))
+            if layout.protected[i]:
+                mean_bits, hist = 32.0, {"fp32": kept}
+            else:
+                mean_bits = float((counts.double() * lv).sum() / max(kept, 1)) if kept else 0.0
+                hist = {("fp32" if b == FP32 else f"{b}"): int(c) for b, c in zip(levels, counts)}
+            mod = modules.get(name.rsplit(".", 1)[0])
+            kind = "linear" if isinstance(mod, nn.Linear) else "conv"
+            t = sizes[name]
+            layers.append(LayerStats(name.removesuffix(".weight"), kind, layout.shapes[i], layout.sizes[i], kept,
+                                     1 - kept / layout.sizes[i], mean_bits, hist, layout.protected[i],
+                                     t.keep_encoding, t.total + self._bias_bytes(cw.size, name), t.fp32_bytes
+                                     + self._bias_bytes(cw.size, name, fp32=True)))
+        n_comp = int(comp_mask.sum())
+        pruned_comp = int((~keep & comp_mask).sum())
+        active = klass >= 0
+        mean_bits = float(lv[klass[active].long()].mean()) if bool(active.any()) else 0.0
+        return EvaluationResult(cw.plan, correct / len(self.y_eval), self.baseline_accuracy, correct,
+                                self.baseline_correct, len(self.y_eval), per_class, list(self.baseline_per_class),
+                                list(self.class_names), pruned_comp / max(n_comp, 1),
+                                int((~keep).sum()) / layout.total, mean_bits, layers, cw.size, pred, seconds)
+
+    @staticmethod
+    def _bias_bytes(size: SizeBreakdown, weight_name: str, fp32: bool = False) -> int:
+        bname = weight_name.removesuffix("weight") + "bias"
+        for t in size.tensors:
+            if t.name == bname:
+                return t.fp32_bytes if fp32 else t.total
+        return 0
+
+    # ------------------------------------------------------------------------------------------------------------
+    def input_relevance(self, indices: list[int], plan: CompressionPlan | None = None, composite: str | None = None,
+                        target: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixel relevance (N, H, W) and logits for evaluation samples, for the original model or a compressed one.
+
+        Relevance starts from the true class (or the session's ``target`` setting).
+        """
+        if not indices:
+            raise XaicompError("choose at least one sample")
+        if max(indices) >= len(self.x_eval) or min(indices) < 0:
+            raise XaicompError(f"sample index out of range 0..{len(self.x_eval) - 1}")
+        model = self.model if plan is None else self.compressed_model(plan)
+        idx = torch.as_tensor(indices)
+        res = compute_relevance(model, self.x_eval[idx], self.y_eval[idx], composite or self.composite,
+                                epsilon=self.epsilon, target=target or self.target, keep_input=True, check=False)
+        assert res.input is not None
+        return res.input.sum(1), res.logits
+
+    def check_unchanged(self) -> bool:
+        """Whether the session's model still has the state dict it was given."""
+        return state_dict_hash(self.model) == self.model_hash
+
+
+def evaluate_plans(session: CompressionSession, plans: list[CompressionPlan],
+                   progress: ProgressFn | None = None) -> list[EvaluationResult]:
+    """Evaluate several plans in order, reporting progress."""
+    out = []
+    for i, plan in enumerate(plans):
+        try:
+            out.append(session.evaluate(plan))
+        except PlanError:
+            raise
+        if progress is not None:
+            progress(i + 1, len(plans))
+    return out
