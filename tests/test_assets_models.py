@@ -299,7 +299,8 @@ def test_idx_and_torchvision_folder(tmp_path):
     imgs = np.arange(3 * 28 * 28, dtype=np.uint32).astype(np.uint8).reshape(3, 28, 28)
     (raw / "t10k-images-idx3-ubyte").write_bytes(
         b"\x00\x00\x08\x03" + np.array([3, 28, 28], ">u4").tobytes() + imgs.tobytes())
-    (raw / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01" + np.array([3], ">u4").tobytes() + bytes([1, 2, 9]))
+    (raw / "t10k-labels-idx1-ubyte").write_bytes(
+        b"\x00\x00\x08\x01" + np.array([3], ">u4").tobytes() + bytes([1, 2, 9]))
     ds = load_torchvision_folder(tmp_path, "fashion-mnist")
     assert np.array_equal(ds.images, imgs) and ds.labels.tolist() == [1, 2, 9]
     (raw / "bad-idx").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x05\x01")
