@@ -123,3 +123,30 @@ def test_input_relevance_for_original_and_compressed(lenet_session):
     h1, _ = lenet_session.input_relevance([0, 1, 2], CompressionPlan(criterion="lrp", prune_ratio=0.8))
     assert h0.shape == (3, 28, 28) and logits0.shape == (3, 10)
     assert not torch.equal(h0, h1)
+
+
+def test_finetune_keeps_masks_bits_and_size(fashion_ref, fashion_eval):
+    from xaicomp_core import load_builtin_dataset
+
+    model = load_builtin_model("fashion-lenet")
+    train = load_builtin_dataset("fashion-mnist", "train").balanced_subset(1000)
+    s = CompressionSession(model, fashion_ref.balanced_subset(200), fashion_eval.balanced_subset(500),
+                           train_data=train)
+    plan = CompressionPlan(criterion="magnitude", prune_ratio=0.9, bit_levels=[4, 2], bit_split=[0.3])
+    base = s.compress(plan)
+    steps = []
+    tuned_plan = plan.replace(finetune_epochs=1)
+    tuned = s.compress(tuned_plan, progress=lambda d, t: steps.append((d, t)))
+    assert steps[-1] == (8, 8)
+    assert torch.equal(tuned.keep, base.keep) and torch.equal(tuned.quant.klass, base.quant.klass)
+    assert tuned.size.estimated_bytes == base.size.estimated_bytes
+    assert not torch.equal(tuned.quant.values, base.quant.values)
+    r0, r1 = s.evaluate(plan), s.evaluate(tuned_plan)
+    assert r1.accuracy > r0.accuracy  # 90 % pruned at 4/2 bits loses a lot; one epoch recovers some
+    assert r1.sparsity == r0.sparsity and r1.size.estimated_bytes == r0.size.estimated_bytes
+    assert s.check_unchanged()
+    no_train = CompressionSession(model, fashion_ref.balanced_subset(50), fashion_eval.balanced_subset(100))
+    from xaicomp_core import PlanError
+
+    with pytest.raises(PlanError, match="needs training data"):
+        no_train.evaluate(tuned_plan)

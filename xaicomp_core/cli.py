@@ -37,6 +37,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "torchvision:NAME:ROOT (mnist, fashion-mnist, cifar10 already on disk)")
     g.add_argument("--reference-data", default=None, help="reference data for relevance (same forms as --data; "
                                                           "default: the shipped reference split or --data)")
+    g.add_argument("--train-data", default=None, help="fine-tuning data (same forms as --data; default: the shipped "
+                                                      "training split for fashion-mnist)")
     g.add_argument("--reference-samples", type=int, default=1000, help="reference samples for relevance")
     g.add_argument("--eval-samples", type=int, default=None, help="use only this many evaluation samples")
     g.add_argument("--target", choices=("true", "predicted"), default="true", help="class whose relevance starts LRP")
@@ -59,7 +61,10 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantizer", default=None, choices=("mse", "absmax"))
     g.add_argument("--composite", default=None,
                    help="LRP composite: epsilon, epsilon-plus, alpha2beta1, epsilon-gamma, epsilon-gamma-box")
-    g.add_argument("--seed", type=int, default=None, help="seed of the random criterion")
+    g.add_argument("--seed", type=int, default=None, help="seed of the random criterion and of fine-tuning")
+    g.add_argument("--finetune-epochs", type=int, default=None,
+                   help="recovery fine-tuning epochs after compression (masks fixed, quantization in the loop)")
+    g.add_argument("--finetune-lr", type=float, default=None, help="fine-tuning learning rate (default 0.01)")
     g.add_argument("--save-plan", default=None, help="write the plan as JSON to this file")
 
 
@@ -95,7 +100,8 @@ def plan_from_args(args: argparse.Namespace):
             raise PlanError(f"cannot parse --split {args.split!r}; use e.g. 0.2,0.5") from None
     for attr, field_name in (("scope", "scope"), ("granularity", "granularity"), ("bit_ranking", "bit_ranking"),
                              ("protect", "protect"), ("quantizer", "quantizer"), ("composite", "composite"),
-                             ("seed", "seed")):
+                             ("seed", "seed"), ("finetune_epochs", "finetune_epochs"),
+                             ("finetune_lr", "finetune_lr")):
         if getattr(args, attr, None) is not None:
             changes[field_name] = getattr(args, attr)
     plan = plan.replace(**changes).validate()
@@ -155,9 +161,17 @@ def session_from_args(args: argparse.Namespace, progress=None):
             eval_data
     if hasattr(ref, "balanced_subset") and args.reference_samples:
         ref = ref.balanced_subset(args.reference_samples)
+    if args.train_data:
+        train = _load_data(args.train_data, model, "train")
+    elif args.data == "fashion-mnist":
+        train = _load_data("fashion-mnist", model, "train")
+    else:
+        train = None
     composite = getattr(args, "composite", None) or "epsilon"
     session = CompressionSession(model, ref, eval_data, composite=composite, epsilon=args.epsilon,
-                                 target=args.target, reference_samples=args.reference_samples, progress=progress)
+                                 target=args.target, reference_samples=args.reference_samples, progress=progress,
+                                 train_data=train)
+    session.finetune_progress = _progress_printer("fine-tuning", progress is not None)
     return session
 
 

@@ -56,7 +56,12 @@ class CompressionPlan:
     composite : str
         LRP composite the relevance comes from.
     seed : int
-        Seed of the ``random`` criterion.
+        Seed of the ``random`` criterion and of fine-tuning.
+    finetune_epochs : int
+        Epochs of recovery fine-tuning after compression (0 = none); masks and bit classes stay fixed, quantization
+        is in the loop (straight-through estimator), so the size is unchanged.
+    finetune_lr : float
+        Learning rate of the fine-tuning (SGD, momentum 0.9, cosine decay).
     """
 
     criterion: str = "lrp"
@@ -70,12 +75,15 @@ class CompressionPlan:
     quantizer: str = "mse"
     composite: str = "epsilon"
     seed: int = 0
+    finetune_epochs: int = 0
+    finetune_lr: float = 0.01
     version: int = PLAN_VERSION
 
     def __post_init__(self) -> None:
         self.bit_levels = [int(b) for b in self.bit_levels]
         self.bit_split = [float(f) for f in self.bit_split]
         self.prune_ratio = float(self.prune_ratio)
+        self.finetune_lr = float(self.finetune_lr)
 
     # ------------------------------------------------------------------------------------------------------------
     @property
@@ -119,6 +127,10 @@ class CompressionPlan:
                             f"got {len(self.bit_split)}")
         if any(not (0.0 <= f <= 1.0) or f != f for f in self.bit_split):
             raise PlanError(f"bit split fractions must lie in [0, 1], got {self.bit_split}")
+        if not isinstance(self.finetune_epochs, int) or not (0 <= self.finetune_epochs <= 100):
+            raise PlanError(f"fine-tuning epochs must be an integer in 0..100, got {self.finetune_epochs}")
+        if not (0.0 < self.finetune_lr <= 1.0):
+            raise PlanError(f"fine-tuning learning rate must be in (0, 1], got {self.finetune_lr}")
         if sum(self.bit_split) > 1.0 + 1e-9:
             raise PlanError(f"bit split fractions add up to {sum(self.bit_split):.3f}, more than 1 "
                             "(thresholds out of order)")
@@ -186,7 +198,8 @@ class CompressionPlan:
         else:
             shares = [*self.bit_split, max(0.0, 1 - sum(self.bit_split))]
             bits = " / ".join(f"{s:.0%} {lv}" for s, lv in zip(shares, levels)) + f" per {self.granularity}"
-        return f"{prune}; {bits}"
+        ft = f"; fine-tuned {self.finetune_epochs} epoch(s)" if self.finetune_epochs else ""
+        return f"{prune}; {bits}{ft}"
 
     def cli_args(self) -> str:
         """The ``xaicomp compress`` options that reproduce this plan."""
@@ -199,7 +212,8 @@ class CompressionPlan:
         defaults = CompressionPlan()
         for name, flag in (("scope", "--scope"), ("granularity", "--granularity"), ("bit_ranking", "--bit-ranking"),
                            ("protect", "--protect"), ("quantizer", "--quantizer"), ("composite", "--composite"),
-                           ("seed", "--seed")):
+                           ("seed", "--seed"), ("finetune_epochs", "--finetune-epochs"),
+                           ("finetune_lr", "--finetune-lr")):
             if getattr(self, name) != getattr(defaults, name):
                 parts.append(f"{flag} {getattr(self, name)}")
         return " ".join(parts)

@@ -179,12 +179,15 @@ class CompressionSession:
         Batch sizes of the relevance and evaluation passes.
     progress : callable, optional
         ``progress(done, total)`` while relevance is computed.
+    train_data : ImageDataset, (inputs, labels) or Dataset, optional
+        Samples for plans with recovery fine-tuning (``plan.finetune_epochs > 0``).
     """
 
     def __init__(self, model: nn.Module, reference_data: DataLike, eval_data: DataLike, *,
                  composite: str = DEFAULT_COMPOSITE, epsilon: float = 1e-6, target: str = "true",
                  reference_samples: int | None = None, relevance_batch_size: int = 250, eval_batch_size: int = 1000,
-                 progress: ProgressFn | None = None, cache_size: int = 64) -> None:
+                 progress: ProgressFn | None = None, cache_size: int = 64, train_data: DataLike | None = None
+                 ) -> None:
         self.model = model.eval()
         self.info = model_info(model)
         pre, n_cls = self.info.preprocessing, self.info.num_classes
@@ -194,6 +197,10 @@ class CompressionSession:
                 raise XaicompError("need at least one reference sample")
             self.x_ref, self.y_ref = self.x_ref[:reference_samples], self.y_ref[:reference_samples]
         self.x_eval, self.y_eval = as_tensors(eval_data, pre, n_cls, "evaluation data")
+        self._train_data = train_data
+        self._train: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._finetuned: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.finetune_progress: ProgressFn | None = None
         self.composite = composite
         self.epsilon = epsilon
         self.target = target
@@ -271,9 +278,56 @@ class CompressionSession:
         return self._sorted[full]
 
     # ------------------------------------------------------------------------------------------------------------
-    def compress(self, plan: CompressionPlan) -> CompressedWeights:
-        """Apply a plan to the weights: masks, bit classes, quantized values and the size breakdown."""
+    @property
+    def can_finetune(self) -> bool:
+        """Whether training data for fine-tuning was given."""
+        return self._train_data is not None
+
+    def train_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Model-ready fine-tuning data."""
+        if self._train is None:
+            if self._train_data is None:
+                raise PlanError("fine-tuning needs training data; this session has none")
+            self._train = as_tensors(self._train_data, self.info.preprocessing, self.info.num_classes,
+                                     "training data")
+        return self._train
+
+    def finetune_estimate(self, plan: CompressionPlan) -> float:
+        """Rough seconds the fine-tuning of ``plan`` takes here."""
+        from .finetune import estimate_seconds
+
+        x, _ = self.train_tensors()
+        return estimate_seconds(self.model, x, plan.finetune_epochs)
+
+    def compress(self, plan: CompressionPlan, progress: ProgressFn | None = None) -> CompressedWeights:
+        """Apply a plan to the weights: masks, bit classes, quantized values and the size breakdown.
+
+        With ``plan.finetune_epochs > 0`` the weights are fine-tuned first (once per plan, then cached) with the
+        masks and bit classes of the plan without fine-tuning fixed; ``progress(step, total)`` reports the steps.
+        """
         plan.validate()
+        if plan.finetune_epochs == 0:
+            return self._compress(plan)
+        from .finetune import finetune_weights
+
+        with self._lock:
+            base = self._compress(plan.replace(finetune_epochs=0))
+            key = plan.key()
+            if key not in self._finetuned:
+                x, y = self.train_tensors()
+                self._finetuned[key] = finetune_weights(
+                    self.model, base.layout, self._weights_flat, base.keep, base.quant.klass, plan.bit_levels,
+                    plan.quantizer, x, y, epochs=plan.finetune_epochs, lr=plan.finetune_lr, seed=plan.seed,
+                    progress=progress or self.finetune_progress)
+                if len(self._finetuned) > 8:
+                    self._finetuned.popitem(last=False)
+            flat = self._finetuned[key]
+            quant = quantize(base.layout, flat, base.keep, base.quant.klass, plan.bit_levels, plan.quantizer)
+            size = compute_size(base.layout, base.keep, base.quant.klass, quant.group_count, plan.bit_levels,
+                                plan.granularity, self._state)
+            return CompressedWeights(plan, base.layout, base.keep, quant, size)
+
+    def _compress(self, plan: CompressionPlan) -> CompressedWeights:
         with self._lock:
             layout = self.layout_for(plan.protect)
             crit = get_criterion(plan.criterion)
