@@ -243,3 +243,24 @@ def test_unknown_composite_is_a_clear_error():
 
     with pytest.raises(XaicompError, match="unknown composite"):
         weight_relevance(_mlp(), torch.randn(2, 6, dtype=torch.float64), torch.tensor([0, 1]), "nope")
+
+
+def test_by_class_sums():
+    """by_class: signed sums unchanged; abs_by_class = sum over classes of |relevance of that class's samples|."""
+    model = _convnet()
+    x = torch.randn(12, 2, 8, 8, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 0, 1])
+    plain = compute_relevance(model, x, y, batch_size=5)
+    grouped = compute_relevance(model, x, y, batch_size=3, by_class=True, keep_input=True)
+    expected_abs = {k: torch.zeros_like(v) for k, v in plain.weights.items()}
+    for c in range(3):
+        part = weight_relevance(model, x[y == c], y[y == c])
+        for k in expected_abs:
+            expected_abs[k] += part[k].abs()
+    for k in plain.weights:
+        torch.testing.assert_close(grouped.weights[k], plain.weights[k], rtol=0, atol=1e-12)
+        torch.testing.assert_close(grouped.abs_by_class[k], expected_abs[k], rtol=0, atol=1e-12)
+    torch.testing.assert_close(grouped.logits, plain.logits)  # outputs come back in the input order
+    assert torch.equal(grouped.targets, y)
+    single = compute_relevance(model, x[:1], y[:1], keep_input=True)
+    torch.testing.assert_close(grouped.input[:1], single.input, rtol=0, atol=1e-12)

@@ -29,12 +29,15 @@ class ScoreInputs:
         Relevance of canonizer-created parameters (merged BatchNorm biases).
     seed : int
         Seed for random scores.
+    relevance_abs : dict of str to Tensor or None
+        Per weight, the sum over classes of |relevance summed over the class's samples| (if computed).
     """
 
     weights: dict[str, torch.Tensor]
     relevance: dict[str, torch.Tensor] | None = None
     extra_relevance: dict[str, torch.Tensor] | None = None
     seed: int = 0
+    relevance_abs: dict[str, torch.Tensor] | None = None
 
     def rel(self, name: str) -> torch.Tensor:
         """Relevance of one weight tensor (raises if relevance is missing)."""
@@ -77,11 +80,17 @@ class _Base:
 
 
 class LRPAbs(_Base):
-    """|relevance|: weights that carry little relevance either way are pruned first."""
+    """|relevance|: weights that carry little relevance either way are pruned first.
+
+    With per-class sums available (the session computes them) the score is ``sum_c |sum_{samples of c} R|``, so
+    evidence for one class and counter-evidence for another do not cancel; otherwise ``|sum R|``.
+    """
 
     name = "lrp"
 
     def scores(self, inp: ScoreInputs) -> dict[str, torch.Tensor]:  # noqa: D102
+        if inp.relevance_abs is not None:
+            return {k: inp.relevance_abs[k] for k in inp.weights}
         return {k: inp.rel(k).abs() for k in inp.weights}
 
 

@@ -137,6 +137,8 @@ class RelevanceResult:
         The classes whose relevance was explained.
     flows : dict of str to LayerFlow
         Per layer: total input, output, weight and bias relevance.
+    abs_by_class : dict of str to Tensor or None
+        With ``by_class=True``: per parameter, the sum over classes of the absolute class-summed relevance.
     """
 
     weights: dict[str, torch.Tensor]
@@ -147,6 +149,7 @@ class RelevanceResult:
     flows: dict[str, LayerFlow] = field(default_factory=dict)
     composite: str = DEFAULT_COMPOSITE
     samples: int = 0
+    abs_by_class: dict[str, torch.Tensor] | None = None
 
 
 class _ParamRelevanceHook(BasicHook):
@@ -167,7 +170,6 @@ class _ParamRelevanceHook(BasicHook):
         stored = self.stored_tensors["input"]
         original_input, *args = stored
         kwargs = self.stored_tensors.get("kwargs") or {}
-        original_input = original_input.clone()
         inputs, outputs, params = [], [], []
         for in_mod, param_mod, out_mod in zip(self.input_modifiers, self.param_modifiers, self.output_modifiers):
             inp = in_mod(original_input).requires_grad_()
@@ -244,8 +246,8 @@ def _check_model(model: nn.Module, work: nn.Module, x: torch.Tensor) -> torch.Te
 def compute_relevance(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | None = None,
                       composite: str = DEFAULT_COMPOSITE, *, epsilon: float = 1e-6, target: str = "true",
                       batch_size: int = 250, keep_input: bool = False, progress: ProgressFn | None = None,
-                      check: bool = True, canonizers: list | None = None, stabilizer: float = 1e-6
-                      ) -> RelevanceResult:
+                      check: bool = True, canonizers: list | None = None, stabilizer: float = 1e-6,
+                      by_class: bool = False) -> RelevanceResult:
     """LRP relevance of every conv/linear weight and bias (and optionally of the input pixels).
 
     Parameters
@@ -275,6 +277,10 @@ def compute_relevance(model: nn.Module, inputs: torch.Tensor, targets: torch.Ten
         zennit canonizers to use instead of the automatic choice (:func:`canonizers_for`).
     stabilizer : float
         Stabiliser of the other rules' divisions (see :func:`make_composite`).
+    by_class : bool
+        Also accumulate ``sum over classes |sum over the class's samples R|`` (``RelevanceResult.abs_by_class``):
+        batches then hold one class each. A weight that is strong evidence for one class and counter-evidence for
+        another keeps a large score instead of cancelling out.
     """
     if composite not in COMPOSITES:
         raise XaicompError(f"unknown composite {composite!r}; choose one of {', '.join(COMPOSITES)}")
@@ -293,39 +299,72 @@ def compute_relevance(model: nn.Module, inputs: torch.Tensor, targets: torch.Ten
     flows: dict[str, LayerFlow] = {}
     comp = make_composite(composite, work, epsilon, canonizers=canonizers, stabilizer=stabilizer)
     _wrap_module_map(comp, store, flows)
-    logits_all, input_rel, tgt_all = [], [], []
     total = len(inputs)
+    if target == "predicted" and by_class:
+        with torch.no_grad():
+            pred = torch.cat([model(inputs[i:i + batch_size]).argmax(1) for i in range(0, total, batch_size)])
+        labels = pred
+    else:
+        labels = targets.to(torch.long) if targets is not None else None
+    chunks: list[tuple[int, torch.Tensor]] = []  # (group id, sample indices)
+    if by_class and labels is not None:
+        for c in torch.unique(labels).tolist():
+            idx = torch.nonzero(labels == c).squeeze(1)
+            chunks += [(int(c), idx[i:i + batch_size]) for i in range(0, len(idx), batch_size)]
+    else:
+        chunks = [(0, torch.arange(i, min(i + batch_size, total))) for i in range(0, total, batch_size)]
+    signed: dict[str, torch.Tensor] = {}
+    by_class_abs: dict[str, torch.Tensor] = {}
+
+    def flush() -> None:
+        for k, v in store.items():
+            signed[k] = signed[k] + v if k in signed else v.clone()
+            if by_class:
+                by_class_abs[k] = by_class_abs[k] + v.abs() if k in by_class_abs else v.abs()
+        store.clear()
+
+    logits_all = torch.empty(0)
+    input_rel = torch.empty(0)
+    tgt_all = torch.zeros(total, dtype=torch.long)
+    done = 0
     try:
         with comp.context(work):
-            for start in range(0, total, batch_size):
-                xb = inputs[start:start + batch_size]
+            for n, (group, idx) in enumerate(chunks):
+                if n > 0 and group != chunks[n - 1][0]:
+                    flush()
+                xb = inputs[idx]
                 x = xb.detach().clone().requires_grad_(True)
                 with torch.enable_grad():
                     out = work(x)
-                if check and start == 0:
-                    plain = _check_model(model, work, xb)
-                    diff = float((plain - out.detach()).abs().max())
+                if n == 0:
+                    logits_all = torch.empty(total, out.shape[1], dtype=out.dtype)
+                    if keep_input:
+                        input_rel = torch.empty_like(inputs)
+                if check and n == 0:
+                    n_check = min(len(xb), 16)
+                    plain = _check_model(model, work, xb[:n_check])
+                    diff = float((plain - out.detach()[:n_check]).abs().max())
                     scale = float(plain.abs().max()) + 1.0
                     tol = 1e-4 if out.dtype == torch.float32 else 1e-9
                     if diff > tol * scale:
                         raise RelevanceError(f"the canonized model's outputs differ from the model's by {diff:.3g}; "
                                              "BatchNorm merging or residual routing does not fit this architecture")
-                if target == "true":
-                    tb = targets[start:start + batch_size].to(torch.long)
-                else:
-                    tb = out.detach().argmax(1)
+                tb = labels[idx] if (target == "true" or by_class) and labels is not None else out.detach().argmax(1)
                 onehot = torch.zeros_like(out)
                 onehot[torch.arange(len(tb)), tb] = 1.0
                 (grad,) = torch.autograd.grad(out, x, grad_outputs=onehot)
-                logits_all.append(out.detach())
-                tgt_all.append(tb)
+                logits_all[idx] = out.detach()
+                tgt_all[idx] = tb
                 if keep_input:
-                    input_rel.append(grad.detach())
+                    input_rel[idx] = grad.detach()
+                done += len(idx)
                 if progress is not None:
-                    progress(min(start + batch_size, total), total)
+                    progress(done, total)
+            flush()
     finally:
         if was_training:
             model.train()
+    store = signed
     own = dict(model.named_parameters())
     weights = {k: v.to(own[k].dtype) for k, v in store.items() if k in own}
     extra = {k: v for k, v in store.items() if k not in own}
@@ -335,8 +374,12 @@ def compute_relevance(model: nn.Module, inputs: torch.Tensor, targets: torch.Ten
             if pname in own and pname not in weights:
                 weights[pname] = torch.zeros_like(own[pname].detach())
     ordered = {k: weights[k] for k, _ in model.named_parameters() if k in weights}
-    return RelevanceResult(ordered, extra, torch.cat(input_rel) if keep_input else None, torch.cat(logits_all),
-                           torch.cat(tgt_all), flows, composite, total)
+    abs_ordered = None
+    if by_class:
+        abs_ordered = {k: by_class_abs[k].to(own[k].dtype) if k in by_class_abs else torch.zeros_like(v)
+                       for k, v in ordered.items()}
+    return RelevanceResult(ordered, extra, input_rel if keep_input else None, logits_all, tgt_all, flows, composite,
+                           total, abs_ordered)
 
 
 def weight_relevance(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | None = None,

@@ -249,7 +249,7 @@ class CompressionSession:
             if composite not in self._relevance:
                 self._relevance[composite] = compute_relevance(
                     self.model, self.x_ref, self.y_ref, composite, epsilon=self.epsilon, target=self.target,
-                    batch_size=self.relevance_batch_size, progress=progress or self.progress)
+                    batch_size=self.relevance_batch_size, progress=progress or self.progress, by_class=True)
             return self._relevance[composite]
 
     def has_relevance(self, composite: str | None = None) -> bool:
@@ -268,7 +268,8 @@ class CompressionSession:
             plan.bit_ranking == "criterion" and len(plan.bit_levels) > 1 and plan.criterion not in ("magnitude",
                                                                                                    "random"))
         rel = self.relevance(plan.composite) if need else None
-        return ScoreInputs(self._weights, rel.weights if rel else None, rel.extra if rel else None, plan.seed)
+        return ScoreInputs(self._weights, rel.weights if rel else None, rel.extra if rel else None, plan.seed,
+                           rel.abs_by_class if rel else None)
 
     def _sorted_scores(self, key: tuple, layout: LayerLayout, make: Callable[[], dict[str, torch.Tensor]]
                        ) -> SortedScores:

@@ -1,0 +1,499 @@
+"""Reproducible experiments behind RESULTS.md (``make results``).
+
+    python -m xaicomp_core.results [--models fashion-vgg,fashion-lenet,fashion-resnet] [--quick] [--out DIR]
+
+For every built-in model: pruning curves (accuracy vs sparsity 0-95 %) per criterion without and with recovery
+fine-tuning and their areas; the paper's rule (shares of weights with relevance <= 0, = 0, < 0 per layer, and what
+pruning them does) per composite; mixed-precision size-vs-accuracy Pareto fronts (relevance-ranked vs
+magnitude-ranked vs uniform bits, per weight / channel / layer); the smallest packed size within 1 point of top-1
+per criterion, without and with fine-tuning; the benchmark. Writes ``results/summary.json``, PNG plots under
+``docs/results/`` and ``RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import pathlib
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from .bench import _cpu_name, run_bench
+from .data import load_builtin_dataset
+from .models import builtin_card, load_builtin_model
+from .plan import FP32, CompressionPlan
+from .session import CompressionSession
+from .sweep import pareto_flags
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CURVE_CRITERIA = ["lrp", "lrp-signed", "magnitude", "random", "lrp-filter"]
+CURVE_RATIOS = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
+FT_RATIOS = [0.5, 0.7, 0.8, 0.9, 0.95]
+PAPER_COMPOSITES = ["epsilon", "epsilon-plus", "alpha2beta1"]
+UNIFORM_BITS = [8, 6, 4, 3, 2]
+MIXED = [((8, 4, 2), (0.2, 0.5)), ((8, 4, 2), (0.1, 0.3)), ((4, 2), (0.3,)), ((8, 4, 2, 1), (0.05, 0.25, 0.4))]
+MP_RATIOS = [0.0, 0.5, 0.8, 0.9]
+HEADLINE_CRITERIA = ["lrp", "lrp-signed", "magnitude", "random", "lrp-filter", "paper"]
+FT_EPOCHS_CURVE = 1
+FT_EPOCHS_HEADLINE = 2
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _row(r, **extra: Any) -> dict[str, Any]:
+    return {"accuracy": r.accuracy, "sparsity": r.sparsity, "mean_bits": r.mean_bits,
+            "estimated_bytes": r.size.estimated_bytes, "compression_ratio": r.compression_ratio,
+            "reduction": r.reduction, "plan": r.plan.to_dict(), **extra}
+
+
+def auc(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Normalised area under an accuracy-vs-sparsity curve (trapezoid rule, divided by the x range)."""
+    xs_a, ys_a = np.asarray(xs, float), np.asarray(ys, float)
+    order = np.argsort(xs_a)
+    xs_a, ys_a = xs_a[order], ys_a[order]
+    width = xs_a[-1] - xs_a[0]
+    return float(np.sum((xs_a[1:] - xs_a[:-1]) * (ys_a[1:] + ys_a[:-1]) / 2) / width) if width > 0 else float(
+        ys_a[0])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def pruning_curves(s: CompressionSession, ratios: Sequence[float], ft_ratios: Sequence[float],
+                   criteria: Sequence[str]) -> dict[str, Any]:
+    """Accuracy vs sparsity per criterion (fp32 weights), without and with fine-tuning."""
+    out: dict[str, Any] = {}
+    for crit in criteria:
+        pts = []
+        for ratio in ratios:
+            plan = CompressionPlan(criterion=crit, prune_ratio=ratio)
+            r = s.evaluate(plan)
+            row = {"prune_ratio": ratio, "sparsity": r.sparsity, "accuracy": r.accuracy}
+            if ratio in ft_ratios and s.can_finetune:
+                row["accuracy_finetuned"] = s.evaluate(plan.replace(finetune_epochs=FT_EPOCHS_CURVE)).accuracy
+            pts.append(row)
+        ft_pts = [p for p in pts if "accuracy_finetuned" in p]
+        out[crit] = {
+            "points": pts,
+            "auc": auc([p["sparsity"] for p in pts], [p["accuracy"] for p in pts]),
+            "auc_high_sparsity_finetuned": auc([p["sparsity"] for p in ft_pts],
+                                               [p["accuracy_finetuned"] for p in ft_pts]) if ft_pts else None,
+            "auc_high_sparsity": auc([p["sparsity"] for p in ft_pts], [p["accuracy"] for p in ft_pts])
+            if ft_pts else None,
+        }
+        _log(f"  curve {crit}: auc {out[crit]['auc']:.4f}")
+    return out
+
+
+def paper_rule(s: CompressionSession, composites: Sequence[str]) -> dict[str, Any]:
+    """Shares of weights with relevance <= 0 / = 0 / < 0 and what pruning them does, per composite."""
+    out = {}
+    for comp in composites:
+        rel = s.relevance(comp).weights
+        layers = []
+        tot = {"weights": 0, "le0": 0, "zero": 0, "neg": 0}
+        for name in s.layout.names:
+            r = rel[name]
+            row = {"layer": name.removesuffix(".weight"), "weights": r.numel(), "le0": int((r <= 0).sum()),
+                   "zero": int((r == 0).sum()), "neg": int((r < 0).sum())}
+            layers.append(row)
+            for k in tot:
+                tot[k] += row[k]
+        paper = s.evaluate(CompressionPlan(criterion="paper", composite=comp))
+        zero = s.evaluate(CompressionPlan(criterion="lrp-zero", composite=comp))
+        same = {}
+        for crit in ("lrp", "magnitude", "random"):
+            same[crit] = s.evaluate(CompressionPlan(criterion=crit, prune_ratio=min(paper.sparsity, 0.999),
+                                                    composite=comp)).accuracy
+        out[comp] = {"layers": layers, "total": tot, "accuracy_paper": paper.accuracy,
+                     "sparsity_paper": paper.sparsity, "accuracy_zero": zero.accuracy, "sparsity_zero": zero.sparsity,
+                     "accuracy_same_sparsity": same,
+                     "paper_finetuned": s.evaluate(CompressionPlan(criterion="paper", composite=comp,
+                                                                   finetune_epochs=FT_EPOCHS_CURVE)).accuracy
+                     if s.can_finetune else None}
+        _log(f"  paper rule {comp}: prunes {paper.sparsity:.1%} -> {paper.accuracy:.2%}")
+    return out
+
+
+def mixed_precision(s: CompressionSession, ratios: Sequence[float]) -> list[dict[str, Any]]:
+    """Size vs accuracy for uniform bits and relevance- vs magnitude-ranked mixed precision."""
+    rows = []
+    for ratio in ratios:
+        for crit in ("lrp", "magnitude"):
+            base = CompressionPlan(criterion=crit, prune_ratio=ratio)
+            for b in UNIFORM_BITS:
+                r = s.evaluate(base.replace(bit_levels=[b], bit_split=[]))
+                rows.append(_row(r, family=f"uniform ({crit} pruning)", bits=str(b), ranking="-",
+                                 granularity="weight"))
+            for levels, split in MIXED:
+                for ranking in ("relevance", "magnitude"):
+                    for gran in ("weight", "channel", "layer"):
+                        r = s.evaluate(base.replace(bit_levels=list(levels), bit_split=list(split),
+                                                    bit_ranking=ranking, granularity=gran))
+                        rows.append(_row(r, family=f"{ranking}-ranked bits ({crit} pruning)",
+                                         bits="/".join(map(str, levels)) + " (" + "/".join(
+                                             f"{x * 100:.0f}" for x in (*split, 1 - sum(split))) + ")",
+                                         ranking=ranking, granularity=gran))
+    flags = pareto_flags([r["estimated_bytes"] for r in rows], [r["accuracy"] for r in rows])
+    for r, f in zip(rows, flags):
+        r["pareto"] = f
+    _log(f"  mixed precision: {len(rows)} plans")
+    return rows
+
+
+def headline(s: CompressionSession, candidates: dict[str, list[CompressionPlan]], max_drop: float = 0.01,
+             ft_attempts: int = 4) -> dict[str, Any]:
+    """Smallest packed size within ``max_drop`` of the baseline, per criterion, without and with fine-tuning."""
+    out: dict[str, Any] = {}
+    limit = s.baseline_accuracy - max_drop - 1e-12
+    for crit, plans in candidates.items():
+        evaluated = sorted((s.evaluate(p) for p in plans), key=lambda r: r.size.estimated_bytes)
+        ok = [r for r in evaluated if r.accuracy >= limit]
+        best = ok[0] if ok else None
+        entry: dict[str, Any] = {"no_finetune": _best(best, s)}
+        if s.can_finetune:
+            best_ft = best
+            tried = 0
+            smaller = [r for r in evaluated if best is None or r.size.estimated_bytes < best.size.estimated_bytes]
+            # fine-tune the smallest plans that lose at most 25 points before fine-tuning, smallest first
+            for r in [r for r in smaller if r.accuracy >= s.baseline_accuracy - 0.25]:
+                if tried >= ft_attempts:
+                    break
+                tried += 1
+                rf = s.evaluate(r.plan.replace(finetune_epochs=FT_EPOCHS_HEADLINE))
+                if rf.accuracy >= limit:
+                    best_ft = rf
+                    break
+            entry["finetune"] = _best(best_ft, s)
+            entry["finetune_attempts"] = tried
+        out[crit] = entry
+        nf = entry["no_finetune"]
+        ft = entry.get("finetune") or {}
+        _log(f"  headline {crit}: {nf.get('ratio', 0):.1f}x no-FT, {ft.get('ratio', 0):.1f}x FT")
+    return out
+
+
+def _best(r, s: CompressionSession) -> dict[str, Any]:
+    if r is None:
+        return {}
+    return {"ratio": r.compression_ratio, "reduction": r.reduction, "accuracy": r.accuracy,
+            "accuracy_drop": s.baseline_accuracy - r.accuracy, "estimated_bytes": r.size.estimated_bytes,
+            "sparsity": r.sparsity, "mean_bits": r.mean_bits, "plan": r.plan.to_dict(),
+            "command": f"xaicomp compress --model {s.info.name} --plan plan.json  # plan: {r.plan.cli_args()}"}
+
+
+def headline_candidates(criteria: Sequence[str], ratios: Sequence[float]) -> dict[str, list[CompressionPlan]]:
+    """Plans searched for the headline: each criterion x ratio x bit setting."""
+    bit_settings = [([b], []) for b in (8, 4, 3)] + [(list(levels), list(split)) for levels, split in MIXED]
+    out = {}
+    for crit in criteria:
+        plans = []
+        for ratio in (ratios if crit != "paper" else [0.0]):
+            for levels, split in bit_settings:
+                plans.append(CompressionPlan(criterion=crit, prune_ratio=ratio, bit_levels=levels, bit_split=split))
+        out[crit] = plans
+    return out
+
+
+def yeom_equal_size(s: CompressionSession, mp_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Accuracy of relevance-guided unstructured compression vs Yeom et al. filter pruning at (about) equal size."""
+    out = []
+    for ratio in (0.3, 0.5, 0.7):
+        for bits in (8, 4):
+            f = s.evaluate(CompressionPlan(criterion="lrp-filter", prune_ratio=ratio, bit_levels=[bits]))
+            target = f.size.estimated_bytes
+            cands = [r for r in mp_rows if r["estimated_bytes"] <= target and "lrp pruning" in r["family"]]
+            best = max(cands, key=lambda r: r["accuracy"]) if cands else None
+            out.append({"filter_ratio": ratio, "bits": bits, "filter_bytes": target, "filter_accuracy": f.accuracy,
+                        "lrp_bytes": best["estimated_bytes"] if best else None,
+                        "lrp_accuracy": best["accuracy"] if best else None,
+                        "lrp_plan": best["plan"] if best else None})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def run_model(name: str, quick: bool = False, threads: int = 2) -> dict[str, Any]:
+    """All experiments for one built-in model."""
+    t0 = time.time()
+    torch.set_num_threads(threads)
+    model = load_builtin_model(name)
+    ref = load_builtin_dataset("fashion-mnist", "reference")
+    ev = load_builtin_dataset("fashion-mnist", "eval")
+    train = load_builtin_dataset("fashion-mnist", "train")
+    if quick:
+        ref, ev, train = ref.balanced_subset(200), ev.balanced_subset(400), train.balanced_subset(500)
+    s = CompressionSession(model, ref, ev, train_data=train)
+    _log(f"{name}: baseline {s.baseline_accuracy:.2%} on {len(s.y_eval)} images")
+    ratios = [0.0, 0.5, 0.9] if quick else CURVE_RATIOS
+    ft_ratios = [0.9] if quick else FT_RATIOS
+    criteria = ["lrp", "magnitude", "lrp-filter"] if quick else CURVE_CRITERIA
+    res: dict[str, Any] = {"model": name, "baseline_accuracy": s.baseline_accuracy, "fp32_bytes": s.fp32_bytes(),
+                           "parameters": sum(p.numel() for p in model.parameters()), "eval_images": len(s.y_eval),
+                           "reference_images": len(s.y_ref), "train_images": len(train),
+                           "card": {k: builtin_card(name)[k] for k in ("test_accuracy", "eval_accuracy")}}
+    res["pruning_curves"] = pruning_curves(s, ratios, ft_ratios, criteria)
+    res["paper_rule"] = paper_rule(s, ["epsilon"] if quick else PAPER_COMPOSITES)
+    res["mixed_precision"] = mixed_precision(s, [0.5] if quick else MP_RATIOS)
+    hl_ratios = [0.5, 0.8] if quick else [0.5, 0.7, 0.8, 0.9, 0.95]
+    hl_criteria = ["lrp", "magnitude"] if quick else HEADLINE_CRITERIA
+    res["best_by_criterion"] = headline(s, headline_candidates(hl_criteria, hl_ratios),
+                                        ft_attempts=1 if quick else 4)
+    best_nf = max((v["no_finetune"] for v in res["best_by_criterion"].values() if v["no_finetune"]),
+                  key=lambda b: b["ratio"], default={})
+    best_ft = max((v.get("finetune") or {} for v in res["best_by_criterion"].values()),
+                  key=lambda b: b.get("ratio", 0), default={})
+    res["best_ratio_at_1pt"] = {"no_finetune": best_nf, "finetune": best_ft}
+    res["yeom_equal_size"] = yeom_equal_size(s, res["mixed_precision"])
+    if not quick:
+        res["bench"] = run_bench(name, repeats=5, threads=threads)
+    res["seconds"] = time.time() - t0
+    assert s.check_unchanged()
+    _log(f"{name}: done in {res['seconds']:.0f}s")
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def plot_model(res: dict[str, Any], out_dir: pathlib.Path) -> list[str]:
+    """PNG plots for one model; returns the file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    name = res["model"]
+    files = []
+    colors = {"lrp": "#c2185b", "lrp-signed": "#7b1fa2", "magnitude": "#1565c0", "random": "#757575",
+              "lrp-filter": "#ef6c00"}
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for crit, c in res["pruning_curves"].items():
+        xs = [p["sparsity"] for p in c["points"]]
+        ax.plot(xs, [p["accuracy"] for p in c["points"]], "-o", ms=3, color=colors.get(crit), label=crit)
+        ft = [p for p in c["points"] if "accuracy_finetuned" in p]
+        if ft:
+            ax.plot([p["sparsity"] for p in ft], [p["accuracy_finetuned"] for p in ft], "--", color=colors.get(crit),
+                    alpha=0.8)
+    ax.axhline(res["baseline_accuracy"], color="k", lw=0.8, ls=":")
+    ax.set_xlabel("sparsity (fraction of conv/linear weights pruned)")
+    ax.set_ylabel("top-1 accuracy (shipped eval set)")
+    ax.set_title(f"{name}: pruning curves (solid: no fine-tune, dashed: {FT_EPOCHS_CURVE}-epoch fine-tune)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    f = f"{name}-pruning.png"
+    fig.savefig(out_dir / f)
+    plt.close(fig)
+    files.append(f)
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    fams = {}
+    for r in res["mixed_precision"]:
+        key = "uniform bits" if r["family"].startswith("uniform") else (
+            "relevance-ranked mixed" if r["ranking"] == "relevance" else "magnitude-ranked mixed")
+        fams.setdefault(key, []).append(r)
+    fam_colors = {"uniform bits": "#1565c0", "relevance-ranked mixed": "#c2185b", "magnitude-ranked mixed": "#2e7d32"}
+    for key, rows in fams.items():
+        xs = np.array([r["estimated_bytes"] / 1000 for r in rows])
+        ys = np.array([r["accuracy"] for r in rows])
+        ax.scatter(xs, ys, s=8, alpha=0.35, color=fam_colors[key])
+        flags = pareto_flags(list(xs), list(ys))
+        px, py = xs[flags], ys[flags]
+        o = np.argsort(px)
+        ax.plot(px[o], py[o], "-", color=fam_colors[key], label=f"{key} (Pareto front)")
+    ax.axhline(res["baseline_accuracy"] - 0.01, color="k", lw=0.8, ls=":", label="baseline - 1 point")
+    ax.set_xscale("log")
+    ax.set_xlabel("packed size (KB, log scale)")
+    ax.set_ylabel("top-1 accuracy")
+    ax.set_ylim(max(0.0, res["baseline_accuracy"] - 0.3), min(1.0, res["baseline_accuracy"] + 0.03))
+    ax.set_title(f"{name}: size vs accuracy (fp32 = {res['fp32_bytes'] / 1000:.0f} KB)")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    f = f"{name}-pareto.png"
+    fig.savefig(out_dir / f)
+    plt.close(fig)
+    files.append(f)
+
+    comp = res["paper_rule"].get("epsilon")
+    if comp:
+        fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
+        layers = [layer["layer"] for layer in comp["layers"]]
+        zero = np.array([layer["zero"] / layer["weights"] for layer in comp["layers"]])
+        neg = np.array([layer["neg"] / layer["weights"] for layer in comp["layers"]])
+        x = np.arange(len(layers))
+        ax.bar(x, zero, color="#9e9e9e", label="relevance = 0")
+        ax.bar(x, neg, bottom=zero, color="#1565c0", label="relevance < 0")
+        ax.set_xticks(x, layers, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("share of the layer's weights")
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{name}: weights the paper rule prunes (epsilon composite)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        f = f"{name}-paper-rule.png"
+        fig.savefig(out_dir / f)
+        plt.close(fig)
+        files.append(f)
+    return files
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{x * 100:.2f}%"
+
+
+def write_markdown(summary: dict[str, Any], path: pathlib.Path, plot_dir: str, discussion: str) -> None:
+    """RESULTS.md from the summary."""
+    L: list[str] = []
+    meta = summary["meta"]
+    L += ["# Results", "",
+          f"Generated by `make results` (`python -m xaicomp_core.results`) on {meta['date']} on {meta['machine']} "
+          f"with torch {meta['torch']}, in {meta['seconds'] / 60:.0f} minutes. Every number below comes from "
+          "`results/summary.json`; every plan there can be re-checked with `xaicomp compress --plan`.", "",
+          "Accuracy is top-1 on the shipped class-balanced evaluation set (2,000 Fashion-MNIST test images); "
+          "relevance uses the 1,000 shipped reference images (LRP-epsilon unless stated); fine-tuning uses the 5,000 "
+          "shipped training images with masks and bit classes fixed and quantization in the loop. Sizes are the "
+          "packed payload (`estimated_bytes`, equal to the bytes `xaicomp export` writes, header excluded) against "
+          "fp32 dense.", ""]
+    L += ["## Headline: smallest packed size within 1 point of top-1", "",
+          "| model | fp32 | baseline | best, no fine-tune | best, fine-tuned | criterion (no FT / FT) |",
+          "|---|---|---|---|---|---|"]
+    for name, m in summary["models"].items():
+        nf, ft = m["best_ratio_at_1pt"]["no_finetune"], m["best_ratio_at_1pt"]["finetune"]
+
+        def cell(b: dict) -> str:
+            if not b:
+                return "–"
+            return (f"**{b['ratio']:.1f}×** ({b['reduction'] * 100:.1f}% smaller, {b['estimated_bytes'] / 1000:.1f} "
+                    f"KB), {_pct(b['accuracy'])}")
+
+        L.append(f"| {name} | {m['fp32_bytes'] / 1000:.0f} KB | {_pct(m['baseline_accuracy'])} | {cell(nf)} | "
+                 f"{cell(ft)} | {nf.get('plan', {}).get('criterion', '–')} / {ft.get('plan', {}).get('criterion', '–')}"
+                 " |")
+    L += ["", "The paper reports a 64% size reduction; the project's goal on `fashion-vgg` is ≥ 10× without and "
+          "≥ 20× with fine-tuning.", ""]
+    for name, m in summary["models"].items():
+        L += [f"## {name}", "", f"Baseline {_pct(m['baseline_accuracy'])} on the evaluation set "
+              f"({_pct(m['card']['test_accuracy'])} on the full 10k test set); {m['parameters']:,} parameters, "
+              f"fp32 {m['fp32_bytes'] / 1000:.1f} KB. Experiments took {m['seconds'] / 60:.1f} minutes.", ""]
+        L += ["### Best size within 1 point, per criterion", "",
+              "| criterion | no fine-tune | plan | fine-tuned | plan |", "|---|---|---|---|---|"]
+        for crit, e in m["best_by_criterion"].items():
+            nf, ft = e["no_finetune"], e.get("finetune") or {}
+
+            def c2(b: dict) -> tuple[str, str]:
+                if not b:
+                    return "–", "–"
+                p = CompressionPlan.from_dict(b["plan"])
+                return (f"{b['ratio']:.1f}× ({_pct(b['accuracy'])})", f"`{p.cli_args()}`")
+
+            a, b = c2(nf)
+            c, d = c2(ft)
+            L.append(f"| {crit} | {a} | {b} | {c} | {d} |")
+        L += ["", "### Pruning curves (fp32 weights)", "", f"![pruning curves]({plot_dir}/{name}-pruning.png)", "",
+              "| criterion | AUC 0–95% | AUC 50–95% | AUC 50–95%, fine-tuned | " + " | ".join(
+                  f"{p['prune_ratio'] * 100:.0f}%" for p in next(iter(m["pruning_curves"].values()))["points"]) + " |",
+              "|---|---|---|---|" + "---|" * len(next(iter(m["pruning_curves"].values()))["points"])]
+        for crit, c in m["pruning_curves"].items():
+            accs = " | ".join(f"{p['accuracy'] * 100:.1f}" + (f" ({p['accuracy_finetuned'] * 100:.1f})"
+                                                            if "accuracy_finetuned" in p else "") for p in c["points"])
+            L.append(f"| {crit} | {c['auc']:.4f} | {c['auc_high_sparsity'] or 0:.4f} | "
+                     f"{c['auc_high_sparsity_finetuned'] or 0:.4f} | {accs} |")
+        L += ["", "Cells: accuracy % without (with) fine-tuning; the sparsity of `lrp-filter` is the closest whole-"
+              "channel count to the ratio (the classifier is never filter-pruned).", ""]
+        L += ["### The paper's rule (prune relevance ≤ 0)", "", f"![paper rule]({plot_dir}/{name}-paper-rule.png)", "",
+              "| composite | relevance ≤ 0 | = 0 | < 0 | accuracy after pruning ≤ 0 | fine-tuned | after pruning = 0 only "
+              "| lrp / magnitude / random at the same sparsity |", "|---|---|---|---|---|---|---|---|"]
+        for comp, p in m["paper_rule"].items():
+            t = p["total"]
+            same = p["accuracy_same_sparsity"]
+            L.append(f"| {comp} | {t['le0'] / t['weights']:.1%} | {t['zero'] / t['weights']:.1%} | "
+                     f"{t['neg'] / t['weights']:.1%} | {_pct(p['accuracy_paper'])} | {_pct(p['paper_finetuned'])} | "
+                     f"{_pct(p['accuracy_zero'])} ({p['sparsity_zero']:.1%} pruned) | {_pct(same['lrp'])} / "
+                     f"{_pct(same['magnitude'])} / {_pct(same['random'])} |")
+        eps = m["paper_rule"].get("epsilon")
+        if eps:
+            L += ["", "Per layer (epsilon): " + "; ".join(
+                f"{row['layer']} {row['le0'] / row['weights']:.0%} ≤ 0 ({row['zero'] / row['weights']:.0%} zero)"
+                for row in eps["layers"]) + "."]
+        L += ["", "### Mixed precision: size vs accuracy", "", f"![pareto]({plot_dir}/{name}-pareto.png)", ""]
+        mp = m["mixed_precision"]
+        L += ["Pareto-optimal plans (over all families):", "", "| size | ratio | accuracy | sparsity | bits | ranking | "
+              "granularity | family |", "|---|---|---|---|---|---|---|---|"]
+        for r in sorted((r for r in mp if r["pareto"]), key=lambda r: r["estimated_bytes"]):
+            L.append(f"| {r['estimated_bytes'] / 1000:.1f} KB | {r['compression_ratio']:.1f}× | {_pct(r['accuracy'])} | "
+                     f"{r['sparsity']:.0%} | {r['bits']} | {r['ranking']} | {r['granularity']} | {r['family']} |")
+        L += ["", "Same bits and pruning, relevance- vs magnitude-ranked bit allocation (mean over the pruning ratios "
+              "of the accuracy and size, per weight / channel / layer granularity):", "",
+              "| bits | granularity | relevance-ranked | magnitude-ranked |", "|---|---|---|---|"]
+        groups: dict[tuple, dict[str, list]] = {}
+        for r in mp:
+            if r["ranking"] == "-" or "lrp pruning" not in r["family"]:
+                continue
+            groups.setdefault((r["bits"], r["granularity"]), {}).setdefault(r["ranking"], []).append(r)
+        for (bits, gran), d in groups.items():
+            def fmt(rows: list) -> str:
+                return (f"{np.mean([x['accuracy'] for x in rows]) * 100:.2f}%, "
+                        f"{np.mean([x['estimated_bytes'] for x in rows]) / 1000:.1f} KB")
+            L.append(f"| {bits} | {gran} | {fmt(d.get('relevance', []))} | {fmt(d.get('magnitude', []))} |")
+        L += ["", "### Against Yeom et al. filter pruning at equal size", "",
+              "| filter pruning | size | accuracy | best LRP-guided plan ≤ that size | accuracy |", "|---|---|---|---|---|"]
+        for y in m["yeom_equal_size"]:
+            lp = CompressionPlan.from_dict(y["lrp_plan"]).cli_args() if y["lrp_plan"] else "–"
+            L.append(f"| {y['filter_ratio']:.0%} of weights, {y['bits']}-bit | {y['filter_bytes'] / 1000:.1f} KB | "
+                     f"{_pct(y['filter_accuracy'])} | `{lp}` ({(y['lrp_bytes'] or 0) / 1000:.1f} KB) | "
+                     f"{_pct(y['lrp_accuracy'])} |")
+        if "bench" in m:
+            b = m["bench"]
+            L += ["", "### Performance (`xaicomp bench`)", "",
+                  f"update_ratio **{b['update_ratio']:.2f}** (evaluate {b['evaluate_seconds'] * 1000:.0f} ms vs bare "
+                  f"forward {b['forward_seconds'] * 1000:.0f} ms over {b['eval_images']} images); relevance_ratio "
+                  f"**{b['relevance_ratio']:.2f}** (weight_relevance {b['relevance_seconds'] * 1000:.0f} ms vs forward+"
+                  f"backward {b['forward_backward_seconds'] * 1000:.0f} ms on {b['relevance_batch']} images); "
+                  f"{b['threads']} threads, {b['machine']}."]
+        L.append("")
+    L += ["## Discussion", "", discussion.strip(), ""]
+    path.write_text("\n".join(L))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry."""
+    ap = argparse.ArgumentParser(prog="python -m xaicomp_core.results", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="fashion-vgg,fashion-lenet,fashion-resnet")
+    ap.add_argument("--quick", action="store_true", help="tiny grid on small subsets (for tests)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(ROOT), help="folder receiving results/, docs/results/ and RESULTS.md")
+    ap.add_argument("--from-summary", action="store_true", help="only re-render plots and RESULTS.md")
+    args = ap.parse_args(argv)
+    out = pathlib.Path(args.out)
+    (out / "results").mkdir(parents=True, exist_ok=True)
+    plot_dir = out / "docs" / "results"
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    summary_path = out / "results" / "summary.json"
+    t0 = time.time()
+    if args.from_summary:
+        summary = json.loads(summary_path.read_text())
+    else:
+        models = {name: run_model(name, args.quick, args.threads) for name in args.models.split(",")}
+        summary = {"meta": {"date": datetime.date.today().isoformat(), "seconds": time.time() - t0,
+                            "machine": f"{platform.machine()}, {_cpu_name()}, {args.threads} threads",
+                            "torch": torch.__version__, "python": platform.python_version(), "quick": args.quick,
+                            "command": "python -m xaicomp_core.results " + " ".join(argv or sys.argv[1:])},
+                   "models": models}
+        summary_path.write_text(json.dumps(summary, indent=1) + "\n")
+    for m in summary["models"].values():
+        plot_model(m, plot_dir)
+    disc_path = out / "results" / "discussion.md"
+    discussion = disc_path.read_text() if disc_path.exists() else "(no discussion written yet)"
+    write_markdown(summary, out / "RESULTS.md", "docs/results", discussion)
+    _log(f"wrote {summary_path}, {plot_dir} and {out / 'RESULTS.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
