@@ -28,7 +28,7 @@ import torch
 from .bench import _cpu_name, run_bench
 from .data import load_builtin_dataset
 from .models import builtin_card, load_builtin_model
-from .plan import FP32, CompressionPlan
+from .plan import CompressionPlan
 from .session import CompressionSession
 from .sweep import pareto_flags
 
@@ -407,8 +407,8 @@ def write_markdown(summary: dict[str, Any], path: pathlib.Path, plot_dir: str, d
         L += ["", "Cells: accuracy % without (with) fine-tuning; the sparsity of `lrp-filter` is the closest whole-"
               "channel count to the ratio (the classifier is never filter-pruned).", ""]
         L += ["### The paper's rule (prune relevance ≤ 0)", "", f"![paper rule]({plot_dir}/{name}-paper-rule.png)", "",
-              "| composite | relevance ≤ 0 | = 0 | < 0 | accuracy after pruning ≤ 0 | fine-tuned | after pruning = 0 only "
-              "| lrp / magnitude / random at the same sparsity |", "|---|---|---|---|---|---|---|---|"]
+              "| composite | relevance ≤ 0 | = 0 | < 0 | accuracy after pruning ≤ 0 | fine-tuned | after pruning = 0 "
+              "only | lrp / magnitude / random at the same sparsity |", "|---|---|---|---|---|---|---|---|"]
         for comp, p in m["paper_rule"].items():
             t = p["total"]
             same = p["accuracy_same_sparsity"]
@@ -423,11 +423,13 @@ def write_markdown(summary: dict[str, Any], path: pathlib.Path, plot_dir: str, d
                 for row in eps["layers"]) + "."]
         L += ["", "### Mixed precision: size vs accuracy", "", f"![pareto]({plot_dir}/{name}-pareto.png)", ""]
         mp = m["mixed_precision"]
-        L += ["Pareto-optimal plans (over all families):", "", "| size | ratio | accuracy | sparsity | bits | ranking | "
-              "granularity | family |", "|---|---|---|---|---|---|---|---|"]
+        L += ["Pareto-optimal plans (over all families):", "",
+              "| size | ratio | accuracy | sparsity | bits | ranking | granularity | family |",
+              "|---|---|---|---|---|---|---|---|"]
         for r in sorted((r for r in mp if r["pareto"]), key=lambda r: r["estimated_bytes"]):
-            L.append(f"| {r['estimated_bytes'] / 1000:.1f} KB | {r['compression_ratio']:.1f}× | {_pct(r['accuracy'])} | "
-                     f"{r['sparsity']:.0%} | {r['bits']} | {r['ranking']} | {r['granularity']} | {r['family']} |")
+            L.append(f"| {r['estimated_bytes'] / 1000:.1f} KB | {r['compression_ratio']:.1f}× | "
+                     f"{_pct(r['accuracy'])} | {r['sparsity']:.0%} | {r['bits']} | {r['ranking']} | "
+                     f"{r['granularity']} | {r['family']} |")
         L += ["", "Same bits and pruning, relevance- vs magnitude-ranked bit allocation (mean over the pruning ratios "
               "of the accuracy and size, per weight / channel / layer granularity):", "",
               "| bits | granularity | relevance-ranked | magnitude-ranked |", "|---|---|---|---|"]
@@ -442,7 +444,8 @@ def write_markdown(summary: dict[str, Any], path: pathlib.Path, plot_dir: str, d
                         f"{np.mean([x['estimated_bytes'] for x in rows]) / 1000:.1f} KB")
             L.append(f"| {bits} | {gran} | {fmt(d.get('relevance', []))} | {fmt(d.get('magnitude', []))} |")
         L += ["", "### Against Yeom et al. filter pruning at equal size", "",
-              "| filter pruning | size | accuracy | best LRP-guided plan ≤ that size | accuracy |", "|---|---|---|---|---|"]
+              "| filter pruning | size | accuracy | best LRP-guided plan ≤ that size | accuracy |",
+              "|---|---|---|---|---|"]
         for y in m["yeom_equal_size"]:
             lp = CompressionPlan.from_dict(y["lrp_plan"]).cli_args() if y["lrp_plan"] else "–"
             L.append(f"| {y['filter_ratio']:.0%} of weights, {y['bits']}-bit | {y['filter_bytes'] / 1000:.1f} KB | "
