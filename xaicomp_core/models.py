@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import pathlib
 import pickle
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -251,8 +250,9 @@ def load_weights_bytes(data: bytes, name: str = "weights") -> dict[str, torch.Te
             msg = str(e).split("\n")[0] if "Unsupported" not in str(e) else "it contains Python objects"
             raise WeightsError(f"refusing to load {name}: it is not a plain tensor file ({msg[:160]}); only "
                                "state dicts of tensors are accepted, code in pickles is never run") from None
-        except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError) as e:
-            raise WeightsError(f"{name} is corrupt or not a PyTorch weights file ({str(e)[:100]})") from None
+        except Exception as e:  # torch.load raises many types on garbage (IndexError, KeyError, RuntimeError, ...)
+            raise WeightsError(f"{name} is corrupt or not a PyTorch weights file ({e.__class__.__name__}: "
+                               f"{str(e)[:100]})") from None
         state = _extract_state_dict(obj, name)
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:

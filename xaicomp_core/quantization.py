@@ -6,9 +6,10 @@ output channel or per layer.
 
 Quantizer: uniform and symmetric, with one fp32 scale per (output channel, bit class) group. For ``b >= 2`` bits the
 integer codes are ``-(2^(b-1)-1) .. 2^(b-1)-1`` and the value is ``code * scale``; the scale is chosen per group as
-the one of 16 clipping ratios of ``max|w|`` (0.25 .. 1.0) with the least squared error (``quantizer="mse"``) or
-``max|w| / qmax`` (``"absmax"``). Clipping matters at low bit widths: for ternary 2-bit weights the best threshold
-is far below the maximum. For 1 bit the value is ``±scale`` with ``scale = mean|w|``, the least-squares optimum
+the one of 16 clipping ratios of ``max|w|`` (0.25 .. 1.0) with the least squared error (``quantizer="mse"``, for
+widths up to 6 bits; wider groups use the maximum, where clipping no longer pays) or ``max|w| / qmax``
+(``"absmax"``). Clipping matters at low bit widths: for ternary 2-bit weights the best threshold is far below the
+maximum. For 1 bit the value is ``±scale`` with ``scale = mean|w|``, the least-squares optimum
 (XNOR-Net). The dequantized value is computed in float32 exactly as a reader of the packed file computes it.
 """
 
@@ -22,6 +23,8 @@ from .plan import FP32
 from .pruning import LayerLayout
 
 CLIP_RATIOS = torch.linspace(0.25, 1.0, 16)
+#: Above this width the clipping search no longer pays and ``max|w| / qmax`` is used.
+MSE_MAX_BITS = 6
 
 
 @dataclass
@@ -176,20 +179,24 @@ def quantize(layout: LayerLayout, weights: torch.Tensor, keep: torch.Tensor, kla
         amax = torch.zeros(n_groups).scatter_reduce_(0, gm, wm.abs(), "amax", include_self=True)
         qmax_g = torch.zeros(n_groups).index_put_((gm,), qmax)
         base = amax / qmax_g.clamp(min=1)
-        if method == "mse" and len(wm) > 0:
+        scale_g = base
+        search = (bits[multi] <= MSE_MAX_BITS) if method == "mse" else torch.zeros_like(multi[multi])
+        if bool(search.any()):
+            # weights in units of the absmax step: |x| <= qmax; the error of a clipping ratio r is then
+            # base^2 * sum (x - r q)^2 per group, and base is constant within a group
+            gs = gm[search]
+            inv = torch.where(base > 0, 1.0 / base.clamp(min=1e-30), torch.zeros_like(base))
+            x = wm[search] * inv[gs]
+            qs = qmax[search]
             best_err = torch.full((n_groups,), float("inf"))
             best_ratio = torch.ones(n_groups)
-            for r in CLIP_RATIOS:
-                s = (base * r)[gm]
-                s_safe = torch.where(s > 0, s, torch.ones_like(s))
-                q = torch.clamp(torch.round(wm / s_safe), -qmax, qmax) * s
-                err = torch.zeros(n_groups).index_add_(0, gm, (wm - q) ** 2)
+            for r in CLIP_RATIOS.tolist():
+                q = torch.clamp(torch.round(x * (1.0 / r)), -qs, qs)
+                err = torch.zeros(n_groups).index_add_(0, gs, (x - q * r).square_())
                 better = err < best_err
                 best_err = torch.where(better, err, best_err)
-                best_ratio = torch.where(better, r.expand_as(best_ratio), best_ratio)
+                best_ratio = torch.where(better, torch.full_like(best_ratio, r), best_ratio)
             scale_g = base * best_ratio
-        else:
-            scale_g = base
         used = torch.bincount(gm, minlength=n_groups) > 0
         flat_scales[used] = scale_g[used]
         s = flat_scales[gm]

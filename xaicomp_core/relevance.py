@@ -46,6 +46,17 @@ class RelevanceError(XaicompError):
     """Relevance cannot be computed faithfully for this model."""
 
 
+class SignStabilizer:
+    """``z + eps * sign(z)`` with ``sign(0) = +1``: the same values as zennit's default stabilizer, in fewer passes
+    over the tensor (it is applied to every layer output in the backward pass)."""
+
+    def __init__(self, epsilon: float = 1e-6) -> None:
+        self.epsilon = float(epsilon)
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.where(z >= 0, z + self.epsilon, z - self.epsilon)
+
+
 def relevance_layers(model: nn.Module) -> list[str]:
     """Names of the conv and linear modules whose parameters get relevance, in registration order."""
     return [name for name, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))]
@@ -88,6 +99,8 @@ def make_composite(name: str, model: nn.Module, epsilon: float = 1e-6, gamma: fl
     """
     if canonizers is None:
         canonizers = canonizers_for(model)
+    eps_fn, stab_fn = SignStabilizer(epsilon), SignStabilizer(stabilizer)
+    epsilon, stabilizer = eps_fn, stab_fn  # zennit accepts callables wherever it accepts a float
     if name == "epsilon":
         layer_map = layer_map_base(stabilizer) + [(Convolution, Epsilon(epsilon=epsilon)),
                                                  (nn.Linear, Epsilon(epsilon=epsilon))]
@@ -209,10 +222,23 @@ class _ParamRelevanceHook(BasicHook):
         return tuple(relevance if original.shape == relevance.shape else None for original in grad_input)
 
 
+def _is_identity_batchnorm(module: nn.Module) -> bool:
+    """A BatchNorm emptied by :class:`ExactMergeBatchNorm` (computes exactly the identity)."""
+    if not isinstance(module, nn.modules.batchnorm._BatchNorm) or not module.affine or module.running_var is None:
+        return False
+    with torch.no_grad():
+        return bool((module.weight == 1).all() and (module.bias == 0).all() and (module.running_mean == 0).all()
+                    and ((module.running_var + module.eps) == 1).all())
+
+
 def _wrap_module_map(composite: Composite, store: dict, flows: dict) -> None:
     original = composite.module_map
 
     def module_map(ctx, name, module):
+        if _is_identity_batchnorm(module):
+            # merged into the preceding layer and exactly the identity: its gradient already passes relevance
+            # through unchanged, so zennit's Pass hook (and its copy of the activations) is not needed
+            return None
         template = original(ctx, name, module)
         if isinstance(template, BasicHook) and isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
             template.rule_name = type(template).__name__

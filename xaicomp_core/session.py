@@ -402,15 +402,18 @@ class CompressionSession:
                 params[name].copy_(w)
         return model
 
-    def evaluate(self, plan: CompressionPlan) -> EvaluationResult:
-        """Apply ``plan`` and measure accuracy, sparsity, bits and size (cached per plan)."""
+    def evaluate(self, plan: CompressionPlan, progress: ProgressFn | None = None) -> EvaluationResult:
+        """Apply ``plan`` and measure accuracy, sparsity, bits and size (cached per plan).
+
+        ``progress(step, total)`` reports fine-tuning steps for plans with ``finetune_epochs > 0``.
+        """
         key = plan.key()
         with self._lock:
             if key in self._results:
                 self._results.move_to_end(key)
                 return self._results[key]
             t0 = time.perf_counter()
-            cw = self.compress(plan)
+            cw = self.compress(plan, progress)
             self._load(cw.quant.values)
             try:
                 logits = self._forward()

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .plan import FP32
-from .pruning import LayerLayout, is_channel_structured
+from .pruning import LayerLayout
 
 
 def _bytes(bits: int) -> int:
@@ -134,9 +134,11 @@ def compute_size(layout: LayerLayout, keep: torch.Tensor, klass: torch.Tensor, g
     ----------
     layout : LayerLayout
     keep, klass : Tensor
-        Flat keep-mask and class index (-1 = none) per compressible weight.
+        Flat keep-mask and class index (-1 = none) per compressible weight (the counts below are derived from
+        them; kept for the signature's sake).
     group_count : Tensor
-        Kept weights per (global channel, class), shape (total_channels, len(levels)).
+        Kept weights per (global channel, class), shape (total_channels, len(levels)): everything the size
+        depends on besides the layout.
     levels : list of int
         Bit widths (32 = fp32).
     granularity : str
@@ -147,6 +149,18 @@ def compute_size(layout: LayerLayout, keep: torch.Tensor, klass: torch.Tensor, g
     index = {n: i for i, n in enumerate(layout.names)}
     lv = torch.tensor(levels, dtype=torch.long)
     cb = class_bits(len(levels))
+    gc = group_count.long()
+    kept_ch = gc.sum(1)  # kept (non-protected) weights per output channel
+    ch_size = torch.tensor([layout.sizes[i] // layout.channels[i] for i in range(len(layout.names))],
+                           dtype=torch.long)[layout.layer_of_channel]
+    full_or_empty = (kept_ch == 0) | (kept_ch == ch_size)
+    per_layer = torch.zeros(len(layout.names), len(levels), dtype=torch.long).index_add_(0, layout.layer_of_channel, gc)
+    quant_cols = torch.tensor([b != FP32 for b in levels])
+    scales_per_layer = torch.zeros(len(layout.names), dtype=torch.long).index_add_(
+        0, layout.layer_of_channel, ((gc > 0) & quant_cols).sum(1))
+    ragged = torch.zeros(len(layout.names), dtype=torch.long).index_add_(
+        0, layout.layer_of_channel, (~full_or_empty).long())
+    structured_layer = ragged == 0
     rows = []
     for name, value in state.items():
         if not is_float_entry(value):
@@ -157,14 +171,11 @@ def compute_size(layout: LayerLayout, keep: torch.Tensor, klass: torch.Tensor, g
         if i is None or layout.protected[i]:
             rows.append(TensorSize(name, "raw", shape, numel, numel, 4 * numel, "raw", raw_bytes=4 * numel))
             continue
-        sl = layout.layer_slice(i)
-        k_mask = keep[sl]
-        kept = int(k_mask.sum())
+        counts = per_layer[i]
+        kept = int(counts.sum())
         c = layout.channels[i]
-        structured = kept < numel and is_channel_structured(layout, keep, i)
+        structured = kept < numel and bool(structured_layer[i])
         enc, kb = keep_encoding(numel, kept, c, structured)
-        kc = klass[sl]
-        counts = torch.bincount(kc[kc >= 0].long(), minlength=len(levels))
         value_bits = int((counts * lv).sum())
         if granularity == "weight":
             class_b = _bytes(kept * cb)
@@ -172,9 +183,7 @@ def compute_size(layout: LayerLayout, keep: torch.Tensor, klass: torch.Tensor, g
             class_b = _bytes(c * cb)
         else:
             class_b = 0
-        gc = group_count[layout.channel_offsets[i]:layout.channel_offsets[i + 1]]
-        quant_cols = torch.tensor([b != FP32 for b in levels])
-        n_scales = int(((gc > 0) & quant_cols).sum())
+        n_scales = int(scales_per_layer[i])
         rows.append(TensorSize(name, "compressed", shape, numel, kept, 4 * numel, enc, kb, class_b, 4 * n_scales,
                                _bytes(value_bits), 0, value_bits / kept if kept else 0.0))
     return SizeBreakdown(rows)
