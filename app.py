@@ -1,0 +1,139 @@
+"""xaicomp -- the Streamlit app: ``streamlit run app.py`` (or ``make run``).
+
+This file draws the sidebar shared by all pages (model, data, LRP settings), stores the choices for
+``pages.common.get_session`` and runs the page chosen in ``st.navigation``. The pages hold no maths: they call the
+engine (:mod:`xaicomp_core`) and its figure builders.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import streamlit as st
+
+from pages.common import (
+    COMPOSITES,
+    DEFAULT_EVAL_SAMPLES,
+    DEFAULT_MODEL,
+    DEFAULT_REFERENCE_SAMPLES,
+    PENDING_COMPOSITE_KEY,
+    DataSpec,
+    ModelSpec,
+    Settings,
+    builtin_available,
+    digest,
+    leave_pages_directory_mode,
+    model_choices,
+    set_settings,
+)
+
+ROOT = pathlib.Path(__file__).resolve().parent
+leave_pages_directory_mode()
+
+st.set_page_config(page_title="xaicomp — compress with explainable AI", page_icon="🗜️", layout="wide",
+                   initial_sidebar_state="expanded")
+# Less empty space above the page title (more room on a projector).
+st.html("<style>[data-testid='stMainBlockContainer'] { padding-top: 2.5rem; }</style>")
+
+MODEL_SOURCES = {"builtin": "Built-in (trained)", "torchvision": "torchvision architecture",
+                 "upload": "Upload your weights"}
+DATA_SOURCES = {"builtin": "Built-in Fashion-MNIST", "zip": "ImageFolder .zip upload",
+                "torchvision": "torchvision folder on disk"}
+
+
+def _sidebar() -> Settings:
+    """Draw the shared sidebar and return the settings it describes."""
+    uploads: dict[str, bytes] = {}
+    choices = model_choices()
+    with st.sidebar:
+        st.markdown("### xaicomp")
+        st.caption("Compress image classifiers with explainable AI (LRP relevance decides what to prune and how "
+                   "many bits each weight keeps).")
+
+        st.markdown("#### Model")
+        source = st.radio("Model source", list(MODEL_SOURCES), format_func=MODEL_SOURCES.get, key="sb_model_source",
+                          label_visibility="collapsed")
+        if source == "builtin":
+            names = choices["builtin"]
+            arch = st.selectbox("Built-in model", names, index=names.index(DEFAULT_MODEL), key="sb_builtin",
+                                persist_state="session",
+                                format_func=lambda n: n if builtin_available(n) else f"{n} (weights not trained yet)")
+            model = ModelSpec("builtin", arch)
+        elif source == "torchvision":
+            arch = st.selectbox("Architecture", choices["torchvision"], key="sb_tv_arch", persist_state="session")
+            random_weights = st.checkbox("random weights (untrained, 10 outputs)", key="sb_tv_random",
+                                         persist_state="session",
+                                         help="Pretrained weights are never downloaded. Random weights let you "
+                                              "explore the mechanics; for a real model upload its weights.")
+            st.caption("Torchvision models see the data resized to 224×224 RGB: relevance and evaluation take "
+                       "much longer than for the built-in models.")
+            model = ModelSpec("torchvision", arch, random_weights=random_weights)
+        else:
+            arch = st.selectbox("Architecture of the weights", choices["builtin"] + choices["torchvision"],
+                                key="sb_up_arch", persist_state="session")
+            f = st.file_uploader("Weights (.safetensors, .pt, .pth: a state dict)", type=["safetensors", "pt", "pth"],
+                                 key="sb_up_weights")
+            if f is not None:
+                data = f.getvalue()
+                uploads["weights"] = data
+                model = ModelSpec("upload", arch, weights_name=f.name, digest=digest(data))
+            else:
+                model = ModelSpec("upload", arch)
+
+        st.markdown("#### Data")
+        dsource = st.radio("Data source", list(DATA_SOURCES), format_func=DATA_SOURCES.get, key="sb_data_source",
+                           label_visibility="collapsed")
+        if dsource == "builtin":
+            data = DataSpec("builtin", "fashion-mnist")
+            st.caption("2,000 test images for accuracy, 1,000 training images as LRP reference (100 per class).")
+        elif dsource == "zip":
+            f = st.file_uploader("Zip with one folder of images per class", type=["zip"], key="sb_data_zip")
+            st.caption("Folders named after the model's classes (or 0…N-1). Half of the images (balanced) score "
+                       "the weights, the other half measure accuracy.")
+            if f is not None:
+                blob = f.getvalue()
+                uploads["data"] = blob
+                data = DataSpec("zip", f.name, digest(blob))
+            else:
+                data = DataSpec("zip", "")
+        else:
+            tv_name = st.selectbox("Data set", ["fashion-mnist", "mnist", "cifar10"], key="sb_tv_data",
+                                   persist_state="session")
+            root = st.text_input("Folder (torchvision root)", key="sb_tv_root", persist_state="session",
+                                 placeholder="/data/torchvision")
+            data = DataSpec("torchvision", tv_name, root=root)
+        eval_samples = int(st.number_input("Evaluation images", min_value=50, max_value=20_000,
+                                           value=DEFAULT_EVAL_SAMPLES, step=50, key="sb_eval_samples",
+                                           help="A class-balanced subset of the evaluation data."))
+        data = DataSpec(data.source, data.name, data.digest, data.root, eval_samples)
+
+        st.markdown("#### LRP relevance")
+        if PENDING_COMPOSITE_KEY in st.session_state:
+            st.session_state["sb_composite"] = st.session_state.pop(PENDING_COMPOSITE_KEY)
+        comp = st.selectbox("Composite (rules)", list(COMPOSITES), key="sb_composite",
+                            help="\n".join(f"- **{k}**: {v}" for k, v in COMPOSITES.items()))
+        st.caption(COMPOSITES[comp])
+        n_ref = int(st.number_input("Reference samples", min_value=10, max_value=5000,
+                                    value=DEFAULT_REFERENCE_SAMPLES, step=50, key="sb_ref_samples",
+                                    help="Images whose relevance is summed to score every weight. Computed once "
+                                         "per setting and cached."))
+    settings = Settings(model, data, comp, n_ref)
+    set_settings(settings, uploads)
+    return settings
+
+
+_sidebar()
+
+# Absolute paths: the pages resolve the same wherever the entry script is run from.
+PAGES = ROOT / "pages"
+pages = [
+    st.Page(PAGES / "overview.py", title="Overview", icon=":material/home:", default=True),
+    st.Page(PAGES / "relevance.py", title="Relevance", icon=":material/local_fire_department:"),
+    st.Page(PAGES / "compress.py", title="Compress", icon=":material/compress:"),
+    st.Page(PAGES / "tradeoffs.py", title="Trade-offs", icon=":material/show_chart:"),
+]
+if (PAGES / "export.py").exists():
+    pages.append(st.Page(PAGES / "export.py", title="Export", icon=":material/inventory_2:"))
+pages.append(st.Page(PAGES / "learn.py", title="Learn", icon=":material/school:"))
+
+st.navigation(pages, position="top").run()

@@ -1,0 +1,1 @@
+"""Pages of the xaicomp Streamlit app (run with ``streamlit run app.py``; ``st.navigation`` lists them)."""

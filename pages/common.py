@@ -1,0 +1,432 @@
+"""State and helpers shared by all pages of the xaicomp app.
+
+The sidebar (drawn by ``app.py``) stores the user's choices as a :class:`Settings` object in ``st.session_state``.
+Pages then call:
+
+* :func:`get_session` -- the shared, cached :class:`~xaicomp_core.CompressionSession` for those settings, with the
+  relevance of the chosen LRP composite computed (once, with a progress bar) and cached;
+* :func:`get_plan` / :func:`set_plan` -- this browser session's current :class:`~xaicomp_core.CompressionPlan`;
+* :func:`evaluate` -- ``session.evaluate(plan)`` with plan errors shown as a readable message;
+* :func:`model_label` -- a one-line description of what is loaded.
+
+Cached objects (models, data sets, sessions) are shared by all browser sessions and never mutated here: the session
+caches relevance and results internally and is thread-safe. Each browser session has its own plan, sweep results
+and widget state in ``st.session_state``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import streamlit as st
+from torch import nn
+
+from xaicomp_core import (
+    CompressionPlan,
+    CompressionSession,
+    EvaluationResult,
+    ImageDataset,
+    WeightsError,
+    XaicompError,
+    load_builtin_dataset,
+    load_model,
+    load_torchvision_folder,
+)
+from xaicomp_core.data import load_image_zip
+from xaicomp_core.figures import fmt_bytes, fmt_pct, fmt_pp  # noqa: F401  (re-exported for the pages)
+from xaicomp_core.models import BUILTIN_MODELS, MODELS_DIR, TORCHVISION_ARCHS, load_torchvision_model
+from xaicomp_core.relevance import COMPOSITES, DEFAULT_COMPOSITE
+
+SETTINGS_KEY = "settings"
+PLAN_KEY = "plan"
+UPLOADS_KEY = "uploads"
+PENDING_COMPOSITE_KEY = "_pending_composite"
+
+DEFAULT_MODEL = "fashion-vgg"
+#: Rules for pixel heatmaps unless the user picks others: z-box on the first layer and gamma on the other convs give
+#: far less noisy pixel maps than plain epsilon (the weights are always scored with the sidebar's composite).
+PIXEL_COMPOSITE = "epsilon-gamma-box"
+DEFAULT_REFERENCE_SAMPLES = 1000
+DEFAULT_EVAL_SAMPLES = 2000
+#: Reference and fine-tuning images taken from the training split of a torchvision folder (balanced, disjoint).
+FOLDER_REFERENCE_IMAGES = 1000
+FOLDER_TRAIN_IMAGES = 5000
+
+
+def default_plan(composite: str = DEFAULT_COMPOSITE) -> CompressionPlan:
+    """The plan a new browser session starts with: prune 50 % by |LRP relevance|, 8/4/2 bits (20/50/30 %)."""
+    return CompressionPlan(criterion="lrp", prune_ratio=0.5, bit_levels=[8, 4, 2], bit_split=[0.2, 0.5],
+                           composite=composite)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Settings chosen in the sidebar
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model to load.
+
+    ``source`` is ``"builtin"`` (a shipped trained model), ``"torchvision"`` (an architecture with random weights:
+    nothing is ever downloaded) or ``"upload"`` (an architecture plus an uploaded weights file, identified by its
+    sha256 ``digest``; the bytes live in ``st.session_state["uploads"]``).
+    """
+
+    source: str = "builtin"
+    arch: str = DEFAULT_MODEL
+    random_weights: bool = False
+    weights_name: str = ""
+    digest: str = ""
+
+    def key(self) -> str:
+        """Cache key."""
+        return f"model:{self.source}:{self.arch}:{self.random_weights}:{self.weights_name}:{self.digest}"
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Which images to use: ``"builtin"`` Fashion-MNIST, an ImageFolder ``"zip"`` upload or a ``"torchvision"``
+    folder already on disk (``root`` + ``name``)."""
+
+    source: str = "builtin"
+    name: str = "fashion-mnist"
+    digest: str = ""
+    root: str = ""
+    eval_samples: int = DEFAULT_EVAL_SAMPLES
+
+    def key(self) -> str:
+        """Cache key."""
+        return f"data:{self.source}:{self.name}:{self.digest}:{self.root}:{self.eval_samples}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the sidebar decides: model, data, LRP composite and number of reference samples."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    composite: str = DEFAULT_COMPOSITE
+    reference_samples: int = DEFAULT_REFERENCE_SAMPLES
+
+    def session_key(self) -> str:
+        """Key of the shared session (the composite is not part of it: a session caches relevance per composite)."""
+        return f"{self.model.key()}|{self.data.key()}|ref:{self.reference_samples}"
+
+
+def leave_pages_directory_mode() -> None:
+    """Make sure this run goes through ``app.py``'s ``st.navigation``, then continue.
+
+    Streamlit treats a ``pages/`` folder next to the entry script as old-style (v1) multipage pages until the first
+    ``st.navigation`` call of the process -- and :class:`streamlit.testing.v1.AppTest` resets that flag before each
+    run. In that mode the entry script runs as a page (its widgets get other ids, so the first interaction is lost)
+    or a page runs without ``app.py`` (no sidebar). If this run is such a run, switch the mode off and rerun.
+    """
+    try:
+        from streamlit.runtime.pages_manager import PagesManager
+    except ImportError:  # pragma: no cover - layout of Streamlit's internals changed; nothing to fix then
+        return
+    if getattr(PagesManager, "uses_pages_directory", False):
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+
+
+def get_settings() -> Settings:
+    """The sidebar's current settings (defaults if the sidebar has not run yet)."""
+    leave_pages_directory_mode()
+    s = st.session_state.get(SETTINGS_KEY)
+    return s if isinstance(s, Settings) else Settings()
+
+
+def set_settings(settings: Settings, uploads: dict[str, bytes] | None = None) -> None:
+    """Store the sidebar's settings (and the bytes of uploaded files, by kind: ``"weights"``, ``"data"``)."""
+    st.session_state[SETTINGS_KEY] = settings
+    st.session_state[UPLOADS_KEY] = dict(uploads or {})
+
+
+def composite() -> str:
+    """The LRP composite chosen in the sidebar."""
+    return get_settings().composite
+
+
+def pixel_composite() -> str:
+    """The LRP composite for pixel heatmaps: the user's choice on the Relevance page, else :data:`PIXEL_COMPOSITE`."""
+    chosen = st.session_state.get("_pixel_composite")
+    return chosen if chosen in COMPOSITES else (PIXEL_COMPOSITE if PIXEL_COMPOSITE in COMPOSITES else composite())
+
+
+def digest(data: bytes) -> str:
+    """Short sha256 of uploaded bytes (the cache key of an upload)."""
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def builtin_available(name: str) -> bool:
+    """Whether a built-in model's trained weights are present in ``assets/models``."""
+    return (MODELS_DIR / f"{name}.safetensors").exists() and (MODELS_DIR / f"{name}.json").exists()
+
+
+def model_choices() -> dict[str, list[str]]:
+    """Names offered in the sidebar: built-in models and torchvision architectures."""
+    return {"builtin": list(BUILTIN_MODELS), "torchvision": list(TORCHVISION_ARCHS)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Cached loading (shared by all browser sessions; never mutated)
+# ----------------------------------------------------------------------------------------------------------------
+@st.cache_resource(show_spinner="Loading the model…", max_entries=6)
+def _cached_model(key: str, _spec: ModelSpec, _weights: bytes | None) -> nn.Module:
+    spec = _spec
+    if spec.source == "builtin":
+        return load_model(spec.arch)
+    if spec.source == "torchvision":
+        if not spec.random_weights:
+            raise XaicompError(f"{spec.arch}: pretrained weights are never downloaded by this app; tick "
+                               "'random weights' or choose 'Upload weights' to load your own file")
+        return load_torchvision_model(spec.arch, pretrained=False, allow_random=True, num_classes=10)
+    if spec.source == "upload":
+        if not _weights:
+            raise XaicompError("upload a weights file (.safetensors, .pt or .pth) in the sidebar")
+        name = spec.weights_name or "uploaded weights"
+        try:
+            return load_model(spec.arch, weights=_weights, weights_name=name)
+        except XaicompError:
+            raise
+        except Exception as e:  # a corrupt file can break the unpickler in many ways
+            raise WeightsError(f"{name} is corrupt or not a PyTorch weights file ({type(e).__name__}: "
+                               f"{str(e)[:100]})") from None
+    raise XaicompError(f"unknown model source {spec.source!r}")
+
+
+def _split_reference_eval(ds: ImageDataset, eval_samples: int) -> tuple[ImageDataset, ImageDataset]:
+    """Split one uploaded set into disjoint reference and evaluation halves (class-balanced, seeded)."""
+    from xaicomp_core.data import balanced_indices
+
+    if len(ds) < 4:
+        raise XaicompError(f"{ds.name}: only {len(ds)} images; at least 4 are needed (half for relevance, half for "
+                           "evaluation)")
+    order = balanced_indices(ds.labels, len(ds), ds.num_classes, seed=0)
+    ref, ev = order[0::2], order[1::2]
+    return ds.subset(ref, f"{ds.name} (reference)"), ds.subset(ev[:eval_samples], f"{ds.name} (evaluation)")
+
+
+@st.cache_resource(show_spinner="Loading the images…", max_entries=6)
+def _cached_data(key: str, _spec: DataSpec, _data: bytes | None, image_size: tuple[int, int], channels: int,
+                 class_names: tuple[str, ...]) -> tuple[ImageDataset, ImageDataset, ImageDataset | None]:
+    """(reference, evaluation, training or None) images for the data spec."""
+    spec = _spec
+    if spec.source == "builtin":
+        ref = load_builtin_dataset(spec.name, "reference")
+        ev = load_builtin_dataset(spec.name, "eval")
+        train = load_builtin_dataset(spec.name, "train")
+        return ref, ev.balanced_subset(spec.eval_samples), train
+    if spec.source == "zip":
+        if not _data:
+            raise XaicompError("upload a .zip with one folder of images per class in the sidebar")
+        ds = load_image_zip(_data, spec.name or "upload.zip", image_size, channels, list(class_names))
+        return (*_split_reference_eval(ds, spec.eval_samples), None)
+    if spec.source == "torchvision":
+        if not spec.root.strip():
+            raise XaicompError("enter the folder holding the torchvision data set (the 'root' you gave torchvision)")
+        train = load_torchvision_folder(spec.root.strip(), spec.name, train=True)
+        test = load_torchvision_folder(spec.root.strip(), spec.name, train=False)
+        from xaicomp_core.data import balanced_indices
+
+        idx = balanced_indices(train.labels, FOLDER_REFERENCE_IMAGES + FOLDER_TRAIN_IMAGES, train.num_classes)
+        n_ref = min(FOLDER_REFERENCE_IMAGES, len(idx) // 2)
+        return (train.subset(idx[:n_ref], f"{train.name} (reference)"), test.balanced_subset(spec.eval_samples),
+                train.subset(idx[n_ref:], f"{train.name} (fine-tuning)"))
+    raise XaicompError(f"unknown data source {spec.source!r}")
+
+
+@st.cache_resource(show_spinner="Preparing the model: measuring baseline accuracy…", max_entries=4)
+def _cached_session(key: str, _model: nn.Module, _ref: ImageDataset, _eval: ImageDataset,
+                    _train: ImageDataset | None, reference_samples: int) -> CompressionSession:
+    return CompressionSession(_model, _ref, _eval, reference_samples=reference_samples, train_data=_train)
+
+
+def session_for(settings: Settings, uploads: dict[str, bytes] | None = None) -> CompressionSession:
+    """The shared, cached session for ``settings`` (relevance not ensured; see :func:`get_session`).
+
+    Also callable outside a page (tests, notebooks): the same settings give the same cached object the app uses.
+    """
+    uploads = uploads or {}
+    model = _cached_model(settings.model.key(), settings.model, uploads.get("weights"))
+    info = getattr(model, "xaicomp_info", None)
+    if info is None:
+        raise XaicompError("the loaded model carries no preprocessing information")
+    pre = info.preprocessing
+    ref, ev, train = _cached_data(settings.data.key(), settings.data, uploads.get("data"), tuple(pre.input_size),
+                                  pre.channels, tuple(info.class_names))
+    n_ref = max(1, min(settings.reference_samples, len(ref)))
+    key = f"{settings.session_key()}|n:{n_ref}"
+    return _cached_session(key, model, ref, ev, train, n_ref)
+
+
+def ensure_relevance(session: CompressionSession, composite_name: str) -> None:
+    """Compute the relevance for ``composite_name`` once (with a progress bar); later calls return at once."""
+    if session.has_relevance(composite_name):
+        return
+    n = len(session.x_ref)
+    bar = st.progress(0.0, text=f"Computing LRP relevance ({composite_name}) on {n} reference images…")
+
+    def progress(done: int, total: int) -> None:
+        bar.progress(min(done / max(total, 1), 1.0),
+                     text=f"Computing LRP relevance ({composite_name}): {done} / {total} reference images")
+
+    try:
+        session.relevance(composite_name, progress=progress)
+    finally:
+        bar.empty()
+
+
+def get_session() -> CompressionSession | None:
+    """The shared, cached session for the sidebar's settings, with relevance for the chosen composite ensured.
+
+    Loading the model and data and measuring the baseline happen once per (model, data, reference samples) and are
+    cached for all browser sessions (``st.cache_resource``); relevance is computed once per composite with a
+    progress bar and cached inside the session, so moving a slider never recomputes it.
+
+    Returns
+    -------
+    CompressionSession or None
+        None after showing a readable ``st.error`` if the model, data or relevance could not be prepared.
+    """
+    settings = get_settings()
+    try:
+        session = session_for(settings, st.session_state.get(UPLOADS_KEY))
+        ensure_relevance(session, settings.composite)
+    except XaicompError as e:
+        st.error(str(e), icon=":material/warning:")
+        return None
+    except Exception as e:  # anything else (an architecture that does not fit the data, ...) is reported, not raised
+        st.error(f"Could not prepare the model and data: {type(e).__name__}: {str(e)[:300]}", icon=":material/warning:")
+        return None
+    return session
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plan of this browser session
+# ----------------------------------------------------------------------------------------------------------------
+def get_plan() -> CompressionPlan:
+    """This browser session's current plan (its ``composite`` always follows the sidebar's LRP setting).
+
+    New sessions start from :func:`default_plan`.
+    """
+    plan = st.session_state.get(PLAN_KEY)
+    if not isinstance(plan, CompressionPlan):
+        plan = default_plan(composite())
+        st.session_state[PLAN_KEY] = plan
+    if plan.composite != composite():
+        plan = plan.replace(composite=composite())
+        st.session_state[PLAN_KEY] = plan
+    return plan
+
+
+def set_plan(plan: CompressionPlan) -> None:
+    """Make ``plan`` this browser session's current plan.
+
+    The plan is validated first (a :class:`~xaicomp_core.PlanError` propagates). If its composite differs from the
+    sidebar's, the sidebar switches to it on the next rerun. Widgets of the Compress page are re-initialised from
+    the plan.
+    """
+    plan = plan.validate()
+    st.session_state[PLAN_KEY] = plan
+    if plan.composite != composite():
+        st.session_state[PENDING_COMPOSITE_KEY] = plan.composite
+    for key in list(st.session_state.keys()):
+        if isinstance(key, str) and key.startswith("cp_"):
+            del st.session_state[key]
+
+
+def remember_plan(plan: CompressionPlan) -> None:
+    """Store ``plan`` as the current plan without touching any widget (used by the Compress page's own controls)."""
+    st.session_state[PLAN_KEY] = plan
+
+
+def comparison_plan(plan: CompressionPlan, result: EvaluationResult) -> CompressionPlan:
+    """The same plan with the classic ``magnitude`` criterion (or ``lrp`` if the plan already uses magnitude),
+    pruning the same share of weights, so that the effect of the XAI criterion is visible.
+
+    Ratio criteria keep their ratio; rule and structured criteria (``paper``, ``lrp-zero``, ``lrp-filter``) are
+    matched by the share of weights they actually pruned.
+    """
+    other = "lrp" if plan.criterion == "magnitude" else "magnitude"
+    if plan.uses_ratio and plan.criterion not in ("lrp-filter",):
+        ratio = plan.prune_ratio
+    else:
+        ratio = min(round(result.sparsity, 4), 0.99)
+    return plan.replace(criterion=other, prune_ratio=ratio)
+
+
+def split_to_cuts(split: list[float]) -> list[int]:
+    """Bit split fractions -> cumulative thresholds in percent (``[0.2, 0.5]`` -> ``[20, 70]``)."""
+    out, acc = [], 0.0
+    for f in split:
+        acc += f
+        out.append(int(round(100 * acc)))
+    return out
+
+
+def cuts_to_split(cuts: list[int]) -> list[float]:
+    """Cumulative thresholds in percent -> bit split fractions (``[20, 70]`` -> ``[0.2, 0.5]``)."""
+    out, prev = [], 0
+    for c in cuts:
+        out.append(round((c - prev) / 100, 4))
+        prev = c
+    return out
+
+
+def evaluate(session: CompressionSession, plan: CompressionPlan) -> EvaluationResult | None:
+    """``session.evaluate(plan)``; a plan error is shown as a readable message and None is returned."""
+    try:
+        return session.evaluate(plan)
+    except XaicompError as e:
+        st.error(str(e), icon=":material/warning:")
+        return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Labels and small shared widgets
+# ----------------------------------------------------------------------------------------------------------------
+def model_label(session: CompressionSession | None = None) -> str:
+    """One line saying what is loaded, e.g. ``fashion-vgg · fashion-mnist/eval (2000 images) · LRP epsilon · 1000
+    reference images``."""
+    s = get_settings()
+    if session is None:
+        return f"{s.model.arch} · {s.data.name} · LRP {s.composite}"
+    return (f"{session.info.name} · {len(session.y_eval)} evaluation images · LRP {s.composite} on "
+            f"{len(session.x_ref)} reference images")
+
+
+def session_scope_key(session: CompressionSession) -> str:
+    """A key identifying the shared session (for per-browser caches such as sweep results)."""
+    return f"{get_settings().session_key()}|{session.model_hash[:12]}|{len(session.x_ref)}"
+
+
+def per_session_cache(name: str) -> dict[str, Any]:
+    """A dict in ``st.session_state`` for this browser session's own cached results (never shared)."""
+    store = st.session_state.setdefault("_cache", {})
+    return store.setdefault(name, {})
+
+
+def run_with_progress(label: str, work: Callable[[Callable[[int, int], None]], Any]) -> Any:
+    """Run ``work(progress)`` with an ``st.progress`` bar that ``progress(done, total)`` advances."""
+    bar = st.progress(0.0, text=label)
+
+    def progress(done: int, total: int) -> None:
+        bar.progress(min(done / max(total, 1), 1.0), text=f"{label} {done} / {total}")
+
+    try:
+        return work(progress)
+    finally:
+        bar.empty()
+
+
+__all__ = [
+    "COMPOSITES", "DEFAULT_MODEL", "PIXEL_COMPOSITE", "DataSpec", "ModelSpec", "Settings", "builtin_available",
+    "comparison_plan", "composite", "cuts_to_split", "default_plan", "digest", "ensure_relevance", "evaluate",
+    "fmt_bytes", "fmt_pct", "fmt_pp", "get_plan", "get_session", "get_settings", "leave_pages_directory_mode",
+    "model_choices", "model_label", "per_session_cache", "pixel_composite", "remember_plan", "run_with_progress",
+    "session_for", "session_scope_key", "set_plan", "set_settings", "split_to_cuts",
+]

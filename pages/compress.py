@@ -1,0 +1,255 @@
+"""Compress: choose a criterion, prune ratio and bit widths; see accuracy and size at once.
+
+The controls and everything that depends on them live in one ``st.fragment``: moving a slider reruns only this
+panel (never the sidebar or the relevance), and the engine answers from cached relevance and sorted scores with one
+forward pass over the evaluation set.
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from pages.common import (
+    comparison_plan,
+    cuts_to_split,
+    evaluate,
+    fmt_bytes,
+    fmt_pct,
+    fmt_pp,
+    get_plan,
+    get_session,
+    model_label,
+    per_session_cache,
+    remember_plan,
+    run_with_progress,
+    session_scope_key,
+    split_to_cuts,
+)
+from xaicomp_core import CRITERIA, CompressionPlan, CompressionSession, PlanError, XaicompError, figures
+from xaicomp_core.plan import BIT_RANKINGS, FP32, GRANULARITIES, QUANTIZERS, SCOPES
+
+CRITERION_LABELS = {
+    "paper": "paper rule — prune relevance ≤ 0",
+    "lrp": "lrp — lowest |relevance| first",
+    "lrp-signed": "lrp-signed — negative relevance first",
+    "lrp-zero": "lrp-zero — only zero relevance (free)",
+    "magnitude": "magnitude — smallest |weight| first",
+    "random": "random — seeded baseline",
+    "lrp-filter": "lrp-filter — whole filters by relevance",
+}
+LEVEL_OPTIONS = [FP32, 8, 7, 6, 5, 4, 3, 2, 1]
+MAX_LEVELS = 4
+
+
+def _bits_label(b: int) -> str:
+    return "fp32" if b == FP32 else f"{b} bits"
+
+
+def _init_widgets(plan: CompressionPlan) -> None:
+    """Put the plan's values into the widgets' state (only for widgets not yet in the session state)."""
+    cuts = split_to_cuts(plan.bit_split)
+    defaults = {
+        "cp_criterion": plan.criterion,
+        "cp_ratio": int(round(100 * plan.prune_ratio)),
+        "cp_levels": list(plan.bit_levels),
+        "cp_granularity": plan.granularity,
+        "cp_scope": plan.scope,
+        "cp_protect": plan.protect == "first-last",
+        "cp_ranking": plan.bit_ranking,
+        "cp_quantizer": plan.quantizer,
+        "cp_seed": plan.seed,
+        "cp_ft_epochs": plan.finetune_epochs,
+    }
+    n = len(plan.bit_levels)
+    if n == 2:
+        defaults["cp_cut2"] = cuts[0]
+    elif n == 3:
+        defaults["cp_cut3"] = (cuts[0], cuts[1])
+    elif n >= 4:
+        for i, c in enumerate(cuts):
+            defaults[f"cp_cut{n}_{i}"] = c
+    for k, v in defaults.items():
+        if k not in st.session_state:
+            st.session_state[k] = v
+
+
+def _controls(plan: CompressionPlan, session: CompressionSession) -> CompressionPlan | None:
+    """Draw the plan controls; return the plan they describe (None, with a message, if it is invalid)."""
+    criterion = st.selectbox("Criterion", list(CRITERIA), format_func=lambda c: CRITERION_LABELS.get(c, c),
+                             key="cp_criterion", help="\n".join(f"- **{k}**: {v[0]}" for k, v in CRITERIA.items()))
+    uses_ratio = CRITERIA[criterion][1]
+    ratio = st.slider("Prune ratio (% of weights removed)", 0, 95, step=5, key="cp_ratio", disabled=not uses_ratio,
+                      format="%d%%")
+    if not uses_ratio:
+        st.caption(f"**{criterion}** decides by itself which weights to prune: {CRITERIA[criterion][0]}.")
+
+    st.markdown("**Bit widths of the kept weights**")
+    levels = st.multiselect("Bit levels", LEVEL_OPTIONS, key="cp_levels", format_func=_bits_label,
+                            max_selections=MAX_LEVELS,
+                            help="Higher-ranked kept weights get the first level, the rest the next ones.")
+    levels = sorted(set(levels), reverse=True)
+    cuts: list[int] = []
+    n = len(levels)
+    if n == 2:
+        st.session_state.setdefault("cp_cut2", 50)
+        cuts = [st.slider(f"Share at {_bits_label(levels[0])} (the rest {_bits_label(levels[1])})", 0, 100, step=5,
+                          key="cp_cut2", format="%d%%")]
+    elif n == 3:
+        st.session_state.setdefault("cp_cut3", (20, 70))
+        a, b = st.slider(f"Thresholds: top → {_bits_label(levels[0])} | middle → {_bits_label(levels[1])} | "
+                         f"rest → {_bits_label(levels[2])}", 0, 100, step=5, key="cp_cut3", format="%d%%")
+        cuts = [a, b]
+    elif n >= 4:
+        for i in range(n - 1):
+            k = f"cp_cut{n}_{i}"
+            st.session_state.setdefault(k, min(100, 25 * (i + 1)))
+            cuts.append(st.slider(f"Top share up to {_bits_label(levels[i])} (cumulative)", 0, 100, step=5,
+                                  key=k, format="%d%%"))
+    if n >= 2:
+        shares = [*cuts_to_split(cuts), 1 - cuts[-1] / 100]
+        st.caption(" · ".join(f"{max(s, 0):.0%} at {_bits_label(b)}" for s, b in zip(shares, levels))
+                   + " of the kept weights, ranked by the bit ranking below.")
+    granularity = st.radio("Bit width chosen per", list(GRANULARITIES), key="cp_granularity", horizontal=True,
+                           help="weight: each kept weight gets its own width (the paper; costs a class id per "
+                                "weight); channel: one width per output channel; layer: one per layer.")
+    with st.expander("More settings"):
+        scope = st.radio("Scope", list(SCOPES), key="cp_scope", horizontal=True,
+                         help="global: rank all weights together; per-layer: the same share in every layer.")
+        protect = st.checkbox("Keep first and last layer dense fp32", key="cp_protect")
+        ranking = st.selectbox("Bit ranking", list(BIT_RANKINGS), key="cp_ranking",
+                               help="What ranks kept weights for bits: the criterion's score, |relevance| or "
+                                    "|weight|.")
+        quantizer = st.selectbox("Quantizer", list(QUANTIZERS), key="cp_quantizer",
+                                 help="mse: clipping with least squared error per channel; absmax: scale = max|w|.")
+        seed = int(st.number_input("Seed (random criterion)", 0, 10_000, key="cp_seed"))
+        epochs = int(st.number_input(
+            "Recovery fine-tuning (epochs)", 0, 20, key="cp_ft_epochs", disabled=not session.can_finetune,
+            help="Train the kept weights on the training images with masks and bit widths fixed and quantization "
+                 "in the loop; the size does not change. Takes seconds to minutes per plan (cached)."))
+        if not session.can_finetune:
+            st.caption("Fine-tuning needs training images (built-in data or a torchvision folder).")
+            epochs = 0
+    if not levels:
+        st.error("Choose at least one bit level (fp32 keeps the kept weights unquantized).", icon=":material/warning:")
+        return None
+    try:
+        return CompressionPlan(criterion=criterion, prune_ratio=ratio / 100, scope=scope,
+                               protect="first-last" if protect else "none", bit_levels=levels,
+                               bit_split=cuts_to_split(cuts), bit_ranking=ranking, granularity=granularity,
+                               quantizer=quantizer, composite=plan.composite, seed=seed, finetune_epochs=epochs,
+                               finetune_lr=plan.finetune_lr).validate()
+    except PlanError as e:
+        st.error(str(e), icon=":material/warning:")
+        return None
+
+
+def _finetuned(session: CompressionSession, plan: CompressionPlan) -> bool:
+    """Fine-tune ``plan``'s weights first (with a progress bar) if it asks for it; False, with a message, on error."""
+    done = per_session_cache("finetuned")
+    key = (session_scope_key(session), plan.key())
+    if not plan.finetune_epochs or key in done:
+        return True
+    try:
+        run_with_progress(f"Fine-tuning ({plan.finetune_epochs} epochs, {plan.criterion})…",
+                          lambda progress: session.compress(plan, progress))
+    except XaicompError as e:
+        st.error(str(e), icon=":material/warning:")
+        return False
+    done[key] = True
+    return True
+
+
+@st.fragment
+def compress_panel(session: CompressionSession) -> None:
+    """Controls, live metrics and charts (rerun alone when a control changes)."""
+    plan0 = get_plan()
+    _init_widgets(plan0)
+    left, right = st.columns([1, 2.2], gap="large")
+    with left:
+        st.subheader("Plan")
+        plan = _controls(plan0, session)
+    if plan is None:
+        return
+    remember_plan(plan)
+    with right:
+        st.subheader("Result")
+        if not _finetuned(session, plan):
+            return
+        result = evaluate(session, plan)
+        if result is None:
+            return
+        size = result.size
+        c1, c2, c3 = st.columns(3)
+        c1.metric("Accuracy", fmt_pct(result.accuracy), fmt_pp(result.accuracy_change), border=True,
+                  help=f"{result.correct} of {result.images} evaluation images correct "
+                       f"(original: {result.baseline_correct}).")
+        c2.metric("Size", fmt_bytes(size.estimated_bytes), f"{-100 * size.reduction:.1f}% vs fp32",
+                  delta_color="inverse", border=True,
+                  help=f"{size.estimated_bytes:,} bytes estimated for the packed file vs {size.fp32_bytes:,} "
+                       "fp32 bytes.")
+        c3.metric("Compression ratio", f"{result.compression_ratio:.2f}×", border=True,
+                  help="fp32 dense bytes / compressed bytes")
+        c4, c5, c6 = st.columns(3)
+        c4.metric("Weights pruned", fmt_pct(result.sparsity, 1), border=True,
+                  help="Share of the compressible conv/linear weights set to zero and not stored.")
+        c5.metric("Mean bits (kept)", f"{result.mean_bits:.2f}", border=True,
+                  help="Average bit width of the kept weights (32 = fp32).")
+        c6.metric("Original accuracy", fmt_pct(result.baseline_accuracy), border=True)
+        st.caption(f"**{plan.describe()}** — {result.correct:,} / {result.images:,} images correct; "
+                   f"{size.estimated_bytes:,} bytes vs {size.fp32_bytes:,} bytes fp32 "
+                   f"(evaluated in {result.seconds:.2f} s).")
+
+        t1, t2, t3 = st.tabs(["Per layer", "Per class", "Where the bytes go"])
+        with t1:
+            st.caption("Bars: share of each layer's weights pruned. Dots: mean bit width of the weights it keeps.")
+            st.plotly_chart(figures.layer_stats_figure(result.layers), width="stretch", key="cp_layers")
+        with t2:
+            st.caption("Top-1 accuracy per class, original vs compressed.")
+            st.plotly_chart(figures.per_class_figure(result.class_names, [
+                ("original", result.baseline_per_class_accuracy), ("compressed", result.per_class_accuracy)]),
+                width="stretch", key="cp_classes")
+        with t3:
+            st.caption("Everything a real file must hold: kept values at their widths, which weights are kept, the "
+                       "width of each weight, scales, and fp32 biases and norms.")
+            st.plotly_chart(figures.size_sections_figure(size.section_totals(), size.fp32_bytes), width="stretch",
+                            key="cp_sections")
+        with st.expander("Reproduce on the command line"):
+            st.code(f"xaicomp compress --model <model> {plan.cli_args()}", language="bash")
+
+    st.divider()
+    other = comparison_plan(plan, result)
+    st.subheader(f"Does the explanation help? The same plan with **{other.criterion}**")
+    st.caption(f"{other.describe()} — the same share of weights pruned and the same bit widths, chosen by "
+               f"{other.criterion} instead of {plan.criterion}.")
+    if not _finetuned(session, other):
+        return
+    with st.spinner(f"Evaluating the {other.criterion} plan…"):
+        ref = evaluate(session, other)
+    if ref is None:
+        return
+    d1, d2, d3 = st.columns(3)
+    d1.metric(f"Accuracy with {other.criterion}", fmt_pct(ref.accuracy), fmt_pp(ref.accuracy_change), border=True)
+    d2.metric(f"Size with {other.criterion}", fmt_bytes(ref.size.estimated_bytes),
+              f"{-100 * ref.size.reduction:.1f}% vs fp32", delta_color="inverse", border=True)
+    gain = result.accuracy - ref.accuracy
+    d3.metric(f"{plan.criterion} vs {other.criterion}", fmt_pp(gain), border=True,
+              help="Accuracy of this plan minus accuracy of the comparison plan.")
+    size_gap = result.size.estimated_bytes - ref.size.estimated_bytes
+    acc_text = (f"keeps **{abs(100 * gain):.2f} pp {'more' if gain > 0 else 'less'}** accuracy than"
+                if gain else "reaches **the same accuracy** as")
+    size_text = (f"and is **{fmt_bytes(abs(size_gap))} {'smaller' if size_gap < 0 else 'larger'}**" if size_gap
+                 else "at the same size")
+    st.markdown(f"With the same pruning budget, **{plan.criterion}** {acc_text} **{other.criterion}** {size_text} "
+                "(the sizes differ when the criteria keep weights that are cheaper or dearer to encode).")
+    st.dataframe(figures.comparison_rows([(f"{plan.criterion} (this plan)", result), (other.criterion, ref)]),
+                 hide_index=True, width="stretch")
+
+
+st.title("Compress")
+st.caption("Prune the least relevant weights and give the most relevant ones more bits. Every number below comes "
+           "from evaluating the compressed model on the evaluation images.")
+session = get_session()
+if session is None:
+    st.stop()
+st.markdown(f"**{model_label(session)}**")
+compress_panel(session)

@@ -1,0 +1,385 @@
+"""The Streamlit app through ``streamlit.testing.v1.AppTest``: every page renders, the numbers shown are the engine's,
+sliders, criteria and models switch, bad input gives readable errors and the app keeps working.
+
+``XAICOMP_TEST_MODEL`` picks another built-in model for the default-model tests (default: the app's default).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pathlib
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from streamlit.testing.v1 import AppTest
+
+from xaicomp_core import CompressionPlan, CompressionSession, load_builtin_dataset, load_builtin_model
+from xaicomp_core.figures import fmt_bytes, fmt_pct, fmt_pp
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+APP = str(ROOT / "app.py")
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # the app's pages package
+DEFAULT_MODEL = "fashion-vgg"
+MODEL = os.environ.get("XAICOMP_TEST_MODEL", DEFAULT_MODEL)
+PAGES = ["overview", "relevance", "compress", "tradeoffs", "learn"]
+TIMEOUT = 300
+DEFAULT_PLAN = CompressionPlan(criterion="lrp", prune_ratio=0.5, bit_levels=[8, 4, 2], bit_split=[0.2, 0.5])
+
+
+# ------------------------------------------------------------------------------------------------------- helpers
+def new_app(model: str = MODEL) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.run()
+    if model != DEFAULT_MODEL:
+        at.sidebar.selectbox(key="sb_builtin").select(model).run()
+    ok(at)
+    return at
+
+
+def ok(at: AppTest) -> AppTest:
+    """No exception and no error box."""
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    return at
+
+
+def goto(at: AppTest, page: str) -> AppTest:
+    at.switch_page(f"pages/{page}.py").run()
+    return at
+
+
+def metrics(at: AppTest) -> dict[str, str]:
+    return {m.label: m.value for m in at.metric}
+
+
+def deltas(at: AppTest) -> dict[str, str]:
+    return {m.label: m.delta for m in at.metric}
+
+
+def errors(at: AppTest) -> str:
+    return " | ".join(str(e.value) for e in at.error)
+
+
+def assert_shows(at: AppTest, res, prefix: str = "") -> None:
+    """The Compress page's metric cards show exactly the engine's result ``res``."""
+    m, d = metrics(at), deltas(at)
+    assert m["Accuracy"] == fmt_pct(res.accuracy)
+    assert d["Accuracy"] == fmt_pp(res.accuracy_change)
+    assert m["Size"] == fmt_bytes(res.size.estimated_bytes)
+    assert d["Size"] == f"{-100 * res.size.reduction:.1f}% vs fp32"
+    assert m["Compression ratio"] == f"{res.compression_ratio:.2f}×"
+    assert m["Weights pruned"] == fmt_pct(res.sparsity, 1)
+    assert m["Mean bits (kept)"] == f"{res.mean_bits:.2f}"
+    assert m["Original accuracy"] == fmt_pct(res.baseline_accuracy)
+    captions = " ".join(c.value for c in at.caption)
+    assert f"{res.correct:,} / {res.images:,} images correct" in captions
+    assert f"{res.size.estimated_bytes:,} bytes vs {res.size.fp32_bytes:,} bytes fp32" in captions
+
+
+def engine_session(model: str) -> CompressionSession:
+    """An independent engine session with the app's default settings (1000 reference, 2000 evaluation images, the
+    5000 training images for fine-tuning)."""
+    return CompressionSession(load_builtin_model(model), load_builtin_dataset("fashion-mnist", "reference"),
+                              load_builtin_dataset("fashion-mnist", "eval"), reference_samples=1000,
+                              train_data=load_builtin_dataset("fashion-mnist", "train"))
+
+
+def shared_session(model: str) -> CompressionSession:
+    """The engine session the app caches for ``model`` with the default sidebar settings (results are cached per
+    plan, so checking a displayed plan against it costs nothing; ``test_shared_session_is_the_engine`` checks it
+    against an independent session)."""
+    from pages.common import ModelSpec, Settings, session_for
+
+    return session_for(Settings(model=ModelSpec("builtin", model)))
+
+
+@pytest.fixture(scope="module")
+def app() -> AppTest:
+    """One app instance on the default model, shared by the tests that only read it."""
+    return new_app()
+
+
+@pytest.fixture(scope="module")
+def engine(app) -> CompressionSession:
+    s = shared_session(MODEL)
+    assert s.has_relevance("epsilon"), "the app did not share its session"
+    return s
+
+
+@pytest.fixture(scope="module")
+def lenet_engine() -> CompressionSession:
+    new_app("fashion-lenet")
+    s = shared_session("fashion-lenet")
+    assert s.has_relevance("epsilon")
+    return s
+
+
+def test_shared_session_is_the_engine(lenet_engine):
+    """The app's cached session gives exactly what an independent engine session gives, and is never mutated."""
+    independent = engine_session("fashion-lenet")
+    for plan in (DEFAULT_PLAN, DEFAULT_PLAN.replace(criterion="magnitude", prune_ratio=0.8)):
+        a, b = lenet_engine.evaluate(plan), independent.evaluate(plan)
+        assert (a.accuracy, a.size.estimated_bytes, a.mean_bits) == (b.accuracy, b.size.estimated_bytes, b.mean_bits)
+    assert lenet_engine.check_unchanged()
+
+
+# ------------------------------------------------------------------------------------------------------- pages
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_renders(app, engine, page):
+    ok(goto(app, page))
+    assert app.title, "page has no title"
+    if page == "overview":
+        m = metrics(app)
+        assert m["Baseline accuracy"] == fmt_pct(engine.baseline_accuracy)
+        assert m["Size as fp32"] == fmt_bytes(engine.fp32_bytes())
+        assert m["Parameters"] == f"{sum(p.numel() for p in engine.model.parameters()):,}"
+        assert m["Conv / linear layers"] == str(len(engine.layout.names))
+    elif page == "relevance":
+        from xaicomp_core import figures
+
+        total = figures.sign_shares(engine.relevance().weights, engine.layout.names)[-1]
+        m = metrics(app)
+        assert m["Exactly zero"] == fmt_pct(total["zero"], 1)
+        assert m["Negative relevance"] == fmt_pct(total["negative"], 1)
+        assert len(app.get("plotly_chart")) >= 5  # signs, mass, layer heatmap, filter drill-down, inputs
+        biggest = max(engine.layout.names, key=lambda n: engine.layout.sizes[engine.layout.names.index(n)])
+        app.selectbox(key="rel_layer").select(biggest).run()  # the largest matrix is drawn as an image
+        ok(app)
+        app.selectbox(key="rel_layer").select(engine.layout.names[0]).run()
+        app.number_input(key="rel_filter").set_value(1).run()
+        ok(app)
+    elif page == "compress":
+        assert_shows(app, engine.evaluate(DEFAULT_PLAN))
+    elif page == "tradeoffs":
+        assert any(b.label == "Run sweep" for b in app.button)
+
+
+def test_export_page_is_listed_and_renders(app):
+    if not (ROOT / "pages" / "export.py").exists():
+        pytest.skip("pages/export.py is not there (another page's owner writes it)")
+    ok(goto(app, "export"))
+
+
+def test_learn_walkthrough_every_step(lenet_engine):
+    app = goto(new_app("fashion-lenet"), "learn")
+    steps = list(app.button_group(key="ln_step").options)
+    assert len(steps) == 6
+    for step in steps:
+        app.button_group(key="ln_step").set_value(step).run()
+        ok(app)
+        assert any(h.value.startswith(step.split(" ")[0]) for h in app.header), step
+    assert not any(b.key == "ln_next" for b in app.button)  # the last step has no "next"
+    app.button_group(key="ln_step").set_value(steps[0]).run()
+    app.button(key="ln_next").click().run()
+    ok(app)
+    assert app.button_group(key="ln_step").value == steps[1]
+
+
+# ------------------------------------------------------------------------------------------------------- compress
+def test_prune_slider_shows_engine_values(engine):
+    at = goto(new_app(), "compress")
+    ok(at)
+    res50 = engine.evaluate(DEFAULT_PLAN)
+    assert_shows(at, res50)
+    at.slider(key="cp_ratio").set_value(75).run()
+    ok(at)
+    res75 = engine.evaluate(DEFAULT_PLAN.replace(prune_ratio=0.75))
+    assert_shows(at, res75)
+    assert metrics(at)["Size"] != fmt_bytes(res50.size.estimated_bytes)
+    # the comparison with the magnitude criterion at the same pruning budget
+    mag = engine.evaluate(DEFAULT_PLAN.replace(criterion="magnitude", prune_ratio=0.75))
+    assert metrics(at)["Accuracy with magnitude"] == fmt_pct(mag.accuracy)
+    assert metrics(at)["lrp vs magnitude"] == fmt_pp(res75.accuracy - mag.accuracy)
+    # bit thresholds
+    at.slider(key="cp_cut3").set_value((40, 80)).run()
+    ok(at)
+    assert_shows(at, engine.evaluate(DEFAULT_PLAN.replace(prune_ratio=0.75, bit_split=[0.4, 0.4])))
+    assert at.session_state["plan"].bit_split == [0.4, 0.4]
+
+
+def test_criterion_switch(lenet_engine):
+    engine = lenet_engine
+    at = goto(new_app("fashion-lenet"), "compress")
+    at.selectbox(key="cp_criterion").select("magnitude").run()
+    ok(at)
+    mag = engine.evaluate(DEFAULT_PLAN.replace(criterion="magnitude"))
+    assert_shows(at, mag)
+    assert "Accuracy with lrp" in metrics(at)  # magnitude is compared with lrp
+    at.selectbox(key="cp_criterion").select("paper").run()
+    ok(at)
+    assert at.slider(key="cp_ratio").disabled
+    paper = engine.evaluate(DEFAULT_PLAN.replace(criterion="paper"))
+    assert_shows(at, paper)
+    # the magnitude comparison prunes the share the paper rule pruned
+    ref = engine.evaluate(DEFAULT_PLAN.replace(criterion="magnitude", prune_ratio=min(round(paper.sparsity, 4), .99)))
+    assert metrics(at)["Accuracy with magnitude"] == fmt_pct(ref.accuracy)
+    at.selectbox(key="cp_criterion").select("lrp-filter").run()
+    ok(at)
+    assert_shows(at, engine.evaluate(DEFAULT_PLAN.replace(criterion="lrp-filter")))
+    at.radio(key="cp_granularity").set_value("channel").run()
+    ok(at)
+    assert_shows(at, engine.evaluate(DEFAULT_PLAN.replace(criterion="lrp-filter", granularity="channel")))
+
+
+def test_invalid_bit_split_shows_error_and_recovers(lenet_engine):
+    engine = lenet_engine
+    at = goto(new_app("fashion-lenet"), "compress")
+    at.multiselect(key="cp_levels").set_value([8, 6, 4, 2]).run()
+    ok(at)
+    at.slider(key="cp_cut4_0").set_value(90).run()  # cumulative 90 % > the next threshold (50 %)
+    assert not at.exception
+    assert "bit split fractions must lie in [0, 1]" in errors(at)
+    at.slider(key="cp_cut4_0").set_value(10).run()
+    ok(at)
+    plan = DEFAULT_PLAN.replace(bit_levels=[8, 6, 4, 2], bit_split=[0.1, 0.4, 0.25])
+    assert_shows(at, engine.evaluate(plan))
+    at.multiselect(key="cp_levels").set_value([4, 8]).run()  # any order; two levels split 50/50 by default
+    ok(at)
+    assert at.session_state["plan"].bit_levels == [8, 4]
+    assert_shows(at, engine.evaluate(DEFAULT_PLAN.replace(bit_levels=[8, 4], bit_split=[0.5])))
+    at.multiselect(key="cp_levels").set_value([]).run()
+    assert "Choose at least one bit level" in errors(at)
+
+
+def test_browser_sessions_have_their_own_plan(engine):
+    a = goto(new_app(), "compress")
+    b = goto(new_app(), "compress")
+    a.slider(key="cp_ratio").set_value(80).run()
+    b.run()
+    ok(a)
+    ok(b)
+    assert a.session_state["plan"].prune_ratio == 0.8
+    assert b.session_state["plan"].prune_ratio == 0.5
+    assert_shows(b, engine.evaluate(DEFAULT_PLAN))
+    assert engine.check_unchanged()
+
+
+# ------------------------------------------------------------------------------------------ models, data, errors
+def test_switch_model(lenet_engine):
+    at = new_app()
+    at.sidebar.selectbox(key="sb_builtin").select("fashion-lenet").run()
+    ok(at)
+    assert metrics(at)["Parameters"] == "61,706"
+    assert metrics(at)["Baseline accuracy"] == fmt_pct(lenet_engine.baseline_accuracy)
+    goto(at, "compress")
+    ok(at)
+    assert_shows(at, lenet_engine.evaluate(DEFAULT_PLAN))
+    at.slider(key="cp_ratio").set_value(90).run()
+    ok(at)
+    assert_shows(at, lenet_engine.evaluate(DEFAULT_PLAN.replace(prune_ratio=0.9)))
+
+
+@pytest.mark.slow
+def test_recovery_finetuning(lenet_engine):
+    at = goto(new_app("fashion-lenet"), "compress")
+    at.slider(key="cp_ratio").set_value(90).run()
+    at.number_input(key="cp_ft_epochs").set_value(1).run()
+    ok(at)
+    plan = DEFAULT_PLAN.replace(prune_ratio=0.9, finetune_epochs=1)
+    tuned = lenet_engine.evaluate(plan)
+    assert_shows(at, tuned)
+    untuned = lenet_engine.evaluate(plan.replace(finetune_epochs=0))
+    assert tuned.size.estimated_bytes == untuned.size.estimated_bytes  # fine-tuning never changes the size
+    assert tuned.accuracy > untuned.accuracy  # ... and recovers accuracy lost at 90 % pruning
+    assert at.session_state["plan"].finetune_epochs == 1
+
+
+def test_sweep_on_tradeoffs(lenet_engine):
+    from xaicomp_core.sweep import smallest_within
+
+    at = goto(new_app("fashion-lenet"), "tradeoffs")
+    at.multiselect(key="tr_criteria").set_value(["lrp", "magnitude"])
+    next(b for b in at.button if b.label == "Run sweep").click()
+    at.run()
+    ok(at)
+    assert metrics(at)["Plans evaluated"] == "10"
+    assert len(at.get("plotly_chart")) == 1
+    assert len(at.get("download_button")) == 2
+    rows = next(iter(at.session_state["_cache"]["sweeps"].values()))
+    for r in rows:
+        res = lenet_engine.evaluate(CompressionPlan.from_json(r["plan"]))
+        assert (r["accuracy"], r["estimated_bytes"]) == (res.accuracy, res.size.estimated_bytes)
+    best = smallest_within(rows, 0.01)
+    shown = metrics(at)["Smallest within 1 pp of the original"]
+    assert shown == (fmt_bytes(best["estimated_bytes"]) if best else "none")
+
+
+def _state_dict_bytes(model: torch.nn.Module) -> bytes:
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return buf.getvalue()
+
+
+def test_bad_uploads_show_errors_and_app_keeps_working():
+    at = new_app("fashion-lenet")
+    at.sidebar.radio(key="sb_model_source").set_value("upload").run()
+    assert not at.exception
+    assert "upload a weights file" in errors(at)
+    # not a weights file at all
+    junk = ("junk.pt", b"this is not torch", "application/octet-stream")
+    at.sidebar.file_uploader(key="sb_up_weights").set_value(junk)
+    at.run()
+    assert not at.exception
+    assert "junk.pt" in errors(at) and "corrupt" in errors(at)
+    # real weights for another architecture
+    at.sidebar.selectbox(key="sb_up_arch").select("fashion-vgg").run()
+    at.sidebar.file_uploader(key="sb_up_weights").set_value(
+        ("lenet.pt", _state_dict_bytes(load_builtin_model("fashion-lenet")), "application/octet-stream"))
+    at.run()
+    assert not at.exception
+    assert "do not fit" in errors(at)
+    # the right architecture: loads, and every page works
+    at.sidebar.selectbox(key="sb_up_arch").select("fashion-lenet").run()
+    ok(at)
+    assert metrics(at)["Parameters"] == "61,706"
+    assert "lenet.pt" in " ".join(m.value for m in at.markdown)
+    ok(goto(at, "compress"))
+    # a torchvision architecture without weights: never downloaded, a readable message
+    at.sidebar.radio(key="sb_model_source").set_value("torchvision").run()
+    assert not at.exception
+    assert "never downloaded" in errors(at)
+    # back to a built-in model: the page works again
+    at.sidebar.radio(key="sb_model_source").set_value("builtin").run()
+    ok(at)
+    assert "Accuracy" in metrics(at)
+
+
+def _zip_of_eval_images(n_per_class: int = 4) -> bytes:
+    ds = load_builtin_dataset("fashion-mnist", "eval")
+    from PIL import Image
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for c in range(10):
+            for k, i in enumerate(np.flatnonzero(ds.labels == c)[:n_per_class]):
+                png = io.BytesIO()
+                Image.fromarray(ds.images[i]).save(png, format="PNG")
+                z.writestr(f"mydata/{c}/img{k}.png", png.getvalue())
+    return buf.getvalue()
+
+
+def test_data_uploads():
+    at = new_app("fashion-lenet")
+    at.sidebar.radio(key="sb_data_source").set_value("zip").run()
+    assert not at.exception
+    assert "upload a .zip" in errors(at)
+    at.sidebar.file_uploader(key="sb_data_zip").set_value(("broken.zip", b"PK not really", "application/zip"))
+    at.run()
+    assert not at.exception
+    assert "broken.zip is not a valid zip file" in errors(at)
+    at.sidebar.file_uploader(key="sb_data_zip").set_value(("mine.zip", _zip_of_eval_images(), "application/zip"))
+    at.run()
+    ok(at)
+    assert "20 evaluation images" in " ".join(m.value for m in at.markdown)
+    ok(goto(at, "compress"))
+    assert metrics(at)["Original accuracy"].endswith("%")
+    # a folder that does not exist
+    at.sidebar.radio(key="sb_data_source").set_value("torchvision").run()
+    at.sidebar.text_input(key="sb_tv_root").input("/nonexistent/torchvision").run()
+    assert not at.exception
+    assert "/nonexistent/torchvision" in errors(at)

@@ -1,0 +1,260 @@
+"""The app in a real browser: Playwright drives Debian's chromium against ``streamlit run app.py``.
+
+Starts the app on 127.0.0.1 on a free port, visits every page, moves the prune-ratio slider, checks that the metrics
+change to the engine's values for the new plan, measures slider release -> updated metrics, and saves screenshots to
+docs/screenshots/ (used by the README). Chromium must be installed (CI installs Debian's package); the test fails
+loudly if it is missing. ``XAICOMP_TEST_MODEL`` picks another built-in model (default: the app's default).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SHOTS = ROOT / "docs" / "screenshots"
+CHROMIUM = os.environ.get("XAICOMP_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+DEFAULT_MODEL = "fashion-vgg"
+MODEL = os.environ.get("XAICOMP_TEST_MODEL", DEFAULT_MODEL)
+LOAD_TIMEOUT_MS = 240_000  # first load: model, baseline and relevance on a busy 2-core machine
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    """``streamlit run app.py`` on a free port; stopped (and its log shown on failure) in the finalizer."""
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("streamlit") / "server.log"
+    log = open(log_path, "w")  # noqa: SIM115 - must stay open while the server runs
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.address", "127.0.0.1", "--server.port",
+         str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
+         "--server.fileWatcherType", "none"],
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"streamlit exited with {proc.returncode}:\n{log_path.read_text()}")
+            try:
+                with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError(f"streamlit did not answer on {url} within 90 s:\n{log_path.read_text()}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        log.close()
+        if "Traceback" in log_path.read_text():
+            print(log_path.read_text()[-4000:])
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not pathlib.Path(CHROMIUM).exists() and shutil.which("chromium") is None:
+        pytest.fail(f"chromium not found at {CHROMIUM}: install Debian's chromium package (CI does: .ci/run)")
+    from playwright.sync_api import sync_playwright
+
+    exe = CHROMIUM if pathlib.Path(CHROMIUM).exists() else shutil.which("chromium")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+# ------------------------------------------------------------------------------------------------------- helpers
+def wait_idle(page, timeout: int = LOAD_TIMEOUT_MS) -> None:
+    """Wait until no script or fragment run is going on (for half a second) and no spinner is left."""
+    page.wait_for_function(
+        """() => {
+            const app = document.querySelector('[data-testid="stApp"]');
+            const idle = app && app.getAttribute('data-test-script-state') === 'notRunning'
+                && !document.querySelector('[data-testid="stSpinner"]');
+            const now = performance.now();
+            if (!idle) { window.__xcIdleSince = undefined; return false; }
+            if (window.__xcIdleSince === undefined) { window.__xcIdleSince = now; }
+            return now - window.__xcIdleSince > 500;
+        }""", timeout=timeout, polling=100)
+
+
+def no_exception(page) -> None:
+    exc = page.locator('[data-testid="stException"]')
+    assert exc.count() == 0, exc.first.inner_text()
+
+
+def metric(page, label: str) -> str:
+    """The displayed value of the st.metric whose label is exactly ``label``."""
+    box = page.locator('[data-testid="stMetric"]').filter(
+        has=page.locator('[data-testid="stMetricLabel"]', has_text=label))
+    for i in range(box.count()):
+        el = box.nth(i)
+        if el.locator('[data-testid="stMetricLabel"]').inner_text().strip() == label:
+            return el.locator('[data-testid="stMetricValue"]').inner_text().strip()
+    raise AssertionError(f"no metric labelled {label!r}")
+
+
+def goto_page(page, title: str) -> None:
+    page.locator('[data-testid="stTopNavLink"]', has_text=title).first.click()
+    page.wait_for_selector(f'h1:has-text("{title}")', timeout=LOAD_TIMEOUT_MS)
+    wait_idle(page)
+
+
+T0 = time.perf_counter()
+
+
+def scroll_to(page, text: str) -> None:
+    """Scroll so that the heading holding ``text`` is at the top of the view."""
+    page.get_by_text(text).first.evaluate("e => e.scrollIntoView({block: 'start'})")
+
+
+def shot(page, name: str) -> pathlib.Path:
+    print(f"[{time.perf_counter() - T0:6.1f} s] screenshot {name}")
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    path = SHOTS / f"{name}.png"
+    page.wait_for_timeout(600)  # let plotly finish drawing
+    page.screenshot(path=str(path))
+    assert path.stat().st_size > 20_000
+    return path
+
+
+# ------------------------------------------------------------------------------------------------------- test
+def test_every_page_and_slider(app_url, browser, artifacts):
+    page = browser.new_page(viewport={"width": 1440, "height": 1000}, device_scale_factor=1)
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(app_url)
+    page.wait_for_selector('[data-testid="stSidebar"]', timeout=LOAD_TIMEOUT_MS)
+    if MODEL != DEFAULT_MODEL:
+        page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').first.click()
+        page.get_by_role("option", name=MODEL, exact=True).click()
+    page.wait_for_selector('[data-testid="stMetricLabel"]:has-text("Baseline accuracy")', timeout=LOAD_TIMEOUT_MS)
+    wait_idle(page)
+    no_exception(page)
+    assert page.locator('[data-testid="stAlertContentError"]').count() == 0
+    assert metric(page, "Baseline accuracy").endswith("%")
+    shots = [shot(page, "overview")]
+
+    goto_page(page, "Relevance")
+    page.wait_for_selector("text=Which pixels does the model use?", timeout=LOAD_TIMEOUT_MS)
+    wait_idle(page)
+    no_exception(page)
+    assert page.locator('[data-testid="stPlotlyChart"]').count() >= 4
+    shots.append(shot(page, "relevance"))
+    scroll_to(page, "Which pixels does the model use?")
+    shots.append(shot(page, "relevance-inputs"))
+
+    # ---------------------------------------------------------------- Compress: move the slider, time the update
+    goto_page(page, "Compress")
+    page.wait_for_selector('[data-testid="stMetricLabel"]:has-text("Accuracy with")', timeout=LOAD_TIMEOUT_MS)
+    wait_idle(page)
+    no_exception(page)
+    before = {k: metric(page, k) for k in ("Accuracy", "Size", "Weights pruned")}
+    assert before["Weights pruned"] == "50.0%"
+    widget = page.locator('[data-testid="stSlider"]').filter(has_text="Prune ratio")
+    slider = widget.locator('input[type="range"]')
+    assert slider.input_value() == "50"
+    thumb = slider.locator("xpath=../..")  # the positioned thumb around the (visually hidden) range input
+    box = thumb.bounding_box()
+    track = thumb.locator("xpath=..").bounding_box()
+    assert box is not None and track is not None
+    x0, y0 = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    target = track["x"] + track["width"] * 65 / 95  # the slider spans 0..95 %
+    page.mouse.move(x0, y0)
+    page.mouse.down()
+    page.mouse.move(target, y0, steps=8)
+    page.mouse.up()
+    t_release = time.perf_counter()
+    page.wait_for_function(
+        """(old) => {
+            const ms = [...document.querySelectorAll('[data-testid="stMetric"]')];
+            const m = ms.find(e => e.querySelector('[data-testid="stMetricLabel"]').innerText.trim() === 'Size');
+            return m && m.querySelector('[data-testid="stMetricValue"]').innerText.trim() !== old;
+        }""", arg=before["Size"], timeout=60_000, polling=10)
+    latency = time.perf_counter() - t_release
+    wait_idle(page)
+    no_exception(page)
+    ratio = int(slider.input_value())
+    after = {k: metric(page, k) for k in ("Accuracy", "Size", "Weights pruned")}
+    assert ratio > 50
+    assert after["Size"] != before["Size"]
+    assert after["Weights pruned"] == f"{ratio:.1f}%"
+    shots.append(shot(page, "compress"))
+    scroll_to(page, "Does the explanation help?")
+    shots.append(shot(page, "compress-comparison"))
+
+    # ---------------------------------------------------------------- Trade-offs: run a sweep
+    goto_page(page, "Trade-offs")
+    page.locator('[data-testid="stSelectbox"]').filter(has_text="Bit widths").click()
+    page.get_by_role("option", name="fp32 (pruning only)", exact=True).click()  # the quickest sweep
+    page.get_by_role("button", name="Run sweep").click()
+    page.wait_for_selector('[data-testid="stDownloadButton"]', timeout=LOAD_TIMEOUT_MS)
+    wait_idle(page)
+    no_exception(page)
+    assert page.locator('[data-testid="stPlotlyChart"]').count() >= 1
+    shots.append(shot(page, "tradeoffs"))
+
+    if page.locator('[data-testid="stTopNavLink"]', has_text="Export").count():
+        goto_page(page, "Export")
+        no_exception(page)
+        shots.append(shot(page, "export"))
+
+    goto_page(page, "Learn")
+    no_exception(page)
+    shots.append(shot(page, "learn"))
+    page.get_by_role("button", name="Next step").click()
+    page.wait_for_selector("text=What LRP computes for a weight", timeout=LOAD_TIMEOUT_MS)
+    wait_idle(page)
+    no_exception(page)
+    assert not errors, errors
+
+    # ---------------------------------------------------------------- the displayed numbers are the engine's
+    import torch
+
+    from xaicomp_core import CompressionPlan, CompressionSession, load_builtin_dataset, load_builtin_model
+    from xaicomp_core.figures import fmt_bytes, fmt_pct
+
+    print(f"[{time.perf_counter() - T0:6.1f} s] independent engine check")
+    session = CompressionSession(load_builtin_model(MODEL), load_builtin_dataset("fashion-mnist", "reference"),
+                                 load_builtin_dataset("fashion-mnist", "eval"), reference_samples=1000)
+    session.relevance()
+    plan = CompressionPlan(criterion="lrp", prune_ratio=ratio / 100, bit_levels=[8, 4, 2], bit_split=[0.2, 0.5])
+    res = session.evaluate(plan)
+    assert after["Size"] == fmt_bytes(res.size.estimated_bytes)
+    assert after["Accuracy"] == fmt_pct(res.accuracy)
+
+    report = {"model": MODEL, "slider_release_to_metrics_s": round(latency, 3), "prune_ratio": ratio,
+              "engine_evaluate_s": round(res.seconds, 3), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+              "torch_threads": torch.get_num_threads(), "screenshots": [str(p.relative_to(ROOT)) for p in shots]}
+    (artifacts / "browser-latency.json").write_text(json.dumps(report, indent=2))
+    print(f"\nslider release -> updated metrics: {latency:.3f} s ({MODEL}; engine evaluate {res.seconds:.3f} s)")
+    page.close()
