@@ -15,6 +15,7 @@ index.
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 from zennit.canonizers import SequentialMergeBatchNorm
 from zennit.composites import EpsilonAlpha2Beta1, EpsilonGammaBox, EpsilonPlus, LayerMapComposite, layer_map_base
-from zennit.core import BasicHook, Composite, ParamMod
+from zennit.core import BasicHook, Composite, Hook, ParamMod
 from zennit.rules import Epsilon, Gamma
 from zennit.types import Convolution
 
@@ -54,7 +55,10 @@ class SignStabilizer:
         self.epsilon = float(epsilon)
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
-        return torch.where(z >= 0, z + self.epsilon, z - self.epsilon)
+        # copysign(eps, +0.0) = +eps as zennit's sign(0) = +1; a -0.0 cannot come out of a conv/linear sum, which
+        # starts from +0.0
+        out = torch.copysign(torch.tensor(self.epsilon, dtype=z.dtype, device=z.device), z)
+        return out.add_(z)
 
 
 def relevance_layers(model: nn.Module) -> list[str]:
@@ -165,24 +169,114 @@ class RelevanceResult:
     abs_by_class: dict[str, torch.Tensor] | None = None
 
 
-class _ParamRelevanceHook(BasicHook):
-    """Wraps a zennit rule: computes the rule's input relevance *and* its parameter relevance in one pass."""
+_HOOK_KWARGS = "kwargs" in inspect.signature(Hook.post_forward).parameters
 
-    def __init__(self, template: BasicHook, module_name: str, store: dict, flows: dict) -> None:
+
+class _ShortCircuit(torch.autograd.Function):
+    """Re-attaches a layer's output to its input at no cost: the layer's own backward (its plain gradient) is never
+    needed because the LRP hook on the input replaces it, so the backward pass skips it."""
+
+    @staticmethod
+    def forward(ctx, inp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        ctx.shape = inp.shape
+        return out.clone()  # a fresh tensor: later in-place ops (ReLU(inplace=True)) must not touch the stored one
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: D102
+        return grad.new_zeros(()).expand(ctx.shape), None
+
+
+def _plain_epsilon(template: BasicHook) -> bool:
+    """Whether a rule is zennit's Epsilon without zeroed parameters (its modified layer is the layer itself)."""
+    from zennit.rules import Epsilon as ZEpsilon
+
+    if not isinstance(template, ZEpsilon) or len(template.param_modifiers) != 1:
+        return False
+    mod = template.param_modifiers[0]
+    return not getattr(mod, "zero_params", None) and getattr(mod, "param_keys", None) is None
+
+
+def _fast_grads(module: nn.Module, inp: torch.Tensor, s: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    """Gradients of a linear/conv layer's output (at ``s``) w.r.t. input, weight and bias, without re-running it;
+    None where the layer is not a plain one this handles."""
+    w, b = module.weight, module.bias
+    if isinstance(module, nn.Linear):
+        s2 = s.reshape(-1, s.shape[-1])
+        a2 = inp.reshape(-1, inp.shape[-1])
+        return (s @ w), s2.T @ a2, (s2.sum(0) if b is not None else None)
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.padding_mode == "zeros" and not isinstance(
+            module.padding, str):
+        nd = inp.ndim - 2
+        gi, gw, gb = torch.ops.aten.convolution_backward(
+            s, inp, w, [w.shape[0]] if b is not None else None, list(module.stride), list(module.padding),
+            list(module.dilation), False, [0] * nd, module.groups, [True, True, b is not None])
+        return gi, gw, gb
+    return None
+
+
+class _ParamRelevanceHook(BasicHook):
+    """Wraps a zennit rule: computes the rule's input relevance *and* its parameter relevance in one pass.
+
+    The generic path re-runs the layer with the rule's input/parameter/output modifiers and takes the gradient of
+    the outputs with respect to the modified inputs and parameters, with the rule's gradient mapper applied to the
+    output relevance, and reduces both like the rule. For zennit's plain Epsilon rule the modified layer *is* the
+    layer, so the stored forward output is used and the gradients come from the layer's backward kernel directly
+    (same numbers, no second forward pass).
+    """
+
+    def __init__(self, template: BasicHook, module_name: str, store: dict, flows: dict,
+                 fast: bool | None = None) -> None:
         BasicHook.__init__(self, template.input_modifiers, template.param_modifiers, template.output_modifiers,
                            template.gradient_mapper, template.reducer)
         self.rule_name = getattr(template, "rule_name", type(template).__name__)
         self.module_name = module_name
         self.store = store
         self.flows = flows
+        self.fast = _plain_epsilon(template) if fast is None else fast
 
     def copy(self) -> _ParamRelevanceHook:  # noqa: D102
-        return _ParamRelevanceHook(self, self.module_name, self.store, self.flows)
+        return _ParamRelevanceHook(self, self.module_name, self.store, self.flows, self.fast)
+
+    def _short_circuit(self, inp, output):
+        first = inp[0] if isinstance(inp, (tuple, list)) else inp
+        if isinstance(output, torch.Tensor) and isinstance(first, torch.Tensor) and first.requires_grad:
+            self.stored_tensors["output"] = output.detach()
+            return _ShortCircuit.apply(first, output.detach())
+        return output
+
+    if _HOOK_KWARGS:  # zennit >= 1.0 calls forward hooks with (module, args, kwargs, output)
+        def post_forward(self, module, args, kwargs, output):  # noqa: D102
+            return super().post_forward(module, args, kwargs, self._short_circuit(args, output))
+    else:
+        def post_forward(self, module, input, output):  # noqa: D102
+            return super().post_forward(module, input, self._short_circuit(input, output))
+
+    def _accumulate(self, key: str, r: torch.Tensor, flow: LayerFlow) -> None:
+        name = f"{self.module_name}.{key}"
+        self.store[name] = self.store[name] + r if name in self.store else r.clone()
+        setattr(flow, key, getattr(flow, key) + float(r.sum()))
 
     def backward(self, module, grad_input, grad_output):  # noqa: D102
         stored = self.stored_tensors["input"]
         original_input, *args = stored
         kwargs = self.stored_tensors.get("kwargs") or {}
+        out_grad = grad_output[0]
+        flow = self.flows.setdefault(self.module_name, LayerFlow(self.rule_name))
+        flow.output += float(out_grad.detach().sum())
+        if self.fast and not args and not kwargs and "output" in self.stored_tensors and not out_grad.requires_grad:
+            z = self.stored_tensors["output"]
+            s = self.gradient_mapper(out_grad, [z])
+            s = s[0] if isinstance(s, (tuple, list)) else s
+            grads = _fast_grads(module, original_input, s)
+            if grads is not None:
+                gi, gw, gb = grads
+                relevance = self.reducer([original_input], [gi])
+                flow.input += float(relevance.sum())
+                self._accumulate("weight", self.reducer([module.weight.detach()], [gw]), flow)
+                if gb is not None:
+                    self._accumulate("bias", self.reducer([module.bias.detach()], [gb]), flow)
+                return tuple(relevance if original.shape == relevance.shape else None for original in grad_input)
         inputs, outputs, params = [], [], []
         for in_mod, param_mod, out_mod in zip(self.input_modifiers, self.param_modifiers, self.output_modifiers):
             inp = in_mod(original_input).requires_grad_()
@@ -201,24 +295,19 @@ class _ParamRelevanceHook(BasicHook):
             params.append(ps)
         keys = [k for k in ("weight", "bias") if all(k in ps for ps in params)]
         flat = [ps[k] for ps in params for k in keys]
-        grad_outputs = self.gradient_mapper(grad_output[0], outputs)
+        grad_outputs = self.gradient_mapper(out_grad, outputs)
         grads = torch.autograd.grad(outputs, inputs + flat, grad_outputs=grad_outputs,
-                                    create_graph=grad_output[0].requires_grad, allow_unused=True)
+                                    create_graph=out_grad.requires_grad, allow_unused=True)
         n = len(inputs)
         gin = [g if g is not None else torch.zeros_like(i) for g, i in zip(grads[:n], inputs)]
         relevance = self.reducer(inputs, gin)
-        flow = self.flows.setdefault(self.module_name, LayerFlow(self.rule_name))
         flow.input += float(relevance.detach().sum())
-        flow.output += float(grad_output[0].detach().sum())
         gp = grads[n:]
         for j, key in enumerate(keys):
             ps_k = [params[m][key].detach() for m in range(n)]
             gs_k = [gp[m * len(keys) + j] for m in range(n)]
             gs_k = [g.detach() if g is not None else torch.zeros_like(p) for g, p in zip(gs_k, ps_k)]
-            r = self.reducer(ps_k, gs_k).detach()
-            name = f"{self.module_name}.{key}"
-            self.store[name] = self.store[name] + r if name in self.store else r.clone()
-            setattr(flow, key, getattr(flow, key) + float(r.sum()))
+            self._accumulate(key, self.reducer(ps_k, gs_k).detach(), flow)
         return tuple(relevance if original.shape == relevance.shape else None for original in grad_input)
 
 
@@ -229,6 +318,14 @@ def _is_identity_batchnorm(module: nn.Module) -> bool:
     with torch.no_grad():
         return bool((module.weight == 1).all() and (module.bias == 0).all() and (module.running_mean == 0).all()
                     and ((module.running_var + module.eps) == 1).all())
+
+
+def _drop_identity_batchnorms(model: nn.Module) -> None:
+    """Replace BatchNorms that merging emptied (exact identities) by ``nn.Identity`` in the working copy."""
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if _is_identity_batchnorm(child):
+                setattr(parent, child_name, nn.Identity())
 
 
 def _wrap_module_map(composite: Composite, store: dict, flows: dict) -> None:
@@ -355,6 +452,7 @@ def compute_relevance(model: nn.Module, inputs: torch.Tensor, targets: torch.Ten
     done = 0
     try:
         with comp.context(work):
+            _drop_identity_batchnorms(work)
             for n, (group, idx) in enumerate(chunks):
                 if n > 0 and group != chunks[n - 1][0]:
                     flush()
