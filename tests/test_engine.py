@@ -182,6 +182,16 @@ def test_quantizer_math():
         err_mse = (quantize(layout, flat, keep, klass, [bits], "mse").values - flat).pow(2).sum()
         err_abs = (quantize(layout, flat, keep, klass, [bits], "absmax").values - flat).pow(2).sum()
         assert err_mse <= err_abs + 1e-9
+    # mixed widths: groups wider than the clipping search use max|w| / qmax, narrower ones are searched
+    klass = (torch.arange(layout.total) % 2).to(torch.int8)
+    q = quantize(layout, flat, keep, klass, [8, 2], "mse")
+    wide = klass == 0
+    amax8 = torch.zeros(layout.total_channels).scatter_reduce_(0, layout.channel_of[wide], flat[wide].abs(), "amax")
+    torch.testing.assert_close(q.scales[:, 0], amax8 / 127)
+    assert bool(((q.values - flat).abs()[wide] <= (amax8 / 127 / 2)[layout.channel_of[wide]] + 1e-6).all())
+    amax2 = torch.tensor([float(flat[(layout.channel_of == c) & ~wide].abs().max())
+                          for c in range(layout.total_channels)])
+    assert bool((q.scales[:, 1] <= amax2 + 1e-6).all())
     # 1 bit: +-mean|w| per channel
     q = quantize(layout, flat, keep, torch.zeros(layout.total, dtype=torch.int8), [1])
     c0 = flat[:18]

@@ -196,7 +196,9 @@ def quantize(layout: LayerLayout, weights: torch.Tensor, keep: torch.Tensor, kla
                 better = err < best_err
                 best_err = torch.where(better, err, best_err)
                 best_ratio = torch.where(better, torch.full_like(best_ratio, r), best_ratio)
-            scale_g = base * best_ratio
+            searched = torch.zeros(n_groups, dtype=torch.bool)
+            searched[gs] = True
+            scale_g = torch.where(searched, base * best_ratio, base)
         used = torch.bincount(gm, minlength=n_groups) > 0
         flat_scales[used] = scale_g[used]
         s = flat_scales[gm]
