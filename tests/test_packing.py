@@ -1,0 +1,451 @@
+"""The packed format: bit streams, exact round trips (weights bit-identical, logits torch.equal, payload == estimate)
+for many plans and every built-in model, and clear errors for truncated, altered or unknown files."""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from xaicomp_core import CompressionPlan, FormatError
+from xaicomp_core.export import forward_logits
+from xaicomp_core.models import MODELS_DIR
+from xaicomp_core.packing import (
+    FORMAT_VERSION,
+    MAGIC,
+    PREAMBLE,
+    PREAMBLE_BYTES,
+    pack,
+    pack_bits,
+    read_header,
+    unpack,
+    unpack_bits,
+)
+from xaicomp_core.pruning import SortedScores
+from xaicomp_core.quantization import allocate_bits, quantize
+from xaicomp_core.session import CompressedWeights
+from xaicomp_core.size import compute_size
+
+BUILTINS = ["fashion-lenet", "fashion-vgg", "fashion-resnet"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------------------
+def state_of(session) -> dict[str, torch.Tensor]:
+    return session.model.state_dict()
+
+
+def pack_plan(session, plan: CompressionPlan, codec: str = "none"):
+    cw = compressed(session, plan)
+    return cw, pack(cw, state_of(session), session.info, codec=codec)
+
+
+def recompress(session, plan: CompressionPlan, keep: torch.Tensor) -> CompressedWeights:
+    """The plan's bit allocation and quantization on a hand-made keep-mask, with the engine's own functions."""
+    layout = session.layout_for(plan.protect)
+    params = dict(session.model.named_parameters())
+    w = layout.flat({n: params[n] for n in layout.names}).float()
+    keep = keep | layout.protected_flat
+    levels = list(plan.bit_levels)
+    scores = SortedScores.build(layout, w.abs().double())
+    klass = allocate_bits(layout, keep, scores.flat, scores.global_order.flip(0),
+                          {i: o.flip(0) for i, o in scores.layer_orders.items()}, levels, plan.bit_split,
+                          plan.granularity, plan.scope)
+    quant = quantize(layout, w, keep, klass, levels, plan.quantizer)
+    size = compute_size(layout, keep, klass, quant.group_count, levels, plan.granularity, state_of(session))
+    return CompressedWeights(plan, layout, keep, quant, size)
+
+
+def check_round_trip(session, cw: CompressedWeights, codec: str = "none"):
+    """Pack, read back and compare everything with the engine's result; returns (PackResult, PackedModel)."""
+    res = pack(cw, state_of(session), session.info, codec=codec)
+    assert res.payload_bytes == cw.size.estimated_bytes
+    header_json = res.data[PREAMBLE_BYTES:res.header_bytes]
+    assert res.header_bytes == PREAMBLE_BYTES + len(header_json)
+    assert res.file_bytes == res.header_bytes + res.stored_payload_bytes
+    if codec == "none":
+        assert res.file_bytes == res.header_bytes + res.payload_bytes
+    pm = unpack(res.data)
+    assert pm.payload_bytes == res.payload_bytes
+    assert torch.equal(pm.values, cw.quant.values)
+    assert torch.equal(pm.keep | pm.layout.protected_flat, cw.keep | cw.layout.protected_flat)
+    active = cw.quant.klass >= 0
+    assert torch.equal(pm.klass, cw.quant.klass)
+    quantized = active & (torch.tensor(cw.quant.levels)[cw.quant.klass.long().clamp(min=0)] != 32)
+    assert torch.equal(pm.codes[quantized], cw.quant.codes[quantized])
+    assert pm.size().estimated_bytes == res.payload_bytes
+    original = state_of(session)
+    assert list(pm.state) == list(original)
+    for name, t in original.items():
+        if name in pm.weights():  # conv/linear weights, protected ones included, were compared above
+            continue
+        if t.is_floating_point():
+            assert torch.equal(pm.state[name], t.float()), name
+        else:
+            assert not pm.state[name].any() and pm.state[name].shape == t.shape
+    return res, pm
+
+
+def assert_same_logits(session, cw: CompressedWeights, pm) -> None:
+    """The reloaded model's logits equal the session's compressed model's, bit for bit."""
+    reloaded = forward_logits(pm.build_model(), session.x_eval, session.eval_batch_size)
+    assert torch.equal(reloaded, forward_logits(session.compressed_model(cw), session.x_eval, session.eval_batch_size))
+
+
+_CACHE: dict[tuple[int, str], CompressedWeights] = {}
+
+
+def compressed(session, plan: CompressionPlan) -> CompressedWeights:
+    """``session.compress(plan)``, once per session and plan (compressing is the slow part of these tests)."""
+    key = (id(session), plan.key())
+    if key not in _CACHE:
+        _CACHE[key] = session.compress(plan)
+    return _CACHE[key]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bit streams
+# ----------------------------------------------------------------------------------------------------------------
+def naive_pack(values, widths) -> bytes:
+    bits = []
+    for v, w in zip(values, widths):
+        bits.extend((int(v) >> k) & 1 for k in range(w))
+    out = bytearray((len(bits) + 7) // 8)
+    for k, b in enumerate(bits):
+        out[k // 8] |= b << (k % 8)
+    return bytes(out)
+
+
+def test_bit_order_is_lsb_first():
+    assert pack_bits(np.array([1, 2, 3]), 2) == bytes([0b111001])
+    assert pack_bits(np.array([1, 0x1F, 3]), np.array([1, 5, 2])) == bytes([0xFF])
+    assert pack_bits(np.array([0xABC, 1]), np.array([12, 1])) == bytes([0xBC, 0x1A])
+    # a float32 value at 32 bits after a 3-bit value: its little-endian bytes shifted by 3 bits
+    u = np.array([1.5], dtype="<f4").view("<u4")[0]
+    assert pack_bits(np.array([5, u]), np.array([3, 32])) == naive_pack([5, int(u)], [3, 32])
+    assert pack_bits(np.array([], dtype=np.uint64), 4) == b""
+
+
+def test_pack_bits_matches_naive_and_round_trips():
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        n = int(rng.integers(1, 60))
+        widths = rng.integers(1, 33, n)
+        values = rng.integers(0, 2 ** 32, n, dtype=np.uint64) & ((np.uint64(1) << widths.astype(np.uint64))
+                                                                - np.uint64(1))
+        data = pack_bits(values, widths)
+        assert data == naive_pack(values, widths)
+        assert np.array_equal(unpack_bits(data, widths, n), values)
+    big = rng.integers(0, 256, 200_000).astype(np.uint64)
+    assert np.array_equal(unpack_bits(pack_bits(big, 8), 8, len(big)), big)
+
+
+def test_pack_bits_rejects_values_too_wide():
+    with pytest.raises(ValueError):
+        pack_bits(np.array([4]), 2)
+    with pytest.raises(FormatError):
+        unpack_bits(b"\x00", 4, 3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# round trips on LeNet: every plan shape
+# ----------------------------------------------------------------------------------------------------------------
+P842 = dict(bit_levels=[8, 4, 2], bit_split=[0.2, 0.5])
+PLANS = {
+    "no-pruning-fp32": CompressionPlan(),
+    "lrp-842-weight": CompressionPlan(criterion="lrp", prune_ratio=0.5, **P842),
+    "lrp-842-channel": CompressionPlan(criterion="lrp", prune_ratio=0.5, granularity="channel", **P842),
+    "lrp-842-layer": CompressionPlan(criterion="lrp", prune_ratio=0.5, granularity="layer", **P842),
+    "per-layer-scope": CompressionPlan(criterion="lrp", prune_ratio=0.6, scope="per-layer", **P842),
+    "uniform-1bit": CompressionPlan.uniform(1, criterion="magnitude", prune_ratio=0.3),
+    "uniform-8bit-protect": CompressionPlan.uniform(8, criterion="lrp", prune_ratio=0.4, protect="first-last"),
+    "8-and-1-bit": CompressionPlan(criterion="lrp", prune_ratio=0.3, bit_levels=[8, 1], bit_split=[0.5]),
+    "fp32-class-mixed": CompressionPlan(criterion="lrp", prune_ratio=0.5, bit_levels=[32, 4, 1], bit_split=[0.1, 0.6]),
+    "fp32-class-channel": CompressionPlan(criterion="magnitude", prune_ratio=0.2, bit_levels=[32, 3],
+                                          bit_split=[0.25], granularity="channel", protect="first-last"),
+    "filter-structured": CompressionPlan(criterion="lrp-filter", prune_ratio=0.3, **P842),
+    "paper-rule": CompressionPlan(criterion="paper", bit_levels=[6, 2], bit_split=[0.5]),
+    "sparse-indices": CompressionPlan.uniform(4, criterion="magnitude", prune_ratio=0.95),
+    "light-pruned-indices": CompressionPlan.uniform(5, criterion="magnitude", prune_ratio=0.01),
+    "extreme-sparse": CompressionPlan.uniform(4, criterion="magnitude", prune_ratio=0.998),
+    "absmax-7-3": CompressionPlan(criterion="random", prune_ratio=0.5, bit_levels=[7, 3], bit_split=[0.4],
+                                  quantizer="absmax", seed=3),
+    "magnitude-ranked-bits": CompressionPlan(criterion="lrp", prune_ratio=0.5, bit_ranking="magnitude", **P842),
+}
+
+
+@pytest.mark.parametrize("name", list(PLANS))
+def test_round_trip_lenet(lenet_session, name):
+    plan = PLANS[name]
+    cw = compressed(lenet_session, plan)
+    _, pm = check_round_trip(lenet_session, cw)
+    assert_same_logits(lenet_session, cw, pm)
+    assert pm.plan == plan
+
+
+def test_all_keep_encodings_are_exercised(lenet_session):
+    seen = set()
+    for plan in PLANS.values():
+        seen |= {t.keep_encoding for t in compressed(lenet_session, plan).size.tensors if t.kind == "compressed"}
+    assert seen == {"dense", "bitmask", "indices", "pruned-indices", "channels", "rice", "rice-pruned"}
+
+
+def test_rice_code_round_trip_and_size():
+    from xaicomp_core.packing import rice_decode, rice_encode
+    from xaicomp_core.size import rice_cost
+
+    rng = np.random.default_rng(0)
+    for n, density in [(1, 1.0), (10, 0.5), (5000, 0.3), (100_000, 0.1), (1000, 0.01)]:
+        pos = np.flatnonzero(rng.random(n) < density)
+        k, cost = rice_cost(torch.from_numpy(pos))
+        data = rice_encode(pos, k)
+        assert len(data) == cost
+        assert np.array_equal(rice_decode(data, len(pos), k, n), pos)
+    # gaps 0, 4, 1 with k=1: unary 0 | 110 | 0 = bits 0,1,1,0,0 -> 0b00110; remainders 0,0,1 -> 0b100
+    assert rice_encode(np.array([0, 5, 7]), 1) == bytes([0b00110, 0b100])
+    pos = np.flatnonzero(rng.random(1000) < 0.1)
+    k, _ = rice_cost(torch.from_numpy(pos))
+    data = rice_encode(pos, k)
+    with pytest.raises(FormatError):
+        rice_decode(data[:-1], len(pos), k, 1000)
+    with pytest.raises(FormatError):
+        rice_decode(data, len(pos), k, int(pos[-1]))  # a position past the end
+    with pytest.raises(FormatError):
+        rice_decode(data + b"\x00", len(pos), k, 1000)
+
+
+def test_no_pruning_fp32_payload_is_fp32_size(lenet_session):
+    cw = compressed(lenet_session, CompressionPlan())
+    res = pack(cw, state_of(lenet_session), lenet_session.info)
+    assert res.payload_bytes == cw.size.fp32_bytes == lenet_session.fp32_bytes()
+
+
+@pytest.mark.parametrize("granularity", ["weight", "channel", "layer"])
+def test_layer_pruned_entirely(lenet_session, granularity):
+    plan = CompressionPlan(criterion="lrp", prune_ratio=0.3, granularity=granularity, **P842)
+    keep = compressed(lenet_session, PLANS["lrp-842-weight"]).keep.clone()
+    layout = lenet_session.layout
+    keep[layout.layer_slice(1)] = False  # the second conv loses every weight
+    cw = recompress(lenet_session, plan, keep)
+    row = next(t for t in cw.size.tensors if t.name == layout.names[1])
+    assert row.kept == 0 and row.value_bytes == 0 and row.scale_bytes == 0
+    _, pm = check_round_trip(lenet_session, cw)
+    assert not pm.weights()[layout.names[1]].any()
+    model = pm.build_model()
+    ref = lenet_session.compressed_model(cw)
+    assert torch.equal(forward_logits(model, lenet_session.x_eval), forward_logits(ref, lenet_session.x_eval))
+
+
+def test_every_channel_pruned_but_one_is_channel_encoded(lenet_session):
+    plan = CompressionPlan.uniform(3)
+    layout = lenet_session.layout
+    keep = torch.ones(layout.total, dtype=torch.bool)
+    i = 2
+    per = layout.sizes[i] // layout.channels[i]
+    keep[layout.offsets[i] + per:layout.offsets[i + 1]] = False
+    cw = recompress(lenet_session, plan, keep)
+    assert cw.size.tensors[4].name == layout.names[i] and cw.size.tensors[4].keep_encoding == "channels"
+    check_round_trip(lenet_session, cw)
+
+
+@pytest.mark.parametrize("codec", ["zlib", "lzma"])
+def test_entropy_coded_payload(lenet_session, codec):
+    cw = compressed(lenet_session, PLANS["lrp-842-weight"])
+    res, pm = check_round_trip(lenet_session, cw, codec)
+    plain = pack(cw, state_of(lenet_session), lenet_session.info)
+    assert res.codec == pm.codec == codec
+    assert res.payload_bytes == plain.payload_bytes == cw.size.estimated_bytes
+    assert res.stored_payload_bytes < res.payload_bytes
+    assert res.header["payload"]["sha256"] == plain.header["payload"]["sha256"]
+
+
+def test_header_contents(lenet_session):
+    plan = PLANS["lrp-842-channel"]
+    cw, res = pack_plan(lenet_session, plan)
+    header, end = read_header(res.data)
+    assert end == res.header_bytes
+    assert header["format_version"] == FORMAT_VERSION and header["bit_order"] == "lsb-first"
+    assert header["model"]["arch"] == "fashion-lenet"
+    assert header["model"]["preprocessing"] == lenet_session.info.preprocessing.to_dict()
+    assert header["model"]["class_names"] == lenet_session.class_names
+    assert CompressionPlan.from_dict(header["plan"]) == plan
+    assert header["estimated_bytes"] == cw.size.estimated_bytes
+    assert len(header["payload"]["sha256"]) == 64
+    rows = {t.name: t for t in cw.size.tensors}
+    for e in header["tensors"]:
+        if e["kind"] == "compressed":
+            t = rows[e["name"]]
+            assert (e["keep"], e["keep_bytes"], e["class_bytes"], e["scale_bytes"], e["value_bytes"]) == (
+                t.keep_encoding, t.keep_bytes, t.class_bytes, t.scale_bytes, t.value_bytes)
+
+
+def test_packing_is_deterministic(lenet_session):
+    plan = PLANS["lrp-842-weight"]
+    assert pack_plan(lenet_session, plan)[1].data == pack_plan(lenet_session, plan)[1].data
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# corrupt, truncated, altered and unknown files
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def packed(lenet_session):
+    return pack_plan(lenet_session, PLANS["lrp-842-weight"])[1]
+
+
+def rewrite_header(data: bytes, change) -> bytes:
+    """Apply ``change(header)`` and write a header with a matching CRC (an alteration the CRC cannot see)."""
+    header, end = read_header(data)
+    change(header)
+    hb = json.dumps(header).encode()
+    return PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(hb), zlib.crc32(hb)) + hb + data[end:]
+
+
+def test_truncated_files_raise(packed):
+    data = packed.data
+    cuts = [0, 1, 7, 8, 19, 20, 21, packed.header_bytes // 2, packed.header_bytes - 1, packed.header_bytes,
+            packed.header_bytes + 1, len(data) // 2, len(data) - 1]
+    for n in cuts:
+        with pytest.raises(FormatError):
+            unpack(data[:n])
+    with pytest.raises(FormatError, match="truncated"):
+        unpack(data[:-1])
+    with pytest.raises(FormatError, match="truncated"):
+        unpack(data[:packed.header_bytes - 3])
+    with pytest.raises(FormatError, match="empty"):
+        unpack(b"")
+
+
+def test_altered_bytes_raise_checksum_errors(packed):
+    data = packed.data
+    rng = np.random.default_rng(0)
+    header_positions = rng.integers(PREAMBLE_BYTES, packed.header_bytes, 8)
+    payload_positions = rng.integers(packed.header_bytes, len(data), 24)
+    for pos in [*header_positions, *payload_positions, len(data) - 1]:
+        bad = bytearray(data)
+        bad[int(pos)] ^= 0x10
+        with pytest.raises(FormatError, match="checksum"):
+            unpack(bytes(bad))
+
+
+def test_trailing_bytes_wrong_magic_and_future_version_raise(packed):
+    with pytest.raises(FormatError, match="after the payload"):
+        unpack(packed.data + b"\x00")
+    with pytest.raises(FormatError, match="magic"):
+        unpack(b"PK\x03\x04" + packed.data[4:])
+    with pytest.raises(FormatError, match="magic"):
+        unpack(b"{\"not\": 1}")
+    future = bytearray(packed.data)
+    struct.pack_into("<I", future, 8, FORMAT_VERSION + 1)
+    with pytest.raises(FormatError, match="newer"):
+        unpack(bytes(future))
+    huge = bytearray(packed.data)
+    struct.pack_into("<I", huge, 12, 2 ** 31)
+    with pytest.raises(FormatError):
+        unpack(bytes(huge))
+
+
+def test_header_alterations_with_valid_crc_are_caught(packed):
+    def tensor(h, kind="compressed", i=0):
+        return [t for t in h["tensors"] if t["kind"] == kind][i]
+
+    alterations = {
+        "kept": lambda h: tensor(h).update(kept=tensor(h)["kept"] - 1),
+        "shape": lambda h: tensor(h).update(shape=[tensor(h)["shape"][0] * 2, *tensor(h)["shape"][1:]]),
+        "levels": lambda h: h.update(levels=[8, 4]),
+        "level-width": lambda h: h.update(levels=[8, 4, 3]),
+        "granularity": lambda h: h.update(granularity="channel"),
+        "encoding": lambda h: tensor(h, i=2).update(keep="indices"),
+        "raw-shape": lambda h: tensor(h, "raw").update(shape=[tensor(h, "raw")["shape"][0] + 1]),
+        "value-bytes": lambda h: tensor(h).update(value_bytes=tensor(h)["value_bytes"] + 1),
+        "dropped-tensor": lambda h: h["tensors"].pop(1),
+        "swapped-tensors": lambda h: h["tensors"].insert(0, h["tensors"].pop(1)),
+        "payload-size": lambda h: h["payload"].update(bytes=h["payload"]["bytes"] + 1),
+        "payload-sha": lambda h: h["payload"].update(sha256="0" * 64),
+        "codec": lambda h: h["payload"].update(codec="zlib"),
+        "missing-tensors": lambda h: h.pop("tensors"),
+        "format-version": lambda h: h.update(format_version=FORMAT_VERSION + 1),
+        "future-plan": lambda h: h["plan"].update(version=99),
+    }
+    for name, change in alterations.items():
+        bad = rewrite_header(packed.data, change)
+        with pytest.raises(FormatError):
+            unpack(bad)
+            pytest.fail(f"alteration {name!r} was not detected")
+
+
+def test_corrupt_compressed_stream_raises(lenet_session):
+    res = pack_plan(lenet_session, PLANS["lrp-842-weight"], codec="zlib")[1]
+    stored = bytearray(res.data[res.header_bytes:])
+    stored[len(stored) // 2] ^= 0xFF
+
+    def fix_sha(h):
+        import hashlib
+
+        h["payload"]["stored_sha256"] = hashlib.sha256(bytes(stored)).hexdigest()
+
+    bad = rewrite_header(res.data[:res.header_bytes] + bytes(stored), fix_sha)
+    with pytest.raises(FormatError):
+        unpack(bad)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# every built-in model
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module", params=BUILTINS)
+def builtin_session(request, fashion_ref, fashion_eval):
+    from xaicomp_core import CompressionSession, load_builtin_model
+
+    name = request.param
+    if not (MODELS_DIR / f"{name}.safetensors").exists():
+        pytest.skip(f"{name} is not trained yet (assets/models/{name}.safetensors missing)")
+    s = CompressionSession(load_builtin_model(name), fashion_ref, fashion_eval.balanced_subset(300),
+                           reference_samples=100)
+    s.relevance()
+    return s
+
+
+BUILTIN_PLANS = {
+    "lrp-842-weight": CompressionPlan(criterion="lrp", prune_ratio=0.5, **P842),
+    "channel-protected-fp32": CompressionPlan(criterion="lrp", prune_ratio=0.7, bit_levels=[32, 4, 1],
+                                              bit_split=[0.1, 0.5], granularity="channel", protect="first-last"),
+    "layer-filter": CompressionPlan(criterion="lrp-filter", prune_ratio=0.4, granularity="layer", **P842),
+}
+
+
+@pytest.mark.parametrize("plan_name", list(BUILTIN_PLANS))
+def test_round_trip_builtin(builtin_session, plan_name):
+    plan = BUILTIN_PLANS[plan_name]
+    cw = builtin_session.compress(plan)
+    t0 = time.perf_counter()
+    res, pm = check_round_trip(builtin_session, cw)
+    assert res.seconds < 1.0, f"packing took {res.seconds:.2f} s"
+    assert time.perf_counter() - t0 < 3.0
+    # the session's own compressed forward pass (compressed_logits) against the reloaded file
+    reloaded = forward_logits(pm.build_model(), builtin_session.x_eval, builtin_session.eval_batch_size)
+    assert torch.equal(reloaded, builtin_session.compressed_logits(plan))
+    ints = [k for k, v in builtin_session.model.state_dict().items() if not v.is_floating_point()]
+    assert all(not pm.state[k].any() for k in ints)
+
+
+def test_round_trip_fine_tuned_plan_with_protected_layers(fashion_ref, fashion_eval):
+    """Fine-tuning changes the weights (protected layers included): the file holds the fine-tuned values."""
+    from xaicomp_core import CompressionSession, load_builtin_dataset, load_builtin_model
+
+    train = load_builtin_dataset("fashion-mnist", "train").balanced_subset(256)
+    session = CompressionSession(load_builtin_model("fashion-lenet"), fashion_ref, fashion_eval.balanced_subset(200),
+                                 reference_samples=100, train_data=train)
+    plan = CompressionPlan(criterion="magnitude", prune_ratio=0.6, protect="first-last", finetune_epochs=1, **P842)
+    cw = session.compress(plan)
+    first = session.layout.names[0]
+    assert not torch.equal(cw.weights()[first], session.model.state_dict()[first])  # protected, yet fine-tuned
+    res, pm = check_round_trip(session, cw)
+    assert torch.equal(pm.weights()[first], cw.weights()[first])
+    reloaded = forward_logits(pm.build_model(), session.x_eval, session.eval_batch_size)
+    assert torch.equal(reloaded, session.compressed_logits(plan))
+    assert pm.plan.finetune_epochs == 1

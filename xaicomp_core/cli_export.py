@@ -1,0 +1,249 @@
+"""The ``export``, ``verify`` and ``report`` subcommands of the ``xaicomp`` command line.
+
+* ``xaicomp export --model fashion-vgg --criterion lrp --prune 0.5 --bits 8,4,2 --split 0.2,0.5 -o model.xcz``
+  writes the packed file (optionally ``--dense model.safetensors`` and ``--onnx model.onnx``);
+* ``xaicomp verify model.xcz --json`` reloads it, recounts its size with the engine and re-measures accuracy on the
+  data it was exported with;
+* ``xaicomp report ... -o report.html`` writes the self-contained stakeholder report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import shlex
+import sys
+import time
+from typing import Any
+
+from .cli import (
+    _fmt_bytes,
+    _load_data,
+    _print_json,
+    _progress_printer,
+    add_model_args,
+    add_plan_args,
+    plan_from_args,
+    session_from_args,
+)
+from .errors import XaicompError
+
+MODEL_DEFAULTS = {"data": "fashion-mnist", "reference_samples": 1000, "target": "true", "epsilon": 1e-6}
+
+
+def model_cli_args(args: argparse.Namespace) -> str:
+    """The model and data options of ``args`` that differ from the defaults, as command-line text."""
+    parts: list[str] = []
+    if args.model:
+        parts += ["--model", args.model]
+    if args.arch:
+        parts += ["--arch", args.arch]
+    if args.weights:
+        parts += ["--weights", args.weights]
+    if args.random_weights:
+        parts.append("--random-weights")
+    if args.data != MODEL_DEFAULTS["data"]:
+        parts += ["--data", args.data]
+    if args.reference_data:
+        parts += ["--reference-data", args.reference_data]
+    if getattr(args, "train_data", None):
+        parts += ["--train-data", args.train_data]
+    if args.reference_samples != MODEL_DEFAULTS["reference_samples"]:
+        parts += ["--reference-samples", str(args.reference_samples)]
+    if args.eval_samples is not None:
+        parts += ["--eval-samples", str(args.eval_samples)]
+    if args.target != MODEL_DEFAULTS["target"]:
+        parts += ["--target", args.target]
+    if args.epsilon != MODEL_DEFAULTS["epsilon"]:
+        parts += ["--epsilon", f"{args.epsilon:g}"]
+    return shlex.join(parts)
+
+
+def _session(args: argparse.Namespace, quiet: bool):
+    plan = plan_from_args(args)
+    session = session_from_args(args, _progress_printer("relevance", not quiet))
+    if plan.composite != session.composite:
+        session.composite = plan.composite
+    return plan, session
+
+
+def _sizes_line(file_bytes: int, header_bytes: int, payload_bytes: int, stored: int, codec: str) -> str:
+    if codec == "none":
+        return f"{file_bytes:,} bytes = payload {payload_bytes:,} + header {header_bytes:,}"
+    return (f"{file_bytes:,} bytes = payload {stored:,} ({codec}; {payload_bytes:,} before coding) + header "
+            f"{header_bytes:,}")
+
+
+def _data_label(args: argparse.Namespace, session: Any) -> str:
+    return f"{args.data} ({len(session.y_eval)} images)"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write the packed file (and optionally dense safetensors and ONNX)."""
+    from .export import export_dense, export_onnx, export_packed
+
+    t0 = time.perf_counter()
+    plan, session = _session(args, args.json)
+    out = pathlib.Path(args.output)
+    spec = {"data": args.data, "eval_samples": args.eval_samples}
+    res = export_packed(session, plan, out, codec=args.codec, data_spec=spec, data_label=_data_label(args, session))
+    ev = res.header["evaluation"]
+    d: dict[str, Any] = {"file": str(out), "model": session.info.name, "plan": plan.to_dict(),
+                         "description": plan.describe(), **res.summary(),
+                         "accuracy": ev["accuracy"], "expected_accuracy": ev["accuracy"],
+                         "baseline_accuracy": ev["baseline_accuracy"], "correct": ev["correct"],
+                         "images": ev["images"]}
+    if args.dense:
+        d["dense_file"] = args.dense
+        d["dense_bytes"] = export_dense(session, plan, args.dense)
+    if args.onnx:
+        d["onnx_file"] = args.onnx
+        d["onnx_bytes"] = export_onnx(session, plan, args.onnx)
+    d["seconds"] = time.perf_counter() - t0
+    if args.json:
+        _print_json(d)
+        return 0
+    line = _sizes_line(d["file_bytes"], d["header_bytes"], d["payload_bytes"], d["stored_payload_bytes"], args.codec)
+    print(f"wrote {out}: {line}")
+    print(f"estimate  {d['estimated_bytes']:,} bytes (engine)   fp32 {d['fp32_bytes']:,} bytes   "
+          f"{d['fp32_bytes'] / d['file_bytes']:.1f}x smaller on disk")
+    print(f"accuracy  {ev['accuracy']:.2%} on {ev['images']} images (original {ev['baseline_accuracy']:.2%})")
+    if args.dense:
+        print(f"dense     {args.dense}: {d['dense_bytes']:,} bytes (dequantized fp32 safetensors)")
+    if args.onnx:
+        print(f"onnx      {args.onnx}: {d['onnx_bytes']:,} bytes")
+    print(f"check it: xaicomp verify {shlex.quote(str(out))}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Reload a packed file, recount its size and re-measure accuracy."""
+    import torch
+
+    from .data import as_tensors
+    from .export import verify_packed
+    from .packing import read_packed
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pm = read_packed(args.file)
+    x = y = None
+    label = None
+    ev = pm.header.get("evaluation") or {}
+    spec = ev.get("data_spec") if isinstance(ev, dict) else None
+    if not args.no_eval:
+        if args.data is not None:
+            spec = {"data": args.data, "eval_samples": args.eval_samples}
+        elif spec and args.eval_samples is not None:
+            spec = {**spec, "eval_samples": args.eval_samples}
+        if spec:
+            model = pm.build_model()
+            data = _load_data(str(spec["data"]), model, "eval")
+            n = spec.get("eval_samples")
+            if n is not None and hasattr(data, "balanced_subset"):
+                data = data.balanced_subset(int(n))
+            x, y = as_tensors(data, pm.info.preprocessing, pm.info.num_classes, "evaluation data")
+            label = f"{spec['data']} ({len(y)} images)"
+    res = verify_packed(pm, x, y, label)
+    d = {"file": str(args.file), **res.to_dict()}
+    if x is None:
+        d["note"] = "accuracy not measured: " + ("--no-eval given" if args.no_eval else
+                                                 "the file records no data to evaluate on; pass --data")
+    if args.json:
+        _print_json(d)
+    else:
+        line = _sizes_line(res.file_bytes, res.header_bytes, res.payload_bytes, res.stored_payload_bytes, res.codec)
+        print(f"file      {args.file}: {line}")
+        print(f"estimate  {res.estimated_bytes:,} bytes (engine, from the decoded file)   "
+              f"fp32 {res.fp32_bytes:,} bytes")
+        print(f"model     {res.model} ({res.arch}); {res.description}")
+        if res.accuracy is not None:
+            exp = f"{res.expected_accuracy:.2%}" if res.expected_accuracy is not None else "not recorded"
+            print(f"accuracy  {res.accuracy:.2%} on {res.data} (at export: {exp}); "
+                  f"logits identical: {res.logits_match}")
+        else:
+            print(d["note"])
+        print("OK" if res.ok else "FAILED")
+    if not res.ok:
+        sys.stderr.write("xaicomp: verification failed: " + "; ".join(res.problems) + "\n")
+        return 1
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write the stakeholder HTML report."""
+    from .report import DEFAULT_SWEEP_RATIOS, write_report
+
+    plan, session = _session(args, args.json)
+    criteria = [c.strip() for c in args.criteria.split(",") if c.strip()]
+    try:
+        ratios = [float(r) for r in args.ratios.split(",") if r.strip()] if args.ratios is not None else \
+            list(DEFAULT_SWEEP_RATIOS)
+    except ValueError:
+        raise XaicompError(f"cannot parse --ratios {args.ratios!r}; use e.g. 0,0.5,0.9") from None
+    extra = []
+    if args.criteria != DEFAULT_CRITERIA:
+        extra += ["--criteria", args.criteria]
+    if args.ratios is not None:
+        extra += ["--ratios", args.ratios]
+    if args.heatmaps != DEFAULT_HEATMAPS:
+        extra += ["--heatmaps", str(args.heatmaps)]
+    if args.codec != "none":
+        extra += ["--codec", args.codec]
+    command = " ".join(p for p in ["xaicomp report", model_cli_args(args), plan.cli_args(), shlex.join(extra),
+                                   "-o", shlex.quote(args.output)] if p)
+    t0 = time.perf_counter()
+    rep = write_report(args.output, session, plan, command=command, data_label=_data_label(args, session),
+                       data_spec={"data": args.data, "eval_samples": args.eval_samples},
+                       sweep_criteria=criteria, sweep_ratios=ratios, heatmap_samples=args.heatmaps,
+                       codec=args.codec, progress=_progress_printer("report", not args.json))
+    d = {"file": args.output, "html_bytes": len(rep.html.encode("utf-8")), "command": command,
+         "accuracy": rep.accuracy, "baseline_accuracy": rep.baseline_accuracy, **rep.sizes,
+         "sweep_points": len(rep.sweep_rows), "seconds": time.perf_counter() - t0}
+    if args.json:
+        _print_json(d)
+    else:
+        print(f"wrote {args.output} ({_fmt_bytes(d['html_bytes'])}, self-contained): accuracy {rep.accuracy:.2%}, "
+              f"packed file {d['file_bytes']:,} bytes")
+    return 0
+
+
+DEFAULT_CRITERIA = "lrp,magnitude,random"
+DEFAULT_HEATMAPS = 6
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``export``, ``verify`` and ``report`` subcommands to the ``xaicomp`` parser."""
+    from .packing import CODECS
+
+    p = subparsers.add_parser("export", help="write the packed compressed model (.xcz), optionally dense "
+                                             "safetensors and ONNX")
+    add_model_args(p)
+    add_plan_args(p)
+    p.add_argument("-o", "--output", required=True, help="packed file to write (e.g. model.xcz)")
+    p.add_argument("--codec", choices=CODECS, default="none", help="lossless entropy coding of the payload")
+    p.add_argument("--dense", default=None, help="also write dense safetensors with the dequantized weights")
+    p.add_argument("--onnx", default=None, help="also write ONNX of the compressed model")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+    p = subparsers.add_parser("verify", help="reload a packed file: checksums, size vs estimate, accuracy")
+    p.add_argument("file", help="packed file (.xcz)")
+    p.add_argument("--data", default=None, help="evaluation data (default: the data recorded in the file)")
+    p.add_argument("--eval-samples", type=int, default=None, help="use only this many evaluation samples")
+    p.add_argument("--no-eval", action="store_true", help="check the file and its size only")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_verify)
+
+    p = subparsers.add_parser("report", help="write the self-contained HTML report for a plan")
+    add_model_args(p)
+    add_plan_args(p)
+    p.add_argument("-o", "--output", default="report.html", help="HTML file to write")
+    p.add_argument("--criteria", default=DEFAULT_CRITERIA, help="criteria of the trade-off curve")
+    p.add_argument("--ratios", default=None, help="prune ratios of the trade-off curve (empty: no curve)")
+    p.add_argument("--heatmaps", type=int, default=DEFAULT_HEATMAPS, help="evaluation images with LRP heatmaps")
+    p.add_argument("--codec", choices=CODECS, default="none", help="codec of the packed file the report sizes")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_report)

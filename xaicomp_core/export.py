@@ -1,0 +1,336 @@
+"""Exports of a compressed model: the packed ``.xcz`` file with its evaluation record, dense safetensors with the
+dequantized weights, and ONNX; and :func:`verify_packed`, which reloads a packed file and re-measures it.
+
+The packed file is the honest size (see :mod:`xaicomp_core.packing`); the dense and ONNX files are what people run
+elsewhere (fp32 tensors holding the dequantized values, so they are as large as the original model).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import pathlib
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import XaicompError
+from .packing import PackedModel, PackResult, pack, read_packed, unpack
+from .plan import CompressionPlan
+
+if TYPE_CHECKING:
+    from .data import Preprocessing
+    from .models import ModelInfo
+    from .session import CompressionSession
+
+EVAL_BATCH_SIZE = 1000
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------------------
+def forward_logits(model: nn.Module, x: torch.Tensor, batch_size: int = EVAL_BATCH_SIZE) -> torch.Tensor:
+    """Logits of ``model`` on ``x`` in batches under ``torch.inference_mode`` (as the session computes them)."""
+    outs = []
+    with torch.inference_mode():
+        for i in range(0, len(x), batch_size):
+            outs.append(model(x[i:i + batch_size]))
+    return torch.cat(outs)
+
+
+def tensor_digest(*tensors: torch.Tensor) -> str:
+    """sha256 over the raw bytes of tensors (little-endian, contiguous): identifies logits or data exactly."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(str(tuple(t.shape)).encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def accuracy_of(logits: torch.Tensor, y: torch.Tensor, num_classes: int) -> tuple[int, list[float]]:
+    """Correct predictions and per-class accuracy (as the session computes them)."""
+    pred = logits.argmax(1)
+    ok = pred == y
+    per = torch.bincount(y[ok], minlength=num_classes).double() / torch.bincount(y, minlength=num_classes).clamp(
+        min=1).double()
+    return int(ok.sum()), per.tolist()
+
+
+def _state_of(session: CompressionSession) -> dict[str, torch.Tensor]:
+    return {k: v.detach() for k, v in session.model.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# packed export
+# ----------------------------------------------------------------------------------------------------------------
+def evaluation_record(session: CompressionSession, plan: CompressionPlan, logits: torch.Tensor | None = None,
+                      data_spec: dict[str, Any] | None = None, data_label: str | None = None) -> dict[str, Any]:
+    """What a packed file records about the evaluation at export time (used by :func:`verify_packed`).
+
+    Parameters
+    ----------
+    session : CompressionSession
+    plan : CompressionPlan
+    logits : Tensor, optional
+        The compressed model's logits on the session's evaluation set (computed if not given).
+    data_spec : dict, optional
+        How to load the evaluation data again, e.g. ``{"data": "fashion-mnist", "eval_samples": 600}`` (the
+        CLI's ``--data`` and ``--eval-samples``); None if it cannot be reloaded by name.
+    data_label : str, optional
+        Human description of the data.
+    """
+    if logits is None:
+        logits = session.compressed_logits(plan)
+    n_cls = session.info.num_classes
+    correct, per_class = accuracy_of(logits, session.y_eval, n_cls)
+    images = len(session.y_eval)
+    return {
+        "data": data_label or f"evaluation set ({images} images)",
+        "data_spec": data_spec,
+        "images": images,
+        "correct": correct,
+        "accuracy": correct / images,
+        "baseline_accuracy": float(session.baseline_accuracy),
+        "per_class_accuracy": per_class,
+        "batch_size": int(session.eval_batch_size),
+        "inputs_sha256": tensor_digest(session.x_eval, session.y_eval),
+        "logits_sha256": tensor_digest(logits),
+    }
+
+
+def export_packed(session: CompressionSession, plan: CompressionPlan, path: str | pathlib.Path | None = None, *,
+                  codec: str = "none", data_spec: dict[str, Any] | None = None, data_label: str | None = None,
+                  evaluate: bool = True) -> PackResult:
+    """Pack the session's compressed model for ``plan`` (and write it if ``path`` is given).
+
+    Parameters
+    ----------
+    session : CompressionSession
+    plan : CompressionPlan
+    path : path, optional
+        Where to write the ``.xcz`` file.
+    codec : {"none", "zlib", "lzma"}
+        Lossless entropy coding of the payload.
+    data_spec, data_label : optional
+        See :func:`evaluation_record`.
+    evaluate : bool
+        Record accuracy and a logits digest of the compressed model on the session's evaluation set (one forward
+        pass), so that :func:`verify_packed` can compare.
+
+    Returns
+    -------
+    PackResult
+        ``payload_bytes == session.compress(plan).size.estimated_bytes``.
+    """
+    cw = session.compress(plan)
+    extra: dict[str, Any] = {}
+    if evaluate:
+        extra["evaluation"] = evaluation_record(session, plan, session.compressed_logits(plan), data_spec,
+                                                data_label)
+    res = pack(cw, _state_of(session), session.info, codec=codec, extra=extra)
+    if path is not None:
+        res.write(path)
+    return res
+
+
+def codec_sizes(result: PackResult) -> dict[str, int]:
+    """Payload bytes under every codec (the raw payload is recovered from ``result`` without re-packing)."""
+    from .packing import CODECS, decode_payload, encode_payload
+
+    raw = decode_payload(result.data[result.header_bytes:], result.codec, result.payload_bytes)
+    return {c: len(encode_payload(raw, c)) for c in CODECS}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# dense safetensors and ONNX
+# ----------------------------------------------------------------------------------------------------------------
+def dense_state_dict(session: CompressionSession, plan: CompressionPlan) -> dict[str, torch.Tensor]:
+    """The model's state dict with the dequantized weights of ``plan`` (zeros where pruned)."""
+    cw = session.compress(plan)
+    state = {k: v.clone() for k, v in _state_of(session).items()}
+    for name, w in cw.weights().items():
+        state[name] = w.to(state[name].dtype).clone()
+    return state
+
+
+def _metadata(info: ModelInfo, plan: CompressionPlan) -> dict[str, str]:
+    return {"format": "pt", "xaicomp_model": json.dumps(info.to_dict()), "xaicomp_plan": plan.to_json(indent=None)}
+
+
+def dense_bytes(session: CompressionSession, plan: CompressionPlan) -> bytes:
+    """Dense safetensors of the compressed model (dequantized fp32 weights; plan and model info in metadata)."""
+    from safetensors.torch import save
+
+    state = {k: v.contiguous() for k, v in dense_state_dict(session, plan).items()}
+    return save(state, metadata=_metadata(session.info, plan))
+
+
+def export_dense(session: CompressionSession, plan: CompressionPlan, path: str | pathlib.Path) -> int:
+    """Write :func:`dense_bytes` to ``path``; returns the file size. Load it with
+    ``xaicomp_core.load_model(arch, weights=path)``."""
+    data = dense_bytes(session, plan)
+    pathlib.Path(path).write_bytes(data)
+    return len(data)
+
+
+def packed_to_dense(packed: PackedModel) -> bytes:
+    """Dense safetensors of the model in a packed file."""
+    from safetensors.torch import save
+
+    return save({k: v.contiguous() for k, v in packed.state.items()}, metadata=_metadata(packed.info, packed.plan))
+
+
+def onnx_bytes(model: nn.Module, preprocessing: Preprocessing, opset: int = 17) -> bytes:
+    """ONNX of ``model`` (input ``input`` of shape (batch, C, H, W), output ``logits``; dynamic batch).
+
+    Uses the TorchScript exporter (no onnxscript needed). Raises :class:`XaicompError` if the architecture
+    cannot be exported.
+    """
+    shape = (1, preprocessing.channels, *preprocessing.input_size)
+    buf = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model.eval(), (torch.zeros(shape),), buf, dynamo=False, input_names=["input"],
+                              output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                              opset_version=opset)
+    except Exception as e:  # the exporter raises many types
+        raise XaicompError(f"this architecture cannot be exported to ONNX ({e.__class__.__name__}: "
+                           f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    return buf.getvalue()
+
+
+def export_onnx(session: CompressionSession, plan: CompressionPlan, path: str | pathlib.Path) -> int:
+    """Write the ONNX of the compressed model for ``plan``; returns the file size."""
+    data = onnx_bytes(session.compressed_model(plan), session.info.preprocessing)
+    pathlib.Path(path).write_bytes(data)
+    return len(data)
+
+
+def onnx_logits(onnx_data: bytes | str | pathlib.Path, x: torch.Tensor, batch_size: int = EVAL_BATCH_SIZE
+                ) -> np.ndarray:
+    """Run an ONNX model with onnxruntime (CPU) on ``x``; returns the logits."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise XaicompError("onnxruntime is not installed (pip install 'xaicomp[onnx]')") from None
+    src = str(onnx_data) if isinstance(onnx_data, pathlib.Path) else onnx_data
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = max(1, torch.get_num_threads())
+    sess = ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+    xs = x.detach().cpu().float().numpy()
+    return np.concatenate([sess.run(None, {"input": xs[i:i + batch_size]})[0] for i in range(0, len(xs), batch_size)])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# verify
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class VerifyResult:
+    """Outcome of :func:`verify_packed`. ``ok`` is true when the payload equals the engine's estimate of the
+    decoded contents and, if data was given, the accuracy equals the recorded one to the last image."""
+
+    file_bytes: int
+    header_bytes: int
+    payload_bytes: int
+    stored_payload_bytes: int
+    codec: str
+    estimated_bytes: int
+    estimated_bytes_at_export: int
+    fp32_bytes: int
+    model: str
+    arch: str
+    plan: dict[str, Any]
+    description: str
+    accuracy: float | None = None
+    expected_accuracy: float | None = None
+    correct: int | None = None
+    expected_correct: int | None = None
+    images: int | None = None
+    per_class_accuracy: dict[str, float] | None = None
+    data: str | None = None
+    data_matches: bool | None = None
+    logits_match: bool | None = None
+    read_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """No problems found."""
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable dict (includes ``ok``, ``problems`` and ``estimate_error``)."""
+        d = dict(self.__dict__)
+        d["ok"] = self.ok
+        d["estimate_error"] = (self.payload_bytes - self.estimated_bytes) / max(self.estimated_bytes, 1)
+        return d
+
+
+def verify_packed(source: str | pathlib.Path | bytes | PackedModel, x: torch.Tensor | None = None,
+                  y: torch.Tensor | None = None, data_label: str | None = None) -> VerifyResult:
+    """Reload a packed file, recount its size with the engine and, given data, re-measure its accuracy.
+
+    Parameters
+    ----------
+    source : path, bytes or PackedModel
+    x, y : Tensor, optional
+        Preprocessed evaluation inputs and labels. With the data the file was exported with, the accuracy must
+        equal the recorded one exactly and the logits digest must match.
+    data_label : str, optional
+        Description of the data for the result.
+
+    Raises
+    ------
+    FormatError
+        If the file is corrupt, truncated, altered or of an unknown version.
+    """
+    t0 = time.perf_counter()
+    if isinstance(source, PackedModel):
+        pm = source
+    elif isinstance(source, (bytes, bytearray)):
+        pm = unpack(bytes(source))
+    else:
+        pm = read_packed(source)
+    model = pm.build_model()
+    read_s = time.perf_counter() - t0
+    h = pm.header
+    est = pm.size().estimated_bytes
+    res = VerifyResult(pm.file_bytes, pm.header_bytes, pm.payload_bytes, pm.stored_payload_bytes, pm.codec, est,
+                       int(h.get("estimated_bytes", -1)), int(h.get("fp32_bytes", -1)), str(h["model"]["name"]),
+                       str(h["model"]["arch"]), dict(h["plan"]), pm.plan.describe(), read_seconds=read_s)
+    if est != pm.payload_bytes:
+        res.problems.append(f"payload is {pm.payload_bytes} bytes, the engine's estimate {est}")
+    if res.estimated_bytes_at_export != est:
+        res.problems.append(f"the estimate recorded at export ({res.estimated_bytes_at_export}) differs from the "
+                            f"estimate of the decoded contents ({est})")
+    ev = h.get("evaluation") if isinstance(h.get("evaluation"), dict) else None
+    if ev:
+        res.expected_accuracy = ev.get("accuracy")
+        res.expected_correct = ev.get("correct")
+    if x is None or y is None:
+        return res
+    t1 = time.perf_counter()
+    info = pm.info
+    logits = forward_logits(model, x, int(ev.get("batch_size", EVAL_BATCH_SIZE)) if ev else EVAL_BATCH_SIZE)
+    correct, per_class = accuracy_of(logits, y, info.num_classes)
+    res.eval_seconds = time.perf_counter() - t1
+    res.accuracy = correct / len(y)
+    res.correct = correct
+    res.images = len(y)
+    res.per_class_accuracy = dict(zip(info.class_names, per_class))
+    res.data = data_label
+    if ev:
+        res.data_matches = tensor_digest(x, y) == ev.get("inputs_sha256")
+        res.logits_match = tensor_digest(logits) == ev.get("logits_sha256")
+        if res.data_matches and correct != res.expected_correct:
+            res.problems.append(f"{correct} of {len(y)} correct after reloading, {res.expected_correct} at export")
+    return res
