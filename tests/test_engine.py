@@ -212,6 +212,9 @@ def test_keep_encoding_choices():
     assert keep_encoding(1000, 997, 4, False) == ("pruned-indices", 4)
     assert keep_encoding(1000, 500, 10, True) == ("channels", 2)
     assert keep_encoding(1000, 0, 10, False) == ("indices", 0)
+    assert keep_encoding(1000, 100, 4, False, (3, 60)) == ("rice", 60)
+    assert keep_encoding(1000, 900, 4, False, (3, 60)) == ("rice-pruned", 60)
+    assert keep_encoding(1000, 500, 4, False, (1, 125)) == ("bitmask", 125)  # ties go to the bitmask
     assert index_bits(1024) == 10 and index_bits(1025) == 11 and index_bits(1) == 1
     assert class_bits(1) == 0 and class_bits(2) == 1 and class_bits(3) == 2
 
@@ -236,8 +239,8 @@ def test_size_matches_hand_count():
     assert a.keep_bytes == 0 and a.class_bytes == 9 and a.value_bytes == math.ceil((n8 * 8 + (72 - n8) * 32) / 8)
     assert a.scale_bytes == 4 * int((q.group_count[:4, 0] > 0).sum())
     b = rows["b.weight"]
-    assert b.kept == 3 and b.keep_encoding in ("indices", "bitmask")
-    assert b.keep_bytes == min(math.ceil(30 / 8), math.ceil(3 * 5 / 8))
+    # kept positions 0, 1, 2 of 30: gaps 0, 0, 0 -> Rice with k = 0 is three 0-bits, one byte (indices: 15 bits)
+    assert b.kept == 3 and b.keep_encoding == "rice" and b.keep_param == 0 and b.keep_bytes == 1
     assert size.fp32_bytes == 4 * (72 + 4 + 4 + 30 + 6)
     assert size.estimated_bytes == sum(t.total for t in size.tensors)
     assert size.compression_ratio == pytest.approx(size.fp32_bytes / size.estimated_bytes)

@@ -7,6 +7,7 @@ gets.
 
 from .data import ImageDataset, Preprocessing, load_builtin_dataset, load_image_folder, load_torchvision_folder
 from .errors import DataError, FormatError, PlanError, WeightsError, XaicompError
+from .export import export_packed, verify_packed
 from .models import (
     BUILTIN_MODELS,
     ModelInfo,
@@ -16,6 +17,7 @@ from .models import (
     load_weights_file,
     model_info,
 )
+from .packing import load_packed_model, read_packed
 from .plan import CRITERIA, CompressionPlan
 from .relevance import COMPOSITES, RelevanceResult, compute_relevance, input_heatmaps, weight_relevance
 from .session import CompressionSession, EvaluationResult
@@ -28,5 +30,6 @@ __all__ = [
     "EvaluationResult", "FormatError", "ImageDataset", "ModelInfo", "PlanError", "Preprocessing",
     "RelevanceResult", "SizeBreakdown", "WeightsError", "XaicompError", "compute_relevance", "input_heatmaps",
     "load_builtin_dataset", "load_builtin_model", "load_image_folder", "load_model", "load_torchvision_folder",
-    "load_torchvision_model", "load_weights_file", "model_info", "weight_relevance",
+    "load_torchvision_model", "load_weights_file", "model_info", "weight_relevance", "export_packed", "verify_packed",
+    "load_packed_model", "read_packed",
 ]

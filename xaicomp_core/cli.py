@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import PlanError, XaicompError
 
-CLI_COMMANDS = ("info", "compress", "sweep", "bench")
+CLI_COMMANDS = ("info", "compress", "sweep", "bench", "export", "verify", "report")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -4,8 +4,10 @@ Counts what a packed file (see ``docs/FORMAT.md`` and :mod:`xaicomp_core.packing
 each padded to whole bytes:
 
 * **keep** — which weights are kept: nothing if all are; else the cheapest of a bitmask (1 bit per weight), the
-  sorted indices of the kept weights, or of the pruned weights (``ceil(log2 n)`` bits each), or, for masks that keep
-  or drop whole output channels, a bitmask over channels;
+  sorted indices of the kept weights, or of the pruned weights (``ceil(log2 n)`` bits each), a Rice code of the
+  gaps between the kept (or the pruned) positions (about ``log2(1/density) + 1.5`` bits per coded position, far
+  below 1 bit per weight at high sparsity), or, for masks that keep or drop whole output channels, a bitmask over
+  channels;
 * **classes** — the bit class of each kept weight (``ceil(log2 L)`` bits each for L levels, per-weight
   granularity), of each output channel (per-channel), or nothing (per-layer: the class is in the header);
 * **scales** — one float32 per (output channel, bit class) group that holds kept quantized weights;
@@ -41,15 +43,53 @@ def class_bits(n_levels: int) -> int:
     return 0 if n_levels <= 1 else math.ceil(math.log2(n_levels))
 
 
-def keep_encoding(n: int, kept: int, channels: int, structured: bool) -> tuple[str, int]:
-    """Cheapest encoding of which of ``n`` weights are kept: (name, bytes)."""
+def rice_cost(positions: torch.Tensor) -> tuple[int, int]:
+    """Cheapest Rice parameter for coding sorted ``positions``: (k, bytes).
+
+    Each position is coded as its gap ``g`` to the previous one (``g = p - previous - 1``, previous = -1 at first):
+    the quotient ``g >> k`` in unary (that many 1 bits, then a 0) in one stream, the ``k`` low bits of ``g`` in a
+    second, fixed-width stream. Bytes = ceil(unary bits / 8) + ceil(m k / 8).
+    """
+    m = len(positions)
+    if m == 0:
+        return 0, 0
+    p = positions.long()
+    gaps = torch.diff(p, prepend=p.new_tensor([-1])) - 1
+    mean = float(gaps.double().mean())
+    k0 = max(0, int(math.log2(mean + 1))) if mean > 0 else 0
+    best: tuple[int, int] | None = None
+    for k in range(max(0, k0 - 2), k0 + 3):
+        unary = int((gaps >> k).sum()) + m
+        cost = _bytes(unary) + _bytes(m * k)
+        if best is None or cost < best[1]:
+            best = (k, cost)
+    assert best is not None
+    return best
+
+
+def keep_encoding(n: int, kept: int, channels: int, structured: bool,
+                  rice: tuple[int, int] | None = None) -> tuple[str, int]:
+    """Cheapest encoding of which of ``n`` weights are kept: (name, bytes).
+
+    ``rice`` is :func:`rice_cost` of the sparser of the kept and the pruned positions (``rice`` codes the kept
+    positions when at most half are kept, ``rice-pruned`` the pruned ones otherwise).
+    """
     if kept == n:
         return "dense", 0
     options = [("bitmask", _bytes(n)), ("indices", _bytes(kept * index_bits(n))),
                ("pruned-indices", _bytes((n - kept) * index_bits(n)))]
     if structured:
         options.append(("channels", _bytes(channels)))
+    if rice is not None:
+        options.append(("rice" if 2 * kept <= n else "rice-pruned", rice[1]))
     return min(options, key=lambda o: o[1])
+
+
+def rice_positions(mask: torch.Tensor) -> torch.Tensor:
+    """The positions :func:`keep_encoding`'s Rice options code for a layer's keep-mask (the sparser set)."""
+    kept = int(mask.sum())
+    target = mask if 2 * kept <= mask.numel() else ~mask
+    return torch.nonzero(target).squeeze(1)
 
 
 @dataclass
@@ -63,6 +103,7 @@ class TensorSize:
     kept: int
     fp32_bytes: int
     keep_encoding: str = "dense"
+    keep_param: int = 0
     keep_bytes: int = 0
     class_bytes: int = 0
     scale_bytes: int = 0
@@ -175,7 +216,9 @@ def compute_size(layout: LayerLayout, keep: torch.Tensor, klass: torch.Tensor, g
         kept = int(counts.sum())
         c = layout.channels[i]
         structured = kept < numel and bool(structured_layer[i])
-        enc, kb = keep_encoding(numel, kept, c, structured)
+        rice = rice_cost(rice_positions(keep[layout.layer_slice(i)])) if kept < numel else None
+        enc, kb = keep_encoding(numel, kept, c, structured, rice)
+        k_param = rice[0] if enc.startswith("rice") and rice is not None else 0
         value_bits = int((counts * lv).sum())
         if granularity == "weight":
             class_b = _bytes(kept * cb)
@@ -184,6 +227,6 @@ def compute_size(layout: LayerLayout, keep: torch.Tensor, klass: torch.Tensor, g
         else:
             class_b = 0
         n_scales = int(scales_per_layer[i])
-        rows.append(TensorSize(name, "compressed", shape, numel, kept, 4 * numel, enc, kb, class_b, 4 * n_scales,
-                               _bytes(value_bits), 0, value_bits / kept if kept else 0.0))
+        rows.append(TensorSize(name, "compressed", shape, numel, kept, 4 * numel, enc, k_param, kb, class_b,
+                               4 * n_scales, _bytes(value_bits), 0, value_bits / kept if kept else 0.0))
     return SizeBreakdown(rows)
