@@ -30,5 +30,9 @@ lint: install
 bench: install
 	$(VENV)/bin/xaicomp bench --json
 
+# Regenerates results/summary.json, docs/results/*.png and RESULTS.md (about an hour on 2 cores).
+results: install
+	$(PY) -m xaicomp_core.results
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache test-artifacts
