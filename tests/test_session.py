@@ -37,6 +37,27 @@ def test_lrp_filter_is_structured(lenet_session):
     assert all(is_channel_structured(cw.layout, cw.keep, i) for i in range(len(cw.layout.names)))
 
 
+def test_removed_filters_output_exactly_zero(fashion_ref, fashion_eval):
+    """lrp-filter removes filters: the channel's bias and following BatchNorm are zeroed, so it outputs 0."""
+    model = load_builtin_model("fashion-resnet")
+    s = CompressionSession(model, fashion_ref.balanced_subset(100), fashion_eval.balanced_subset(100))
+    plan = CompressionPlan(criterion="lrp-filter", prune_ratio=0.3)
+    cw = s.compress(plan)
+    assert cw.overrides  # zeroed BatchNorm scale/shift of removed channels
+    compressed = s.compressed_model(plan)
+    acts = {}
+    compressed.stem[2].register_forward_hook(lambda m, i, o: acts.__setitem__("stem", o))
+    with torch.inference_mode():
+        compressed(s.x_eval[:8])
+    i = cw.layout.names.index("stem.0.weight")
+    removed = ~cw.keep[cw.layout.layer_slice(i)].view(cw.layout.channels[i], -1).any(1)
+    assert bool(removed.any()) and bool((acts["stem"][:, removed] == 0).all())
+    assert torch.equal(s.compressed_logits(plan, s.x_eval[:8]), compressed(s.x_eval[:8]).detach())
+    assert s.check_unchanged()
+    # unstructured plans keep biases as they are
+    assert not s.compress(CompressionPlan(criterion="magnitude", prune_ratio=0.9)).overrides
+
+
 def test_paper_and_zero_rules_prune_exactly_those_weights(lenet_session):
     rel = lenet_session.relevance().weights
     layout = lenet_session.layout

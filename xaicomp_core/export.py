@@ -134,7 +134,7 @@ def export_packed(session: CompressionSession, plan: CompressionPlan, path: str 
     if evaluate:
         extra["evaluation"] = evaluation_record(session, plan, session.compressed_logits(plan), data_spec,
                                                 data_label)
-    res = pack(cw, _state_of(session), session.info, codec=codec, extra=extra)
+    res = pack(cw, cw.state_dict(_state_of(session)), session.info, codec=codec, extra=extra)
     if path is not None:
         res.write(path)
     return res
@@ -154,10 +154,7 @@ def codec_sizes(result: PackResult) -> dict[str, int]:
 def dense_state_dict(session: CompressionSession, plan: CompressionPlan) -> dict[str, torch.Tensor]:
     """The model's state dict with the dequantized weights of ``plan`` (zeros where pruned)."""
     cw = session.compress(plan)
-    state = {k: v.clone() for k, v in _state_of(session).items()}
-    for name, w in cw.weights().items():
-        state[name] = w.to(state[name].dtype).clone()
-    return state
+    return {k: v.clone() for k, v in cw.state_dict(_state_of(session)).items()}
 
 
 def _metadata(info: ModelInfo, plan: CompressionPlan) -> dict[str, str]:

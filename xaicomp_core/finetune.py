@@ -27,7 +27,8 @@ ProgressFn = Callable[[int, int], None]
 def finetune_weights(model: nn.Module, layout: LayerLayout, weights: torch.Tensor, keep: torch.Tensor,
                      klass: torch.Tensor, levels: list[int], method: str, x_train: torch.Tensor,
                      y_train: torch.Tensor, epochs: int = 2, lr: float = 0.01, seed: int = 0, batch_size: int = 128,
-                     progress: ProgressFn | None = None) -> torch.Tensor:
+                     progress: ProgressFn | None = None, overrides: dict[str, torch.Tensor] | None = None
+                     ) -> torch.Tensor:
     """Fine-tune the flat compressible weights; returns the new (unquantized) flat weights.
 
     Parameters
@@ -50,8 +51,15 @@ def finetune_weights(model: nn.Module, layout: LayerLayout, weights: torch.Tenso
         SGD (momentum 0.9) with a cosine learning-rate decay; seeded data order and augmentation.
     progress : callable, optional
         ``progress(step, total_steps)``.
+    overrides : dict, optional
+        State entries to replace first (zeroed biases / BatchNorm parameters of removed filters); not trained.
     """
     work = copy.deepcopy(model).eval()
+    if overrides:
+        state = work.state_dict()
+        with torch.no_grad():
+            for name, value in overrides.items():
+                state[name].copy_(value)
     for p in work.parameters():
         p.requires_grad_(False)
     params = dict(work.named_parameters())

@@ -461,7 +461,8 @@ def pack(compressed: CompressedWeights, state: dict[str, torch.Tensor], info: Mo
     compressed : CompressedWeights
         ``session.compress(plan)``: layout, keep-mask, quantized codes and scales, size breakdown.
     state : dict of str to Tensor
-        The original model's state dict (raw tensors and protected layers are taken from it).
+        The original model's state dict (raw tensors and protected layers are taken from it; the plan's
+        ``overrides`` replace entries, e.g. the zeroed biases of removed filters).
     info : ModelInfo
         Name, architecture id, class names and preprocessing, stored in the header.
     codec : {"none", "zlib", "lzma"}
@@ -483,6 +484,7 @@ def pack(compressed: CompressedWeights, state: dict[str, torch.Tensor], info: Mo
     if codec not in CODECS:
         raise XaicompError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
     cw = compressed
+    state = {**state, **getattr(cw, "overrides", {})}  # zeroed bias / BatchNorm of removed filters
     layout: LayerLayout = cw.layout
     plan: CompressionPlan = cw.plan
     q = cw.quant

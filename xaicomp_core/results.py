@@ -41,6 +41,9 @@ UNIFORM_BITS = [8, 6, 4, 3, 2]
 MIXED = [((8, 4, 2), (0.2, 0.5)), ((8, 4, 2), (0.1, 0.3)), ((4, 2), (0.3,)), ((8, 4, 2, 1), (0.05, 0.25, 0.4))]
 MP_RATIOS = [0.0, 0.5, 0.8, 0.9]
 HEADLINE_CRITERIA = ["lrp", "lrp-signed", "magnitude", "random", "lrp-filter", "paper"]
+#: Composite per criterion: Yeom et al. score filters with z+ on the convolutions (epsilon-plus); with plain epsilon,
+#: filters with negative summed relevance (common in the first layers) would be removed first.
+CRITERION_COMPOSITE = {"lrp-filter": "epsilon-plus"}
 FT_EPOCHS_CURVE = 1
 FT_EPOCHS_HEADLINE = 2
 
@@ -73,7 +76,8 @@ def pruning_curves(s: CompressionSession, ratios: Sequence[float], ft_ratios: Se
     for crit in criteria:
         pts = []
         for ratio in ratios:
-            plan = CompressionPlan(criterion=crit, prune_ratio=ratio)
+            plan = CompressionPlan(criterion=crit, prune_ratio=ratio,
+                                   composite=CRITERION_COMPOSITE.get(crit, "epsilon"))
             r = s.evaluate(plan)
             row = {"prune_ratio": ratio, "sparsity": r.sparsity, "accuracy": r.accuracy}
             if ratio in ft_ratios and s.can_finetune:
@@ -197,7 +201,8 @@ def headline_candidates(criteria: Sequence[str], ratios: Sequence[float]) -> dic
         plans = []
         for ratio in (ratios if crit != "paper" else [0.0]):
             for levels, split in bit_settings:
-                plans.append(CompressionPlan(criterion=crit, prune_ratio=ratio, bit_levels=levels, bit_split=split))
+                plans.append(CompressionPlan(criterion=crit, prune_ratio=ratio, bit_levels=levels, bit_split=split,
+                                             composite=CRITERION_COMPOSITE.get(crit, "epsilon")))
         out[crit] = plans
     return out
 
@@ -207,7 +212,8 @@ def yeom_equal_size(s: CompressionSession, mp_rows: list[dict[str, Any]]) -> lis
     out = []
     for ratio in (0.3, 0.5, 0.7):
         for bits in (8, 4):
-            f = s.evaluate(CompressionPlan(criterion="lrp-filter", prune_ratio=ratio, bit_levels=[bits]))
+            f = s.evaluate(CompressionPlan(criterion="lrp-filter", prune_ratio=ratio, bit_levels=[bits],
+                                           composite=CRITERION_COMPOSITE["lrp-filter"]))
             target = f.size.estimated_bytes
             cands = [r for r in mp_rows if r["estimated_bytes"] <= target and "lrp pruning" in r["family"]]
             best = max(cands, key=lambda r: r["accuracy"]) if cands else None
@@ -404,8 +410,10 @@ def write_markdown(summary: dict[str, Any], path: pathlib.Path, plot_dir: str, d
                                                             if "accuracy_finetuned" in p else "") for p in c["points"])
             L.append(f"| {crit} | {c['auc']:.4f} | {c['auc_high_sparsity'] or 0:.4f} | "
                      f"{c['auc_high_sparsity_finetuned'] or 0:.4f} | {accs} |")
-        L += ["", "Cells: accuracy % without (with) fine-tuning; the sparsity of `lrp-filter` is the closest whole-"
-              "channel count to the ratio (the classifier is never filter-pruned).", ""]
+        L += ["", "Cells: accuracy % without (with) fine-tuning. `lrp-filter` is Yeom et al.'s filter pruning with "
+              "their z+ rule on the convolutions (composite `epsilon-plus`); removed filters output exactly zero "
+              "(their bias and BatchNorm are zeroed); its sparsity is the closest whole-channel count to the ratio "
+              "and the classifier is never filter-pruned.", ""]
         L += ["### The paper's rule (prune relevance ≤ 0)", "", f"![paper rule]({plot_dir}/{name}-paper-rule.png)", "",
               "| composite | relevance ≤ 0 | = 0 | < 0 | accuracy after pruning ≤ 0 | fine-tuned | after pruning = 0 "
               "only | lrp / magnitude / random at the same sparsity |", "|---|---|---|---|---|---|---|---|"]

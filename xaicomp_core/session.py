@@ -65,10 +65,20 @@ class CompressedWeights:
     keep: torch.Tensor
     quant: Quantized
     size: SizeBreakdown
+    overrides: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def weights(self) -> dict[str, torch.Tensor]:
         """Dequantized weight tensors by parameter name."""
         return self.layout.split(self.quant.values)
+
+    def state_dict(self, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``base`` (the original state dict) with the compressed weights and the ``overrides`` (for filter
+        pruning: the bias and the following BatchNorm's scale and shift of every removed channel set to zero)."""
+        out = {k: v for k, v in base.items()}
+        out.update(self.overrides)
+        for name, w in self.weights().items():
+            out[name] = w.to(base[name].dtype)
+        return out
 
 
 @dataclass
@@ -149,6 +159,19 @@ class EvaluationResult:
         }
 
 
+def following_batchnorms(model: nn.Module) -> dict[str, str]:
+    """Conv/linear module name -> name of the BatchNorm registered right after it (module leaves in registration
+    order, as zennit's BatchNorm merging pairs them)."""
+    leaves = [(n, m) for n, m in model.named_modules() if not list(m.children())]
+    out = {}
+    for (n1, m1), (n2, m2) in zip(leaves, leaves[1:]):
+        if isinstance(m1, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and isinstance(
+                m2, nn.modules.batchnorm._BatchNorm) and m2.num_features == (
+                m1.out_channels if not isinstance(m1, nn.Linear) else m1.out_features):
+            out[n1] = n2
+    return out
+
+
 def _accuracy(pred: torch.Tensor, y: torch.Tensor, n_classes: int) -> tuple[int, list[float]]:
     correct = pred == y
     per = torch.bincount(y[correct], minlength=n_classes).double() / torch.bincount(y, minlength=n_classes).clamp(
@@ -218,6 +241,9 @@ class CompressionSession:
         for p in self._work.parameters():
             p.requires_grad_(False)
         self._work_params = dict(self._work.named_parameters())
+        self._work_state = self._work.state_dict(keep_vars=True)
+        self._overridden: list[str] = []
+        self._following_bn = following_batchnorms(model)
         self._lock = threading.RLock()
         self._relevance: dict[str, RelevanceResult] = {}
         self._sorted: dict[tuple, SortedScores] = {}
@@ -319,14 +345,14 @@ class CompressionSession:
                 self._finetuned[key] = finetune_weights(
                     self.model, base.layout, self._weights_flat, base.keep, base.quant.klass, plan.bit_levels,
                     plan.quantizer, x, y, epochs=plan.finetune_epochs, lr=plan.finetune_lr, seed=plan.seed,
-                    progress=progress or self.finetune_progress)
+                    progress=progress or self.finetune_progress, overrides=base.overrides)
                 if len(self._finetuned) > 8:
                     self._finetuned.popitem(last=False)
             flat = self._finetuned[key]
             quant = quantize(base.layout, flat, base.keep, base.quant.klass, plan.bit_levels, plan.quantizer)
             size = compute_size(base.layout, base.keep, base.quant.klass, quant.group_count, plan.bit_levels,
                                 plan.granularity, self._state)
-            return CompressedWeights(plan, base.layout, base.keep, quant, size)
+            return CompressedWeights(plan, base.layout, base.keep, quant, size, base.overrides)
 
     def _compress(self, plan: CompressionPlan) -> CompressedWeights:
         with self._lock:
@@ -334,6 +360,7 @@ class CompressionSession:
             crit = get_criterion(plan.criterion)
             inp = self._inputs(plan)
             rel_key = plan.composite if crit.needs_relevance else None
+            overrides: dict[str, torch.Tensor] = {}
             rule = crit.rule_prune(inp)
             if rule is not None:
                 keep = rule_mask(layout, layout.flat(rule))
@@ -344,6 +371,7 @@ class CompressionSession:
                     self._channel_scores[ck] = torch.cat([ch[n] for n in layout.names])
                 keep = channel_mask(layout, self._channel_scores[ck], plan.prune_ratio, plan.scope,
                                     exclude_layers={len(layout.names) - 1})
+                overrides = self._structured_overrides(layout, keep)
             else:
                 seed = plan.seed if plan.criterion == "random" else None
                 scores = self._sorted_scores(("prune", plan.criterion, rel_key, seed), layout,
@@ -365,7 +393,7 @@ class CompressionSession:
                                       levels, [], plan.granularity, plan.scope)
             quant = quantize(layout, self._weights_flat, keep, klass, levels, plan.quantizer)
             size = compute_size(layout, keep, klass, quant.group_count, levels, plan.granularity, self._state)
-            return CompressedWeights(plan, layout, keep, quant, size)
+            return CompressedWeights(plan, layout, keep, quant, size, overrides)
 
     def _forward(self, x: torch.Tensor | None = None) -> torch.Tensor:
         x = self.x_eval if x is None else x
@@ -375,18 +403,49 @@ class CompressionSession:
                 outs.append(self._work(x[i:i + self.eval_batch_size]))
         return torch.cat(outs)
 
-    def _load(self, weights: torch.Tensor | None) -> None:
-        """Copy compressed (or, with None, original) weights into the working model."""
-        src = self.layout.split(weights) if weights is not None else self._weights
+    def _load(self, cw: CompressedWeights | None) -> None:
+        """Copy a compressed model's weights (or, with None, the original ones) into the working model."""
+        src = self.layout.split(cw.quant.values) if cw is not None else self._weights
         with torch.no_grad():
             for name in self.layout.names:
                 self._work_params[name].copy_(src[name])
+            if cw is not None:
+                for name, value in cw.overrides.items():
+                    self._work_state[name].copy_(value)
+                self._overridden = list(cw.overrides)
+            else:
+                for name in self._overridden:
+                    self._work_state[name].copy_(self._state[name])
+                self._overridden = []
+
+    def _structured_overrides(self, layout: LayerLayout, keep: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Filter removal: for every output channel without kept weights, zero its bias and the scale and shift of
+        the BatchNorm right after the layer, so that the channel's output is exactly 0 (as if the filter were
+        gone) instead of a constant."""
+        out: dict[str, torch.Tensor] = {}
+        for i, name in enumerate(layout.names):
+            if layout.protected[i]:
+                continue
+            ch_kept = keep[layout.layer_slice(i)].view(layout.channels[i], -1).any(1)
+            removed = ~ch_kept
+            if not bool(removed.any()):
+                continue
+            targets = [name.removesuffix("weight") + "bias"]
+            bn = self._following_bn.get(name.removesuffix(".weight"))
+            if bn is not None:
+                targets += [f"{bn}.weight", f"{bn}.bias"]
+            for t in targets:
+                if t in self._state and self._state[t].shape == removed.shape:
+                    v = self._state[t].clone()
+                    v[removed] = 0
+                    out[t] = v
+        return out
 
     def compressed_logits(self, plan: CompressionPlan, x: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of the compressed model on ``x`` (default: the evaluation set)."""
         cw = self.compress(plan)
         with self._lock:
-            self._load(cw.quant.values)
+            self._load(cw)
             try:
                 return self._forward(x)
             finally:
@@ -396,10 +455,10 @@ class CompressionSession:
         """A new model (deep copy) holding the compressed weights."""
         cw = plan if isinstance(plan, CompressedWeights) else self.compress(plan)
         model = copy.deepcopy(self.model).eval()
-        params = dict(model.named_parameters())
+        state = model.state_dict()
         with torch.no_grad():
-            for name, w in cw.weights().items():
-                params[name].copy_(w)
+            for name, value in cw.state_dict(self._state).items():
+                state[name].copy_(value)
         return model
 
     def evaluate(self, plan: CompressionPlan, progress: ProgressFn | None = None) -> EvaluationResult:
@@ -414,7 +473,7 @@ class CompressionSession:
                 return self._results[key]
             t0 = time.perf_counter()
             cw = self.compress(plan, progress)
-            self._load(cw.quant.values)
+            self._load(cw)
             try:
                 logits = self._forward()
             finally:
