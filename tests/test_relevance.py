@@ -71,6 +71,16 @@ def _convnet() -> nn.Sequential:
     ).double().eval()
 
 
+def _random_bn(model: nn.Module) -> nn.Module:
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.3, 0.3)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.1, 0.1)
+    return model
+
+
 @pytest.mark.parametrize("build,shape", [(_mlp, (9, 6)), (_convnet, (5, 2, 8, 8))])
 def test_epsilon_matches_hand_computation(build, shape):
     model = build()
@@ -90,13 +100,7 @@ def test_epsilon_matches_hand_computation(build, shape):
 @pytest.mark.parametrize("composite", list(COMPOSITES))
 def test_layer_conservation_weights_equal_inputs(composite):
     """Per layer: sum of weight relevance == sum of the layer's input relevance (exactly, for every rule)."""
-    model = FashionVGG(width=4).double().eval()
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
+    model = _random_bn(FashionVGG(width=4)).double().eval()
     x = torch.randn(6, 1, 28, 28, dtype=torch.float64)
     y = torch.randint(0, 10, (6,))
     res = compute_relevance(model, x, y, composite, batch_size=4)
@@ -153,16 +157,6 @@ def test_batchnorm_merge_equals_hand_folded_network():
     torch.testing.assert_close(rel["0.bias"], hand["0.bias"], rtol=0, atol=1e-9)
     torch.testing.assert_close(rel["4.weight"], hand["3.weight"], rtol=0, atol=1e-9)
     assert set(rel) == {"0.weight", "0.bias", "4.weight", "4.bias"}  # no BatchNorm entries
-
-
-def _random_bn(model: nn.Module) -> nn.Module:
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.3, 0.3)
-            m.running_var.uniform_(0.5, 1.5)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.1, 0.1)
-    return model
 
 
 def test_residual_model_conserves_relevance():
