@@ -165,16 +165,21 @@ def headline(s: CompressionSession, candidates: dict[str, list[CompressionPlan]]
         if s.can_finetune:
             best_ft = best
             tried = 0
-            smaller = [r for r in evaluated if best is None or r.size.estimated_bytes < best.size.estimated_bytes]
-            # fine-tune the smallest plans that lose at most 25 points before fine-tuning, smallest first
-            for r in [r for r in smaller if r.accuracy >= s.baseline_accuracy - 0.25]:
-                if tried >= ft_attempts:
-                    break
+            # plans smaller than the best one without fine-tuning that lose at most 25 points before it, by size;
+            # bisect: a plan that recovers to within the limit sends the search to the smaller half
+            cands = [r for r in evaluated if (best is None or r.size.estimated_bytes < best.size.estimated_bytes)
+                     and r.accuracy >= s.baseline_accuracy - 0.25]
+            lo, hi = 0, len(cands) - 1
+            while lo <= hi and tried < ft_attempts:
+                mid = (lo + hi) // 2
                 tried += 1
-                rf = s.evaluate(r.plan.replace(finetune_epochs=FT_EPOCHS_HEADLINE))
+                rf = s.evaluate(cands[mid].plan.replace(finetune_epochs=FT_EPOCHS_HEADLINE))
                 if rf.accuracy >= limit:
-                    best_ft = rf
-                    break
+                    if best_ft is None or rf.size.estimated_bytes < best_ft.size.estimated_bytes:
+                        best_ft = rf
+                    hi = mid - 1
+                else:
+                    lo = mid + 1
             entry["finetune"] = _best(best_ft, s)
             entry["finetune_attempts"] = tried
         out[crit] = entry
@@ -194,15 +199,17 @@ def _best(r, s: CompressionSession) -> dict[str, Any]:
 
 
 def headline_candidates(criteria: Sequence[str], ratios: Sequence[float]) -> dict[str, list[CompressionPlan]]:
-    """Plans searched for the headline: each criterion x ratio x bit setting."""
-    bit_settings = [([b], []) for b in (8, 4, 3)] + [(list(levels), list(split)) for levels, split in MIXED]
+    """Plans searched for the headline: each criterion x ratio x bit setting (uniform 8/4/3 bits, and the mixed
+    settings per weight, per channel and per layer), bits ranked by the criterion's own score."""
+    settings = [([b], [], "weight") for b in (8, 4, 3)] + [
+        (list(levels), list(split), gran) for levels, split in MIXED for gran in ("weight", "channel", "layer")]
     out = {}
     for crit in criteria:
         plans = []
         for ratio in (ratios if crit != "paper" else [0.0]):
-            for levels, split in bit_settings:
+            for levels, split, gran in settings:
                 plans.append(CompressionPlan(criterion=crit, prune_ratio=ratio, bit_levels=levels, bit_split=split,
-                                             composite=CRITERION_COMPOSITE.get(crit, "epsilon")))
+                                             granularity=gran, composite=CRITERION_COMPOSITE.get(crit, "epsilon")))
         out[crit] = plans
     return out
 
@@ -235,7 +242,7 @@ def run_model(name: str, quick: bool = False, threads: int = 2) -> dict[str, Any
     train = load_builtin_dataset("fashion-mnist", "train")
     if quick:
         ref, ev, train = ref.balanced_subset(200), ev.balanced_subset(400), train.balanced_subset(500)
-    s = CompressionSession(model, ref, ev, train_data=train)
+    s = CompressionSession(model, ref, ev, train_data=train, cache_size=100_000)
     _log(f"{name}: baseline {s.baseline_accuracy:.2%} on {len(s.y_eval)} images")
     ratios = [0.0, 0.5, 0.9] if quick else CURVE_RATIOS
     ft_ratios = [0.9] if quick else FT_RATIOS
@@ -247,10 +254,10 @@ def run_model(name: str, quick: bool = False, threads: int = 2) -> dict[str, Any
     res["pruning_curves"] = pruning_curves(s, ratios, ft_ratios, criteria)
     res["paper_rule"] = paper_rule(s, ["epsilon"] if quick else PAPER_COMPOSITES)
     res["mixed_precision"] = mixed_precision(s, [0.5] if quick else MP_RATIOS)
-    hl_ratios = [0.5, 0.8] if quick else [0.5, 0.7, 0.8, 0.9, 0.95]
+    hl_ratios = [0.5, 0.8] if quick else [0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95]
     hl_criteria = ["lrp", "magnitude"] if quick else HEADLINE_CRITERIA
     res["best_by_criterion"] = headline(s, headline_candidates(hl_criteria, hl_ratios),
-                                        ft_attempts=1 if quick else 4)
+                                        ft_attempts=1 if quick else 5)
     best_nf = max((v["no_finetune"] for v in res["best_by_criterion"].values() if v["no_finetune"]),
                   key=lambda b: b["ratio"], default={})
     best_ft = max((v.get("finetune") or {} for v in res["best_by_criterion"].values()),
