@@ -411,11 +411,18 @@ def per_session_cache(name: str) -> dict[str, Any]:
 
 
 def run_with_progress(label: str, work: Callable[[Callable[[int, int], None]], Any]) -> Any:
-    """Run ``work(progress)`` with an ``st.progress`` bar that ``progress(done, total)`` advances."""
+    """Run ``work(progress)`` with an ``st.progress`` bar that ``progress(done, total)`` advances, showing the
+    time left (extrapolated from the steps done so far)."""
+    import time
+
     bar = st.progress(0.0, text=label)
+    t0 = time.perf_counter()
 
     def progress(done: int, total: int) -> None:
-        bar.progress(min(done / max(total, 1), 1.0), text=f"{label} {done} / {total}")
+        elapsed = time.perf_counter() - t0
+        left = elapsed / done * (total - done) if done else None
+        eta = f" · about {left:.0f} s left" if left is not None and done < total else ""
+        bar.progress(min(done / max(total, 1), 1.0), text=f"{label} {done} / {total}{eta}")
 
     try:
         return work(progress)

@@ -129,6 +129,33 @@ def goto_page(page, title: str) -> None:
     wait_idle(page)
 
 
+def prune_slider(page):
+    """The (visually hidden) range input of the Compress page's prune-ratio slider."""
+    widget = page.locator('[data-testid="stSlider"]').filter(has_text="Prune ratio")
+    return widget.locator('input[type="range"]')
+
+
+def drag_prune_slider(page, percent: float) -> float:
+    """Drag the prune-ratio thumb to about ``percent`` (the slider spans 0..95 %); returns the release time."""
+    thumb = prune_slider(page).locator("xpath=../..")  # the positioned thumb around the range input
+    box = thumb.bounding_box()
+    track = thumb.locator("xpath=..").bounding_box()
+    assert box is not None and track is not None
+    x0, y0 = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x0, y0)
+    page.mouse.down()
+    page.mouse.move(track["x"] + track["width"] * percent / 95, y0, steps=8)
+    page.mouse.up()
+    return time.perf_counter()
+
+
+CHANGED_JS = """(old) => {
+    const ms = [...document.querySelectorAll('[data-testid="stMetric"]')];
+    const m = ms.find(e => e.querySelector('[data-testid="stMetricLabel"]').innerText.trim() === 'Size');
+    return m && m.querySelector('[data-testid="stMetricValue"]').innerText.trim() !== old;
+}"""
+
+
 T0 = time.perf_counter()
 
 
@@ -180,26 +207,10 @@ def test_every_page_and_slider(app_url, browser, artifacts):
     no_exception(page)
     before = {k: metric(page, k) for k in ("Accuracy", "Size", "Weights pruned")}
     assert before["Weights pruned"] == "50.0%"
-    widget = page.locator('[data-testid="stSlider"]').filter(has_text="Prune ratio")
-    slider = widget.locator('input[type="range"]')
+    slider = prune_slider(page)
     assert slider.input_value() == "50"
-    thumb = slider.locator("xpath=../..")  # the positioned thumb around the (visually hidden) range input
-    box = thumb.bounding_box()
-    track = thumb.locator("xpath=..").bounding_box()
-    assert box is not None and track is not None
-    x0, y0 = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-    target = track["x"] + track["width"] * 65 / 95  # the slider spans 0..95 %
-    page.mouse.move(x0, y0)
-    page.mouse.down()
-    page.mouse.move(target, y0, steps=8)
-    page.mouse.up()
-    t_release = time.perf_counter()
-    page.wait_for_function(
-        """(old) => {
-            const ms = [...document.querySelectorAll('[data-testid="stMetric"]')];
-            const m = ms.find(e => e.querySelector('[data-testid="stMetricLabel"]').innerText.trim() === 'Size');
-            return m && m.querySelector('[data-testid="stMetricValue"]').innerText.trim() !== old;
-        }""", arg=before["Size"], timeout=60_000, polling=10)
+    t_release = drag_prune_slider(page, 65)
+    page.wait_for_function(CHANGED_JS, arg=before["Size"], timeout=60_000, polling=10)
     latency = time.perf_counter() - t_release
     wait_idle(page)
     no_exception(page)
@@ -258,3 +269,52 @@ def test_every_page_and_slider(app_url, browser, artifacts):
     (artifacts / "browser-latency.json").write_text(json.dumps(report, indent=2))
     print(f"\nslider release -> updated metrics: {latency:.3f} s ({MODEL}; engine evaluate {res.seconds:.3f} s)")
     page.close()
+
+
+def test_two_sessions_compress_at_once(app_url, browser):
+    """Two browsers move the prune slider to different values at the same time; each sees only its own plan."""
+    pages = []
+    for _ in range(2):
+        page = browser.new_page(viewport={"width": 1440, "height": 1000}, device_scale_factor=1)  # own context
+        page.goto(app_url)
+        page.wait_for_selector('[data-testid="stSidebar"]', timeout=LOAD_TIMEOUT_MS)
+        if MODEL != DEFAULT_MODEL:
+            page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').first.click()
+            page.get_by_role("option", name=MODEL, exact=True).click()
+        page.wait_for_selector('[data-testid="stMetricLabel"]:has-text("Baseline accuracy")', timeout=LOAD_TIMEOUT_MS)
+        wait_idle(page)
+        goto_page(page, "Compress")
+        page.wait_for_selector('[data-testid="stMetricLabel"]:has-text("Accuracy with")', timeout=LOAD_TIMEOUT_MS)
+        wait_idle(page)
+        assert prune_slider(page).input_value() == "50"
+        pages.append(page)
+    a, b = pages
+    size0 = metric(a, "Size")
+    assert metric(b, "Size") == size0
+    # release both thumbs back to back: the server evaluates the two plans concurrently
+    drag_prune_slider(a, 80)
+    drag_prune_slider(b, 20)
+    for page in pages:
+        page.wait_for_function(CHANGED_JS, arg=size0, timeout=60_000, polling=50)
+        wait_idle(page)
+        no_exception(page)
+    ra, rb = int(prune_slider(a).input_value()), int(prune_slider(b).input_value())
+    assert ra > 60 and rb < 40
+
+    from xaicomp_core import CompressionPlan, CompressionSession, load_builtin_dataset, load_builtin_model
+    from xaicomp_core.figures import fmt_bytes, fmt_pct
+
+    session = CompressionSession(load_builtin_model(MODEL), load_builtin_dataset("fashion-mnist", "reference"),
+                                 load_builtin_dataset("fashion-mnist", "eval"), reference_samples=1000)
+    for page, ratio in ((a, ra), (b, rb)):
+        res = session.evaluate(CompressionPlan(criterion="lrp", prune_ratio=ratio / 100, bit_levels=[8, 4, 2],
+                                               bit_split=[0.2, 0.5]))
+        assert metric(page, "Weights pruned") == f"{ratio:.1f}%"
+        assert metric(page, "Size") == fmt_bytes(res.size.estimated_bytes)
+        assert metric(page, "Accuracy") == fmt_pct(res.accuracy)
+    # a rerun of one session (here: a page switch and back) still shows its own plan, not the other's
+    goto_page(b, "Overview")
+    goto_page(b, "Compress")
+    assert int(prune_slider(b).input_value()) == rb
+    for page in pages:
+        page.close()

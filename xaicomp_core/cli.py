@@ -178,13 +178,15 @@ def session_from_args(args: argparse.Namespace, progress=None):
 def _progress_printer(label: str, enabled: bool):
     if not enabled:
         return None
-    state = {"t": 0.0}
+    state = {"t": 0.0, "t0": time.time()}
 
     def progress(done: int, total: int) -> None:
         now = time.time()
         if done == total or now - state["t"] > 0.5:
             state["t"] = now
-            sys.stderr.write(f"\r{label}: {done}/{total}")
+            left = (now - state["t0"]) / max(done, 1) * (total - done)
+            eta = f", about {left:.0f} s left" if done < total else ""
+            sys.stderr.write(f"\r{label}: {done}/{total}{eta}   ")
             if done == total:
                 sys.stderr.write("\n")
             sys.stderr.flush()
