@@ -4,7 +4,8 @@ The sidebar (drawn by ``app.py``) stores the user's choices as a :class:`Setting
 Pages then call:
 
 * :func:`get_session` -- the shared, cached :class:`~xaicomp_core.CompressionSession` for those settings, with the
-  relevance of the chosen LRP composite computed (once, with a progress bar) and cached;
+  relevance of the chosen LRP composite computed (once, with a progress bar) and cached; :func:`page_session`
+  starts a page with its title and caption and stops it when there is no session;
 * :func:`get_plan` / :func:`set_plan` -- this browser session's current :class:`~xaicomp_core.CompressionPlan`;
 * :func:`evaluate` -- ``session.evaluate(plan)`` with plan errors shown as a readable message;
 * :func:`model_label` -- a one-line description of what is loaded.
@@ -305,6 +306,19 @@ def get_session() -> CompressionSession | None:
     return session
 
 
+def page_session(title: str, caption: str) -> CompressionSession:
+    """Start a page: its title and caption, then the shared session from :func:`get_session`.
+
+    Stops the page (below the readable error that :func:`get_session` shows) when there is no session.
+    """
+    st.title(title)
+    st.caption(caption)
+    session = get_session()
+    if session is None:
+        st.stop()
+    return session
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Plan of this browser session
 # ----------------------------------------------------------------------------------------------------------------
@@ -434,6 +448,6 @@ __all__ = [
     "COMPOSITES", "DEFAULT_MODEL", "PIXEL_COMPOSITE", "DataSpec", "ModelSpec", "Settings", "builtin_available",
     "comparison_plan", "composite", "cuts_to_split", "default_plan", "digest", "ensure_relevance", "evaluate",
     "fmt_bytes", "fmt_pct", "fmt_pp", "get_plan", "get_session", "get_settings", "leave_pages_directory_mode",
-    "model_choices", "model_label", "per_session_cache", "pixel_composite", "remember_plan", "run_with_progress",
-    "session_for", "session_scope_key", "set_plan", "set_settings", "split_to_cuts",
+    "model_choices", "model_label", "page_session", "per_session_cache", "pixel_composite", "remember_plan",
+    "run_with_progress", "session_for", "session_scope_key", "set_plan", "set_settings", "split_to_cuts",
 ]

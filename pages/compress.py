@@ -17,8 +17,8 @@ from pages.common import (
     fmt_pct,
     fmt_pp,
     get_plan,
-    get_session,
     model_label,
+    page_session,
     per_session_cache,
     remember_plan,
     run_with_progress,
@@ -245,11 +245,9 @@ def compress_panel(session: CompressionSession) -> None:
                  hide_index=True, width="stretch")
 
 
-st.title("Compress")
-st.caption("Prune the least relevant weights and give the most relevant ones more bits. Every number below comes "
-           "from evaluating the compressed model on the evaluation images.")
-session = get_session()
-if session is None:
-    st.stop()
+session = page_session(
+    "Compress",
+    "Prune the least relevant weights and give the most relevant ones more bits. Every number below comes "
+    "from evaluating the compressed model on the evaluation images.")
 st.markdown(f"**{model_label(session)}**")
 compress_panel(session)

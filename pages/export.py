@@ -16,9 +16,9 @@ from pages.common import (
     fmt_bytes,
     fmt_pct,
     get_plan,
-    get_session,
     get_settings,
     model_label,
+    page_session,
     per_session_cache,
     run_with_progress,
     session_scope_key,
@@ -78,13 +78,11 @@ def _requested(action: str) -> bool:
     return bool(st.session_state.pop(f"_ex_request_{action}", False))
 
 
-st.title("Export")
-st.caption("The current plan as files you can download, reload and run. The packed file stores only what the plan "
-           "keeps, at the bits it gives; its payload is exactly the size the engine estimates, and the file adds only "
-           "a small JSON header.")
-session = get_session()
-if session is None:
-    st.stop()
+session = page_session(
+    "Export",
+    "The current plan as files you can download, reload and run. The packed file stores only what the plan "
+    "keeps, at the bits it gives; its payload is exactly the size the engine estimates, and the file adds only "
+    "a small JSON header.")
 plan = get_plan()
 st.markdown(f"**{model_label(session)}**  \nPlan: {plan.describe()}")
 st.page_link("pages/compress.py", label="Change the plan on the Compress page", icon=":material/tune:")

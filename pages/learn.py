@@ -15,8 +15,8 @@ from pages.common import (
     fmt_pct,
     fmt_pp,
     get_plan,
-    get_session,
     model_label,
+    page_session,
     pixel_composite,
 )
 from xaicomp_core import CompressionPlan, CompressionSession, XaicompError, figures
@@ -25,11 +25,9 @@ HERE = pathlib.Path(__file__).resolve().parent
 STEPS = ["1 · The model", "2 · What LRP computes", "3 · Zero and negative", "4 · Pruning", "5 · Quantization",
          "6 · Putting it together"]
 
-st.title("Learn: compressing a network with explanations")
-st.caption("Six short steps, each illustrated with the model loaded in the sidebar. Use the buttons to move on.")
-session = get_session()
-if session is None:
-    st.stop()
+session = page_session(
+    "Learn: compressing a network with explanations",
+    "Six short steps, each illustrated with the model loaded in the sidebar. Use the buttons to move on.")
 st.markdown(f"**{model_label(session)}**")
 
 st.session_state.setdefault("ln_step", STEPS[0])

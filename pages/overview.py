@@ -5,16 +5,13 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from pages.common import fmt_bytes, fmt_pct, get_session, model_label
+from pages.common import fmt_bytes, fmt_pct, model_label, page_session
 from xaicomp_core import figures
 
-st.title("Overview")
-st.caption("The model and data loaded in the sidebar: its compressible layers, its size as fp32 and how well it "
-           "classifies the evaluation images before any compression.")
-
-session = get_session()
-if session is None:
-    st.stop()
+session = page_session(
+    "Overview",
+    "The model and data loaded in the sidebar: its compressible layers, its size as fp32 and how well it "
+    "classifies the evaluation images before any compression.")
 
 info = session.info
 layout = session.layout

@@ -9,21 +9,18 @@ import streamlit as st
 from pages.common import (
     composite,
     get_plan,
-    get_session,
     model_label,
+    page_session,
     per_session_cache,
     pixel_composite,
     session_scope_key,
 )
 from xaicomp_core import COMPOSITES, CompressionSession, XaicompError, figures
 
-st.title("Relevance")
-st.caption("LRP spreads each image's class score back over the network. Summed over the reference images, every "
-           "weight gets a relevance: **red = evidence for the true class, blue = against it, white = none**.")
-
-session = get_session()
-if session is None:
-    st.stop()
+session = page_session(
+    "Relevance",
+    "LRP spreads each image's class score back over the network. Summed over the reference images, every "
+    "weight gets a relevance: **red = evidence for the true class, blue = against it, white = none**.")
 comp = composite()
 rel = session.relevance(comp)
 names = list(session.layout.names)

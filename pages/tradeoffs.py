@@ -10,8 +10,8 @@ from pages.common import (
     fmt_pct,
     fmt_pp,
     get_plan,
-    get_session,
     model_label,
+    page_session,
     per_session_cache,
     run_with_progress,
     session_scope_key,
@@ -24,13 +24,11 @@ RATIO_SETS = {
     "fine (0-95 % in steps of 10, plus 95 %)": list(DEFAULT_RATIOS),
 }
 
-st.title("Trade-offs")
-st.caption("Each point is one compressed model: how big it is against how accurate it stays. Filled points are "
-           "Pareto-optimal for their criterion (no other plan of that criterion is both smaller and more accurate). "
-           "The star is the current plan from the Compress page.")
-session = get_session()
-if session is None:
-    st.stop()
+session = page_session(
+    "Trade-offs",
+    "Each point is one compressed model: how big it is against how accurate it stays. Filled points are "
+    "Pareto-optimal for their criterion (no other plan of that criterion is both smaller and more accurate). "
+    "The star is the current plan from the Compress page.")
 st.markdown(f"**{model_label(session)}**")
 plan = get_plan()
 
