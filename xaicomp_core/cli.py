@@ -138,6 +138,15 @@ def model_from_args(args: argparse.Namespace):
     return load_model(arch, weights=args.weights, allow_random=args.random_weights)
 
 
+def _split_data(path: str | None, data: str, model, split: str, fallback):
+    """The data for ``split``: ``path`` if given, else that split of the built-in set, else ``fallback``."""
+    if path:
+        return _load_data(path, model, split)
+    if data == "fashion-mnist":
+        return _load_data("fashion-mnist", model, split)
+    return fallback
+
+
 def session_from_args(args: argparse.Namespace, progress=None):
     """Model, data and a :class:`CompressionSession` from the options."""
     import torch
@@ -148,12 +157,7 @@ def session_from_args(args: argparse.Namespace, progress=None):
         torch.set_num_threads(args.threads)
     model = model_from_args(args)
     eval_data = _load_data(args.data, model, "eval")
-    if args.reference_data:
-        ref = _load_data(args.reference_data, model, "reference")
-    elif args.data == "fashion-mnist":
-        ref = _load_data("fashion-mnist", model, "reference")
-    else:
-        ref = eval_data
+    ref = _split_data(args.reference_data, args.data, model, "reference", fallback=eval_data)
     if args.eval_samples is not None:
         if args.eval_samples < 1:
             raise XaicompError("--eval-samples must be at least 1")
@@ -161,12 +165,7 @@ def session_from_args(args: argparse.Namespace, progress=None):
             eval_data
     if hasattr(ref, "balanced_subset") and args.reference_samples:
         ref = ref.balanced_subset(args.reference_samples)
-    if args.train_data:
-        train = _load_data(args.train_data, model, "train")
-    elif args.data == "fashion-mnist":
-        train = _load_data("fashion-mnist", model, "train")
-    else:
-        train = None
+    train = _split_data(args.train_data, args.data, model, "train", fallback=None)
     composite = getattr(args, "composite", None) or "epsilon"
     session = CompressionSession(model, ref, eval_data, composite=composite, epsilon=args.epsilon,
                                  target=args.target, reference_samples=args.reference_samples, progress=progress,
