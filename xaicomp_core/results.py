@@ -282,6 +282,14 @@ def plot_model(res: dict[str, Any], out_dir: pathlib.Path) -> list[str]:
 
     name = res["model"]
     files = []
+
+    def save(fig, what: str) -> None:
+        fig.tight_layout()
+        f = f"{name}-{what}.png"
+        fig.savefig(out_dir / f)
+        plt.close(fig)
+        files.append(f)
+
     colors = {"lrp": "#c2185b", "lrp-signed": "#7b1fa2", "magnitude": "#1565c0", "random": "#757575",
               "lrp-filter": "#ef6c00"}
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
@@ -299,11 +307,7 @@ def plot_model(res: dict[str, Any], out_dir: pathlib.Path) -> list[str]:
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    f = f"{name}-pruning.png"
-    fig.savefig(out_dir / f)
-    plt.close(fig)
-    files.append(f)
+    save(fig, "pruning")
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     fams = {}
@@ -328,11 +332,7 @@ def plot_model(res: dict[str, Any], out_dir: pathlib.Path) -> list[str]:
     ax.set_title(f"{name}: size vs accuracy (fp32 = {res['fp32_bytes'] / 1000:.0f} KB)")
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    f = f"{name}-pareto.png"
-    fig.savefig(out_dir / f)
-    plt.close(fig)
-    files.append(f)
+    save(fig, "pareto")
 
     comp = res["paper_rule"].get("epsilon")
     if comp:
@@ -348,11 +348,7 @@ def plot_model(res: dict[str, Any], out_dir: pathlib.Path) -> list[str]:
         ax.set_ylim(0, 1)
         ax.set_title(f"{name}: weights the paper rule prunes (epsilon composite)")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        f = f"{name}-paper-rule.png"
-        fig.savefig(out_dir / f)
-        plt.close(fig)
-        files.append(f)
+        save(fig, "paper-rule")
     return files
 
 
