@@ -43,7 +43,7 @@ with st.form("sweep_form", border=True):
     # A callback (not the button's return value) so that the request survives any rerun before it is handled.
     st.form_submit_button("Run sweep", type="primary", on_click=lambda: st.session_state.update(tr_requested=True))
 
-current_bits = BitSetting(tuple(plan.bit_levels), tuple(plan.bit_split))
+current_bits = BitSetting.of(plan)
 bits = {"as in the current plan": [current_bits], "fp32 (pruning only)": [BitSetting()],
         "both": list(dict.fromkeys([current_bits, BitSetting()]))}[bits_choice]
 ratios = RATIO_SETS[ratio_set]

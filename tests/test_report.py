@@ -114,6 +114,10 @@ def test_report_without_sweep_or_heatmaps(lenet_session):
 def test_export_command_is_derived_from_the_report_command():
     cmd = "xaicomp report --model fashion-vgg --criterion lrp --prune 0.5 --ratios 0,0.5 --heatmaps 2 -o out/r.html"
     assert export_command(cmd) == "xaicomp export --model fashion-vgg --criterion lrp --prune 0.5 -o model.xcz"
+    # quoted paths stay whole (the report's output is dropped, the weights kept), ``--opt=value`` forms too
+    cmd = ("xaicomp report --arch resnet18 --weights 'my weights.pth' --criteria=lrp,magnitude --prune 0.5 "
+           "-o 'my report.html'")
+    assert export_command(cmd) == "xaicomp export --arch resnet18 --weights 'my weights.pth' --prune 0.5 -o model.xcz"
 
 
 def test_cli_report(tmp_path, capsys):

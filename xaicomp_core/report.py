@@ -11,7 +11,7 @@ import html
 import io
 import json
 import pathlib
-import re
+import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .export import codec_sizes, export_packed
+from .models import count_parameters
 from .plan import FP32, CompressionPlan
 from .sweep import BitSetting, run_sweep
 
@@ -65,10 +66,6 @@ def _kb(n: float) -> str:
     if n >= 1e3:
         return f"{n / 1e3:.1f} KB"
     return f"{n:.0f} B"
-
-
-def _short_layer(name: str) -> str:
-    return name.removesuffix(".weight")
 
 
 def fig_per_class(class_names: Sequence[str], baseline: Sequence[float], compressed: Sequence[float]) -> str:
@@ -204,6 +201,9 @@ class Report:
         return path
 
 
+REPORT_ONLY_OPTIONS = ("--criteria", "--ratios", "--heatmaps", "-o", "--output")
+
+
 def default_command(session: CompressionSession, plan: CompressionPlan, output: str = "report.html") -> str:
     """A CLI command that reproduces the report for a built-in model on the shipped data."""
     info = session.info
@@ -212,12 +212,24 @@ def default_command(session: CompressionSession, plan: CompressionPlan, output: 
 
 
 def export_command(report_command: str) -> str:
-    """The ``xaicomp export`` command matching a ``xaicomp report`` command (same model, data and plan)."""
-    cmd = report_command.replace("xaicomp report", "xaicomp export", 1)
-    for opt in ("--criteria", "--ratios", "--heatmaps"):
-        cmd = re.sub(rf"\s{opt}(\s+|=)\S+", "", cmd)
-    cmd = re.sub(r"\s(-o|--output)(\s+|=)\S+", "", cmd)
-    return cmd + " -o model.xcz"
+    """The ``xaicomp export`` command matching a ``xaicomp report`` command (same model, data and plan).
+
+    The command is split into shell words (so quoted paths stay whole), the report-only options and the output are
+    dropped, and the rest is joined again with ``-o model.xcz``.
+    """
+    words = shlex.split(report_command)
+    if words[:2] == ["xaicomp", "report"]:
+        words[1] = "export"
+    kept: list[str] = []
+    skip = False
+    for w in words:
+        if skip:
+            skip = False
+        elif w in REPORT_ONLY_OPTIONS:
+            skip = True  # the option's value is the next word
+        elif not w.startswith(tuple(f"{o}=" for o in REPORT_ONLY_OPTIONS)):
+            kept.append(w)
+    return shlex.join([*kept, "-o", "model.xcz"])
 
 
 CSS = """
@@ -292,10 +304,9 @@ def build_report(session: CompressionSession, plan: CompressionPlan, *, command:
 
     rows: list[dict[str, Any]] = []
     if sweep_ratios:
-        bits = BitSetting(tuple(plan.bit_levels), tuple(plan.bit_split))
-        base = plan.replace(finetune_epochs=0) if getattr(plan, "finetune_epochs", 0) else plan
+        base = plan.replace(finetune_epochs=0)
         for crit in criteria:
-            rows.extend(run_sweep(session, [crit], list(sweep_ratios), [bits], base))
+            rows.extend(run_sweep(session, [crit], list(sweep_ratios), [BitSetting.of(plan)], base))
             tick()
 
     heat = ""
@@ -348,7 +359,7 @@ def _render(session: CompressionSession, plan: CompressionPlan, result: Evaluati
 
     info = session.info
     e = html.escape
-    n_params = sum(p.numel() for p in session.model.parameters())
+    n_params = count_parameters(session.model)
     data = data_label or f"evaluation set of {result.images} images"
     ref = f"{len(session.x_ref)} reference images (LRP {e(plan.composite)}, ε = {session.epsilon:g}, " \
           f"relevance of the {e(session.target)} class)"
@@ -387,9 +398,9 @@ def _render(session: CompressionSession, plan: CompressionPlan, result: Evaluati
         best = sorted(rows, key=lambda r: (r["criterion"], r["prune_ratio"]))
         sweep_html = (f'{_img(figs["tradeoff"], "accuracy versus packed size")}'
                       f'<p class="note">Every criterion at prune ratios {", ".join(f"{r:g}" for r in sorted({r["prune_ratio"] for r in rows}))} '  # noqa: E501
-                      f'with this plan\'s bit setting ({e(BitSetting(tuple(plan.bit_levels), tuple(plan.bit_split)).label)}'  # noqa: E501
+                      f'with this plan\'s bit setting ({e(BitSetting.of(plan).label)}'  # noqa: E501
                       f', {e(plan.granularity)} granularity'
-                      + (', without fine-tuning' if getattr(plan, "finetune_epochs", 0) else '')
+                      + (', without fine-tuning' if plan.finetune_epochs else '')
                       + '). Sizes are packed payload bytes.</p>'
                       + "<details><summary>All points of the curve</summary>"
                       + _table(["criterion", "prune ratio", "accuracy", "packed bytes", "ratio vs fp32", "Pareto"],

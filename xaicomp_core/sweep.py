@@ -44,6 +44,11 @@ class BitSetting:
             raise PlanError(f"cannot parse bit setting {text!r}; use e.g. 8,4,2:0.2,0.5 or 4 or fp32") from None
         return cls(levels, split)
 
+    @classmethod
+    def of(cls, plan: CompressionPlan) -> BitSetting:
+        """The bit setting of ``plan``."""
+        return cls(tuple(plan.bit_levels), tuple(plan.bit_split))
+
 
 def parse_bits(text: str) -> list[int]:
     """Parse ``"8,4,2"`` / ``"fp32"`` / ``"32"`` into bit widths (32 = fp32)."""
@@ -92,7 +97,7 @@ def run_sweep(session: CompressionSession, criteria: Sequence[str], ratios: Sequ
         r = session.evaluate(plan)
         rows.append({
             "criterion": plan.criterion, "prune_ratio": plan.prune_ratio,
-            "bits": BitSetting(tuple(plan.bit_levels), tuple(plan.bit_split)).label,
+            "bits": BitSetting.of(plan).label,
             "granularity": plan.granularity, "scope": plan.scope, "composite": plan.composite,
             "accuracy": r.accuracy, "baseline_accuracy": r.baseline_accuracy, "sparsity": r.sparsity,
             "mean_bits": r.mean_bits, "estimated_bytes": r.size.estimated_bytes, "fp32_bytes": r.size.fp32_bytes,
