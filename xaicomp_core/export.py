@@ -23,27 +23,16 @@ from torch import nn
 from .errors import XaicompError
 from .packing import PackedModel, PackResult, pack, read_packed, unpack
 from .plan import CompressionPlan
+from .session import EVAL_BATCH_SIZE, accuracy_counts, forward_logits
 
 if TYPE_CHECKING:
     from .data import Preprocessing
     from .models import ModelInfo
     from .session import CompressionSession
 
-EVAL_BATCH_SIZE = 1000
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------------------------
-def forward_logits(model: nn.Module, x: torch.Tensor, batch_size: int = EVAL_BATCH_SIZE) -> torch.Tensor:
-    """Logits of ``model`` on ``x`` in batches under ``torch.inference_mode`` (as the session computes them)."""
-    outs = []
-    with torch.inference_mode():
-        for i in range(0, len(x), batch_size):
-            outs.append(model(x[i:i + batch_size]))
-    return torch.cat(outs)
-
-
 def tensor_digest(*tensors: torch.Tensor) -> str:
     """sha256 over the raw bytes of tensors (little-endian, contiguous): identifies logits or data exactly."""
     h = hashlib.sha256()
@@ -52,19 +41,6 @@ def tensor_digest(*tensors: torch.Tensor) -> str:
         h.update(str(t.dtype).encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
-
-
-def accuracy_of(logits: torch.Tensor, y: torch.Tensor, num_classes: int) -> tuple[int, list[float]]:
-    """Correct predictions and per-class accuracy (as the session computes them)."""
-    pred = logits.argmax(1)
-    ok = pred == y
-    per = torch.bincount(y[ok], minlength=num_classes).double() / torch.bincount(y, minlength=num_classes).clamp(
-        min=1).double()
-    return int(ok.sum()), per.tolist()
-
-
-def _state_of(session: CompressionSession) -> dict[str, torch.Tensor]:
-    return {k: v.detach() for k, v in session.model.state_dict().items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -89,7 +65,7 @@ def evaluation_record(session: CompressionSession, plan: CompressionPlan, logits
     if logits is None:
         logits = session.compressed_logits(plan)
     n_cls = session.info.num_classes
-    correct, per_class = accuracy_of(logits, session.y_eval, n_cls)
+    correct, per_class = accuracy_counts(logits.argmax(1), session.y_eval, n_cls)
     images = len(session.y_eval)
     return {
         "data": data_label or f"evaluation set ({images} images)",
@@ -132,9 +108,8 @@ def export_packed(session: CompressionSession, plan: CompressionPlan, path: str 
     cw = session.compress(plan)
     extra: dict[str, Any] = {}
     if evaluate:
-        extra["evaluation"] = evaluation_record(session, plan, session.compressed_logits(plan), data_spec,
-                                                data_label)
-    res = pack(cw, cw.state_dict(_state_of(session)), session.info, codec=codec, extra=extra)
+        extra["evaluation"] = evaluation_record(session, plan, session.compressed_logits(cw), data_spec, data_label)
+    res = pack(cw, session.compressed_state_dict(cw), session.info, codec=codec, extra=extra)
     if path is not None:
         res.write(path)
     return res
@@ -145,7 +120,8 @@ def codec_sizes(result: PackResult) -> dict[str, int]:
     from .packing import CODECS, decode_payload, encode_payload
 
     raw = decode_payload(result.data[result.header_bytes:], result.codec, result.payload_bytes)
-    return {c: len(encode_payload(raw, c)) for c in CODECS}
+    known = {"none": result.payload_bytes, result.codec: result.stored_payload_bytes}
+    return {c: known[c] if c in known else len(encode_payload(raw, c)) for c in CODECS}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -153,8 +129,7 @@ def codec_sizes(result: PackResult) -> dict[str, int]:
 # ----------------------------------------------------------------------------------------------------------------
 def dense_state_dict(session: CompressionSession, plan: CompressionPlan) -> dict[str, torch.Tensor]:
     """The model's state dict with the dequantized weights of ``plan`` (zeros where pruned)."""
-    cw = session.compress(plan)
-    return {k: v.clone() for k, v in cw.state_dict(_state_of(session)).items()}
+    return {k: v.clone() for k, v in session.compressed_state_dict(plan).items()}
 
 
 def _metadata(info: ModelInfo, plan: CompressionPlan) -> dict[str, str]:
@@ -318,7 +293,7 @@ def verify_packed(source: str | pathlib.Path | bytes | PackedModel, x: torch.Ten
     t1 = time.perf_counter()
     info = pm.info
     logits = forward_logits(model, x, int(ev.get("batch_size", EVAL_BATCH_SIZE)) if ev else EVAL_BATCH_SIZE)
-    correct, per_class = accuracy_of(logits, y, info.num_classes)
+    correct, per_class = accuracy_counts(logits.argmax(1), y, info.num_classes)
     res.eval_seconds = time.perf_counter() - t1
     res.accuracy = correct / len(y)
     res.correct = correct

@@ -9,6 +9,7 @@ result into one reusable working model and runs a single forward pass over the e
 from __future__ import annotations
 
 import copy
+import dataclasses
 import threading
 import time
 from collections import OrderedDict
@@ -28,6 +29,8 @@ from .pruning import LayerLayout, SortedScores, channel_mask, ratio_mask, rule_m
 from .quantization import Quantized, allocate_bits, quantize
 from .relevance import DEFAULT_COMPOSITE, RelevanceResult, compute_relevance
 from .size import SizeBreakdown, compute_size
+
+EVAL_BATCH_SIZE = 1000
 
 ProgressFn = Callable[[int, int], None]
 
@@ -172,7 +175,17 @@ def following_batchnorms(model: nn.Module) -> dict[str, str]:
     return out
 
 
-def _accuracy(pred: torch.Tensor, y: torch.Tensor, n_classes: int) -> tuple[int, list[float]]:
+def forward_logits(model: nn.Module, x: torch.Tensor, batch_size: int = EVAL_BATCH_SIZE) -> torch.Tensor:
+    """Logits of ``model`` on ``x`` in batches under ``torch.inference_mode`` (how the session evaluates)."""
+    outs = []
+    with torch.inference_mode():
+        for i in range(0, len(x), batch_size):
+            outs.append(model(x[i:i + batch_size]))
+    return torch.cat(outs)
+
+
+def accuracy_counts(pred: torch.Tensor, y: torch.Tensor, n_classes: int) -> tuple[int, list[float]]:
+    """Number of correct predictions and the accuracy of each class (0 for a class with no samples)."""
     correct = pred == y
     per = torch.bincount(y[correct], minlength=n_classes).double() / torch.bincount(y, minlength=n_classes).clamp(
         min=1).double()
@@ -208,8 +221,9 @@ class CompressionSession:
 
     def __init__(self, model: nn.Module, reference_data: DataLike, eval_data: DataLike, *,
                  composite: str = DEFAULT_COMPOSITE, epsilon: float = 1e-6, target: str = "true",
-                 reference_samples: int | None = None, relevance_batch_size: int = 250, eval_batch_size: int = 1000,
-                 progress: ProgressFn | None = None, cache_size: int = 64, train_data: DataLike | None = None
+                 reference_samples: int | None = None, relevance_batch_size: int = 250,
+                 eval_batch_size: int = EVAL_BATCH_SIZE, progress: ProgressFn | None = None, cache_size: int = 64,
+                 train_data: DataLike | None = None
                  ) -> None:
         self.model = model.eval()
         self.info = model_info(model)
@@ -255,7 +269,7 @@ class CompressionSession:
         with self._lock:
             self.baseline_logits = self._forward()
         self.baseline_pred = self.baseline_logits.argmax(1)
-        self.baseline_correct, self.baseline_per_class = _accuracy(self.baseline_pred, self.y_eval, n_cls)
+        self.baseline_correct, self.baseline_per_class = accuracy_counts(self.baseline_pred, self.y_eval, n_cls)
         self.baseline_accuracy = self.baseline_correct / len(self.y_eval)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -350,9 +364,8 @@ class CompressionSession:
                     self._finetuned.popitem(last=False)
             flat = self._finetuned[key]
             quant = quantize(base.layout, flat, base.keep, base.quant.klass, plan.bit_levels, plan.quantizer)
-            size = compute_size(base.layout, base.keep, base.quant.klass, quant.group_count, plan.bit_levels,
-                                plan.granularity, self._state)
-            return CompressedWeights(plan, base.layout, base.keep, quant, size, base.overrides)
+            # same masks, bit classes and scale groups as the base plan, hence the same size
+            return dataclasses.replace(base, plan=plan, quant=quant)
 
     def _compress(self, plan: CompressionPlan) -> CompressedWeights:
         with self._lock:
@@ -396,12 +409,7 @@ class CompressionSession:
             return CompressedWeights(plan, layout, keep, quant, size, overrides)
 
     def _forward(self, x: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.x_eval if x is None else x
-        outs = []
-        with torch.inference_mode():
-            for i in range(0, len(x), self.eval_batch_size):
-                outs.append(self._work(x[i:i + self.eval_batch_size]))
-        return torch.cat(outs)
+        return forward_logits(self._work, self.x_eval if x is None else x, self.eval_batch_size)
 
     def _load(self, cw: CompressedWeights | None) -> None:
         """Copy a compressed model's weights (or, with None, the original ones) into the working model."""
@@ -441,9 +449,10 @@ class CompressionSession:
                     out[t] = v
         return out
 
-    def compressed_logits(self, plan: CompressionPlan, x: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits of the compressed model on ``x`` (default: the evaluation set)."""
-        cw = self.compress(plan)
+    def compressed_logits(self, plan: CompressionPlan | CompressedWeights, x: torch.Tensor | None = None
+                          ) -> torch.Tensor:
+        """Logits of the compressed model (a plan, or one already applied) on ``x`` (default: the evaluation set)."""
+        cw = plan if isinstance(plan, CompressedWeights) else self.compress(plan)
         with self._lock:
             self._load(cw)
             try:
@@ -451,13 +460,18 @@ class CompressionSession:
             finally:
                 self._load(None)
 
+    def compressed_state_dict(self, plan: CompressionPlan | CompressedWeights) -> dict[str, torch.Tensor]:
+        """The model's state dict with the compressed weights and the plan's overrides (tensors are shared with
+        the cached model where unchanged: do not modify them)."""
+        cw = plan if isinstance(plan, CompressedWeights) else self.compress(plan)
+        return cw.state_dict(self._state)
+
     def compressed_model(self, plan: CompressionPlan | CompressedWeights) -> nn.Module:
         """A new model (deep copy) holding the compressed weights."""
-        cw = plan if isinstance(plan, CompressedWeights) else self.compress(plan)
         model = copy.deepcopy(self.model).eval()
         state = model.state_dict()
         with torch.no_grad():
-            for name, value in cw.state_dict(self._state).items():
+            for name, value in self.compressed_state_dict(plan).items():
                 state[name].copy_(value)
         return model
 
@@ -487,7 +501,7 @@ class CompressionSession:
     def _result(self, cw: CompressedWeights, pred: torch.Tensor, seconds: float) -> EvaluationResult:
         layout, keep, klass = cw.layout, cw.keep, cw.quant.klass
         n_cls = self.info.num_classes
-        correct, per_class = _accuracy(pred, self.y_eval, n_cls)
+        correct, per_class = accuracy_counts(pred, self.y_eval, n_cls)
         levels = cw.plan.bit_levels
         lv = torch.tensor(levels, dtype=torch.float64)
         sizes = {t.name: t for t in cw.size.tensors}
