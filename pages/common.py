@@ -391,10 +391,20 @@ def cuts_to_split(cuts: list[int]) -> list[float]:
     return out
 
 
+def with_finetuning(session: CompressionSession, plan: CompressionPlan,
+                    work: Callable[[Callable[[int, int], None] | None], Any]) -> Any:
+    """``work(progress)``: with a progress bar when ``plan``'s fine-tuned weights must be computed first, else
+    ``work(None)``."""
+    if not session.needs_finetuning(plan):
+        return work(None)
+    return run_with_progress(f"Fine-tuning ({plan.finetune_epochs} epochs, {plan.criterion})…", work)
+
+
 def evaluate(session: CompressionSession, plan: CompressionPlan) -> EvaluationResult | None:
-    """``session.evaluate(plan)``; a plan error is shown as a readable message and None is returned."""
+    """``session.evaluate(plan)`` (fine-tuning first with a progress bar if the plan asks for it); a plan error is
+    shown as a readable message and None is returned."""
     try:
-        return session.evaluate(plan)
+        return with_finetuning(session, plan, lambda progress: session.evaluate(plan, progress))
     except XaicompError as e:
         st.error(str(e), icon=":material/warning:")
         return None
@@ -450,4 +460,5 @@ __all__ = [
     "fmt_bytes", "fmt_pct", "fmt_pp", "get_plan", "get_session", "get_settings", "leave_pages_directory_mode",
     "model_choices", "model_label", "page_session", "per_session_cache", "pixel_composite", "remember_plan",
     "run_with_progress", "session_for", "session_scope_key", "set_plan", "set_settings", "split_to_cuts",
+    "with_finetuning",
 ]

@@ -19,13 +19,10 @@ from pages.common import (
     get_plan,
     model_label,
     page_session,
-    per_session_cache,
     remember_plan,
-    run_with_progress,
-    session_scope_key,
     split_to_cuts,
 )
-from xaicomp_core import CRITERIA, CompressionPlan, CompressionSession, PlanError, XaicompError, figures
+from xaicomp_core import CRITERIA, CompressionPlan, CompressionSession, PlanError, figures
 from xaicomp_core.plan import BIT_RANKINGS, FP32, GRANULARITIES, QUANTIZERS, SCOPES
 
 CRITERION_LABELS = {
@@ -143,22 +140,6 @@ def _controls(plan: CompressionPlan, session: CompressionSession) -> Compression
         return None
 
 
-def _finetuned(session: CompressionSession, plan: CompressionPlan) -> bool:
-    """Fine-tune ``plan``'s weights first (with a progress bar) if it asks for it; False, with a message, on error."""
-    done = per_session_cache("finetuned")
-    key = (session_scope_key(session), plan.key())
-    if not plan.finetune_epochs or key in done:
-        return True
-    try:
-        run_with_progress(f"Fine-tuning ({plan.finetune_epochs} epochs, {plan.criterion})…",
-                          lambda progress: session.compress(plan, progress))
-    except XaicompError as e:
-        st.error(str(e), icon=":material/warning:")
-        return False
-    done[key] = True
-    return True
-
-
 @st.fragment
 def compress_panel(session: CompressionSession) -> None:
     """Controls, live metrics and charts (rerun alone when a control changes)."""
@@ -173,8 +154,6 @@ def compress_panel(session: CompressionSession) -> None:
     remember_plan(plan)
     with right:
         st.subheader("Result")
-        if not _finetuned(session, plan):
-            return
         result = evaluate(session, plan)
         if result is None:
             return
@@ -221,8 +200,6 @@ def compress_panel(session: CompressionSession) -> None:
     st.subheader(f"Does the explanation help? The same plan with **{other.criterion}**")
     st.caption(f"{other.describe()} — the same share of weights pruned and the same bit widths, chosen by "
                f"{other.criterion} instead of {plan.criterion}.")
-    if not _finetuned(session, other):
-        return
     with st.spinner(f"Evaluating the {other.criterion} plan…"):
         ref = evaluate(session, other)
     if ref is None:

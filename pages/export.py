@@ -13,6 +13,8 @@ import re
 import streamlit as st
 
 from pages.common import (
+    DEFAULT_EVAL_SAMPLES,
+    DEFAULT_REFERENCE_SAMPLES,
     fmt_bytes,
     fmt_pct,
     get_plan,
@@ -22,6 +24,7 @@ from pages.common import (
     per_session_cache,
     run_with_progress,
     session_scope_key,
+    with_finetuning,
 )
 from xaicomp_core import CompressionPlan, CompressionSession, XaicompError
 from xaicomp_core.export import dense_bytes, export_packed, onnx_bytes, verify_packed
@@ -58,11 +61,11 @@ def _report_command(session: CompressionSession, plan: CompressionPlan, out: str
         parts.append(f"--arch {s.model.arch}" + (" --weights YOUR_WEIGHTS_FILE" if s.model.source == "upload"
                                                  else " --random-weights"))
     if s.data.source == "builtin":
-        if s.data.eval_samples < 2000:
+        if s.data.eval_samples < DEFAULT_EVAL_SAMPLES:
             parts.append(f"--eval-samples {s.data.eval_samples}")
     else:
         parts.append("--data YOUR_DATA")
-    if s.reference_samples != 1000:
+    if s.reference_samples != DEFAULT_REFERENCE_SAMPLES:
         parts.append(f"--reference-samples {s.reference_samples}")
     parts += [plan.cli_args(), f"-o {out}"]
     return " ".join(parts)
@@ -95,9 +98,8 @@ codec = st.radio("Lossless entropy coding of the payload", list(CODECS), format_
 cache = per_session_cache("export")
 key = (session_scope_key(session), plan.key(), codec)
 try:
-    if plan.finetune_epochs:
-        run_with_progress("Fine-tuning the compressed weights…", lambda progress: session.compress(plan, progress))
     if key not in cache:
+        with_finetuning(session, plan, lambda progress: session.compress(plan, progress))
         with st.spinner("Packing…"):
             cache[key] = export_packed(session, plan, codec=codec, data_spec=_data_spec(),
                                        data_label=model_label(session))
@@ -191,11 +193,11 @@ rkey = ("report", *key)
 e2.button("Build the HTML report", key="ex_build_report", icon=":material/description:", on_click=_request,
           args=("report",),
           help="Trade-off sweep (lrp, magnitude, random), heatmaps and per-layer charts; takes a few seconds.")
+report_cmd = _report_command(session, plan, f"{stem}.html")
 if _requested("report"):
-    command = _report_command(session, plan, f"{stem}.html")
     try:
         cache[rkey] = run_with_progress("Building the report…", lambda progress: build_report(
-            session, plan, command=command, data_label=model_label(session), data_spec=_data_spec(), codec=codec,
+            session, plan, command=report_cmd, data_label=model_label(session), data_spec=_data_spec(), codec=codec,
             progress=progress))
     except XaicompError as e:
         st.error(str(e), icon="⚠️")
@@ -209,7 +211,6 @@ else:
     e3.caption("Build the report first.")
 
 st.subheader("Same files from the command line")
-report_cmd = _report_command(session, plan, f"{stem}.html")
 st.code(f"{export_command(report_cmd).replace('-o model.xcz', f'-o {stem}.xcz')}"
         + (f" --codec {codec}" if codec != "none" else "") + f"\nxaicomp verify {stem}.xcz\n{report_cmd}",
         language="bash", wrap_lines=True)

@@ -9,6 +9,7 @@ import numpy as np
 import streamlit as st
 
 from pages.common import (
+    comparison_plan,
     composite,
     evaluate,
     fmt_bytes,
@@ -128,11 +129,11 @@ def step_pruning(session: CompressionSession) -> None:
     st.markdown("Pruning sets weights to zero and stops storing them. The question is **which ones**. Three "
                 "answers, measured live on the evaluation images (all weights kept at fp32 here):")
     zero = evaluate(session, CompressionPlan(criterion="lrp-zero", composite=comp))
-    paper = evaluate(session, CompressionPlan(criterion="paper", composite=comp))
+    paper_plan = CompressionPlan(criterion="paper", composite=comp)
+    paper = evaluate(session, paper_plan)
     if zero is None or paper is None:
         return
-    mag = evaluate(session, CompressionPlan(criterion="magnitude", prune_ratio=min(round(paper.sparsity, 4), 0.99),
-                                            composite=comp))
+    mag = evaluate(session, comparison_plan(paper_plan, paper))
     if mag is None:
         return
     c1, c2, c3 = st.columns(3)

@@ -7,6 +7,7 @@ import streamlit as st
 
 from pages.common import fmt_bytes, fmt_pct, model_label, page_session
 from xaicomp_core import figures
+from xaicomp_core.models import count_parameters
 
 session = page_session(
     "Overview",
@@ -15,7 +16,7 @@ session = page_session(
 
 info = session.info
 layout = session.layout
-n_params = sum(p.numel() for p in session.model.parameters())
+n_params = count_parameters(session.model)
 st.markdown(f"**{model_label(session)}**")
 
 c1, c2, c3, c4 = st.columns(4)

@@ -102,12 +102,8 @@ table = [{"criterion": r["criterion"], "prune": f"{r['prune_ratio']:.0%}", "bits
 st.dataframe(table, hide_index=True, width="stretch")
 
 d1, d2, _ = st.columns([1, 1, 3])
-png_cache = per_session_cache("pareto_png")
-png_key = (id(rows), None if current is None else (current["estimated_bytes"], current["accuracy"]))
-if png_key not in png_cache:
-    png_cache.clear()
-    png_cache[png_key] = figures.pareto_png(rows, current, title)
 d1.download_button("Download CSV", rows_to_csv(rows), file_name="xaicomp-sweep.csv", mime="text/csv",
                    key="tr_csv", icon=":material/download:", on_click="ignore")
-d2.download_button("Download PNG", png_cache[png_key], file_name="xaicomp-pareto.png", mime="image/png",
-                   key="tr_png", icon=":material/image:", on_click="ignore")
+d2.download_button("Download PNG", lambda: figures.pareto_png(rows, current, title),  # drawn on the click
+                   file_name="xaicomp-pareto.png", mime="image/png", key="tr_png", icon=":material/image:",
+                   on_click="ignore")

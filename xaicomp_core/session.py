@@ -367,6 +367,10 @@ class CompressionSession:
             # same masks, bit classes and scale groups as the base plan, hence the same size
             return dataclasses.replace(base, plan=plan, quant=quant)
 
+    def needs_finetuning(self, plan: CompressionPlan) -> bool:
+        """Whether :meth:`compress` would fine-tune first (the plan asks for it and its weights are not cached)."""
+        return bool(plan.finetune_epochs) and plan.key() not in self._finetuned
+
     def _compress(self, plan: CompressionPlan) -> CompressedWeights:
         with self._lock:
             layout = self.layout_for(plan.protect)
