@@ -8,6 +8,7 @@ loudly if it is missing. ``XAICOMP_TEST_MODEL`` picks another built-in model (de
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
@@ -129,6 +130,51 @@ def goto_page(page, title: str) -> None:
     wait_idle(page)
 
 
+def open_app(browser, app_url: str):
+    """A new browser session (its own context) on the app with ``MODEL`` loaded and the Overview page drawn.
+
+    Returns the page and the list that collects its JavaScript errors.
+    """
+    page = browser.new_page(viewport={"width": 1440, "height": 1000}, device_scale_factor=1)
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(app_url)
+    page.wait_for_selector('[data-testid="stSidebar"]', timeout=LOAD_TIMEOUT_MS)
+    if MODEL != DEFAULT_MODEL:
+        page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').first.click()
+        page.get_by_role("option", name=MODEL, exact=True).click()
+    page.wait_for_selector('[data-testid="stMetricLabel"]:has-text("Baseline accuracy")', timeout=LOAD_TIMEOUT_MS)
+    wait_idle(page)
+    no_exception(page)
+    return page, errors
+
+
+def open_compress(page) -> None:
+    """Go to the Compress page and wait for its metrics."""
+    goto_page(page, "Compress")
+    page.wait_for_selector('[data-testid="stMetricLabel"]:has-text("Accuracy with")', timeout=LOAD_TIMEOUT_MS)
+    wait_idle(page)
+
+
+@functools.cache
+def engine_session():
+    """An independent engine session on ``MODEL`` with the app's default data (not the app's own)."""
+    from xaicomp_core import CompressionSession, load_builtin_dataset, load_builtin_model
+
+    session = CompressionSession(load_builtin_model(MODEL), load_builtin_dataset("fashion-mnist", "reference"),
+                                 load_builtin_dataset("fashion-mnist", "eval"), reference_samples=1000)
+    session.relevance()
+    return session
+
+
+def engine_result(ratio: int):
+    """The engine's result for the app's default plan at a prune ratio of ``ratio`` %."""
+    from xaicomp_core import CompressionPlan
+
+    return engine_session().evaluate(CompressionPlan(criterion="lrp", prune_ratio=ratio / 100, bit_levels=[8, 4, 2],
+                                                     bit_split=[0.2, 0.5]))
+
+
 def prune_slider(page):
     """The (visually hidden) range input of the Compress page's prune-ratio slider."""
     widget = page.locator('[data-testid="stSlider"]').filter(has_text="Prune ratio")
@@ -176,17 +222,7 @@ def shot(page, name: str) -> pathlib.Path:
 
 # ------------------------------------------------------------------------------------------------------- test
 def test_every_page_and_slider(app_url, browser, artifacts):
-    page = browser.new_page(viewport={"width": 1440, "height": 1000}, device_scale_factor=1)
-    errors: list[str] = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(app_url)
-    page.wait_for_selector('[data-testid="stSidebar"]', timeout=LOAD_TIMEOUT_MS)
-    if MODEL != DEFAULT_MODEL:
-        page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').first.click()
-        page.get_by_role("option", name=MODEL, exact=True).click()
-    page.wait_for_selector('[data-testid="stMetricLabel"]:has-text("Baseline accuracy")', timeout=LOAD_TIMEOUT_MS)
-    wait_idle(page)
-    no_exception(page)
+    page, errors = open_app(browser, app_url)
     assert page.locator('[data-testid="stAlertContentError"]').count() == 0
     assert metric(page, "Baseline accuracy").endswith("%")
     shots = [shot(page, "overview")]
@@ -201,9 +237,7 @@ def test_every_page_and_slider(app_url, browser, artifacts):
     shots.append(shot(page, "relevance-inputs"))
 
     # ---------------------------------------------------------------- Compress: move the slider, time the update
-    goto_page(page, "Compress")
-    page.wait_for_selector('[data-testid="stMetricLabel"]:has-text("Accuracy with")', timeout=LOAD_TIMEOUT_MS)
-    wait_idle(page)
+    open_compress(page)
     no_exception(page)
     before = {k: metric(page, k) for k in ("Accuracy", "Size", "Weights pruned")}
     assert before["Weights pruned"] == "50.0%"
@@ -251,15 +285,10 @@ def test_every_page_and_slider(app_url, browser, artifacts):
     # ---------------------------------------------------------------- the displayed numbers are the engine's
     import torch
 
-    from xaicomp_core import CompressionPlan, CompressionSession, load_builtin_dataset, load_builtin_model
     from xaicomp_core.figures import fmt_bytes, fmt_pct
 
     print(f"[{time.perf_counter() - T0:6.1f} s] independent engine check")
-    session = CompressionSession(load_builtin_model(MODEL), load_builtin_dataset("fashion-mnist", "reference"),
-                                 load_builtin_dataset("fashion-mnist", "eval"), reference_samples=1000)
-    session.relevance()
-    plan = CompressionPlan(criterion="lrp", prune_ratio=ratio / 100, bit_levels=[8, 4, 2], bit_split=[0.2, 0.5])
-    res = session.evaluate(plan)
+    res = engine_result(ratio)
     assert after["Size"] == fmt_bytes(res.size.estimated_bytes)
     assert after["Accuracy"] == fmt_pct(res.accuracy)
 
@@ -273,22 +302,11 @@ def test_every_page_and_slider(app_url, browser, artifacts):
 
 def test_two_sessions_compress_at_once(app_url, browser):
     """Two browsers move the prune slider to different values at the same time; each sees only its own plan."""
-    pages = []
-    for _ in range(2):
-        page = browser.new_page(viewport={"width": 1440, "height": 1000}, device_scale_factor=1)  # own context
-        page.goto(app_url)
-        page.wait_for_selector('[data-testid="stSidebar"]', timeout=LOAD_TIMEOUT_MS)
-        if MODEL != DEFAULT_MODEL:
-            page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').first.click()
-            page.get_by_role("option", name=MODEL, exact=True).click()
-        page.wait_for_selector('[data-testid="stMetricLabel"]:has-text("Baseline accuracy")', timeout=LOAD_TIMEOUT_MS)
-        wait_idle(page)
-        goto_page(page, "Compress")
-        page.wait_for_selector('[data-testid="stMetricLabel"]:has-text("Accuracy with")', timeout=LOAD_TIMEOUT_MS)
-        wait_idle(page)
+    (a, a_errors), (b, b_errors) = open_app(browser, app_url), open_app(browser, app_url)
+    pages = [a, b]
+    for page in pages:
+        open_compress(page)
         assert prune_slider(page).input_value() == "50"
-        pages.append(page)
-    a, b = pages
     size0 = metric(a, "Size")
     assert metric(b, "Size") == size0
     # release both thumbs back to back: the server evaluates the two plans concurrently
@@ -301,14 +319,10 @@ def test_two_sessions_compress_at_once(app_url, browser):
     ra, rb = int(prune_slider(a).input_value()), int(prune_slider(b).input_value())
     assert ra > 60 and rb < 40
 
-    from xaicomp_core import CompressionPlan, CompressionSession, load_builtin_dataset, load_builtin_model
     from xaicomp_core.figures import fmt_bytes, fmt_pct
 
-    session = CompressionSession(load_builtin_model(MODEL), load_builtin_dataset("fashion-mnist", "reference"),
-                                 load_builtin_dataset("fashion-mnist", "eval"), reference_samples=1000)
     for page, ratio in ((a, ra), (b, rb)):
-        res = session.evaluate(CompressionPlan(criterion="lrp", prune_ratio=ratio / 100, bit_levels=[8, 4, 2],
-                                               bit_split=[0.2, 0.5]))
+        res = engine_result(ratio)
         assert metric(page, "Weights pruned") == f"{ratio:.1f}%"
         assert metric(page, "Size") == fmt_bytes(res.size.estimated_bytes)
         assert metric(page, "Accuracy") == fmt_pct(res.accuracy)
@@ -316,5 +330,6 @@ def test_two_sessions_compress_at_once(app_url, browser):
     goto_page(b, "Overview")
     goto_page(b, "Compress")
     assert int(prune_slider(b).input_value()) == rb
+    assert not a_errors and not b_errors, a_errors + b_errors
     for page in pages:
         page.close()
