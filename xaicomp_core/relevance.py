@@ -241,7 +241,8 @@ class _ParamRelevanceHook(BasicHook):
     def _short_circuit(self, inp, output):
         first = inp[0] if isinstance(inp, (tuple, list)) else inp
         if isinstance(output, torch.Tensor) and isinstance(first, torch.Tensor) and first.requires_grad:
-            self.stored_tensors["output"] = output.detach()
+            if self.fast:  # only the fast epsilon path reads the output back
+                self.stored_tensors["output"] = output.detach()
             return _ShortCircuit.apply(first, output.detach())
         return output
 
@@ -332,10 +333,6 @@ def _wrap_module_map(composite: Composite, store: dict, flows: dict) -> None:
     original = composite.module_map
 
     def module_map(ctx, name, module):
-        if _is_identity_batchnorm(module):
-            # merged into the preceding layer and exactly the identity: its gradient already passes relevance
-            # through unchanged, so zennit's Pass hook (and its copy of the activations) is not needed
-            return None
         template = original(ctx, name, module)
         if isinstance(template, BasicHook) and isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
             template.rule_name = type(template).__name__
