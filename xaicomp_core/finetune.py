@@ -27,14 +27,14 @@ ProgressFn = Callable[[int, int], None]
 def finetune_weights(model: nn.Module, layout: LayerLayout, weights: torch.Tensor, keep: torch.Tensor,
                      klass: torch.Tensor, levels: list[int], method: str, x_train: torch.Tensor,
                      y_train: torch.Tensor, epochs: int = 2, lr: float = 0.01, seed: int = 0, batch_size: int = 128,
-                     progress: ProgressFn | None = None, overrides: dict[str, torch.Tensor] | None = None
-                     ) -> torch.Tensor:
+                     progress: ProgressFn | None = None) -> torch.Tensor:
     """Fine-tune the flat compressible weights; returns the new (unquantized) flat weights.
 
     Parameters
     ----------
     model : torch.nn.Module
-        The original model (not modified; a copy is trained).
+        The model whose other parameters (biases, BatchNorm) the compressed model uses, e.g.
+        :meth:`CompressionSession.compressed_model` of the plan (not modified; a copy is trained).
     layout : LayerLayout
         Layout of the compressible weights.
     weights : Tensor
@@ -51,15 +51,8 @@ def finetune_weights(model: nn.Module, layout: LayerLayout, weights: torch.Tenso
         SGD (momentum 0.9) with a cosine learning-rate decay; seeded data order and augmentation.
     progress : callable, optional
         ``progress(step, total_steps)``.
-    overrides : dict, optional
-        State entries to replace first (zeroed biases / BatchNorm parameters of removed filters); not trained.
     """
     work = copy.deepcopy(model).eval()
-    if overrides:
-        state = work.state_dict()
-        with torch.no_grad():
-            for name, value in overrides.items():
-                state[name].copy_(value)
     for p in work.parameters():
         p.requires_grad_(False)
     params = dict(work.named_parameters())
@@ -78,8 +71,8 @@ def finetune_weights(model: nn.Module, layout: LayerLayout, weights: torch.Tenso
             with torch.no_grad():
                 flat = layout.flat(shadow)
                 q = layout.split(quantize(layout, flat, keep, klass, levels, method).values)
-            overrides = {n: shadow[n] + (q[n] - shadow[n]).detach() for n in layout.names}
-            out = torch.func.functional_call(work, {**params, **overrides}, (xb,))
+            ste = {n: shadow[n] + (q[n] - shadow[n]).detach() for n in layout.names}  # straight-through
+            out = torch.func.functional_call(work, {**params, **ste}, (xb,))
             loss = nn.functional.cross_entropy(out, y_train[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -357,9 +357,9 @@ class CompressionSession:
             if key not in self._finetuned:
                 x, y = self.train_tensors()
                 self._finetuned[key] = finetune_weights(
-                    self.model, base.layout, self._weights_flat, base.keep, base.quant.klass, plan.bit_levels,
-                    plan.quantizer, x, y, epochs=plan.finetune_epochs, lr=plan.finetune_lr, seed=plan.seed,
-                    progress=progress or self.finetune_progress, overrides=base.overrides)
+                    self.compressed_model(base), base.layout, self._weights_flat, base.keep, base.quant.klass,
+                    plan.bit_levels, plan.quantizer, x, y, epochs=plan.finetune_epochs, lr=plan.finetune_lr,
+                    seed=plan.seed, progress=progress or self.finetune_progress)
                 if len(self._finetuned) > 8:
                     self._finetuned.popitem(last=False)
             flat = self._finetuned[key]
