@@ -67,6 +67,11 @@ def rice_cost(positions: torch.Tensor) -> tuple[int, int]:
     return best
 
 
+def rice_codes_kept(n: int, kept: int) -> bool:
+    """Whether the Rice options code the kept positions (``rice``: at most half kept) or the pruned ones."""
+    return 2 * kept <= n
+
+
 def keep_encoding(n: int, kept: int, channels: int, structured: bool,
                   rice: tuple[int, int] | None = None) -> tuple[str, int]:
     """Cheapest encoding of which of ``n`` weights are kept: (name, bytes).
@@ -81,14 +86,13 @@ def keep_encoding(n: int, kept: int, channels: int, structured: bool,
     if structured:
         options.append(("channels", _bytes(channels)))
     if rice is not None:
-        options.append(("rice" if 2 * kept <= n else "rice-pruned", rice[1]))
+        options.append(("rice" if rice_codes_kept(n, kept) else "rice-pruned", rice[1]))
     return min(options, key=lambda o: o[1])
 
 
 def rice_positions(mask: torch.Tensor) -> torch.Tensor:
     """The positions :func:`keep_encoding`'s Rice options code for a layer's keep-mask (the sparser set)."""
-    kept = int(mask.sum())
-    target = mask if 2 * kept <= mask.numel() else ~mask
+    target = mask if rice_codes_kept(mask.numel(), int(mask.sum())) else ~mask
     return torch.nonzero(target).squeeze(1)
 
 
@@ -175,8 +179,8 @@ def compute_size(layout: LayerLayout, keep: torch.Tensor, klass: torch.Tensor, g
     ----------
     layout : LayerLayout
     keep, klass : Tensor
-        Flat keep-mask and class index (-1 = none) per compressible weight (the counts below are derived from
-        them; kept for the signature's sake).
+        Flat keep-mask and class index (-1 = none) per compressible weight. Only ``keep`` is read (for the Rice
+        coding of the kept positions); the counts per class come from ``group_count``.
     group_count : Tensor
         Kept weights per (global channel, class), shape (total_channels, len(levels)): everything the size
         depends on besides the layout.
