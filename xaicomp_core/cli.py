@@ -18,6 +18,7 @@ from typing import Any
 from .errors import PlanError, XaicompError
 
 CLI_COMMANDS = ("info", "compress", "sweep", "bench", "export", "verify", "report")
+MODEL_DEFAULTS = {"data": "fashion-mnist", "reference_samples": 1000, "target": "true", "epsilon": 1e-6}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -32,17 +33,19 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weights", default=None, help=".safetensors / .pt / .pth state dict for --arch")
     g.add_argument("--random-weights", action="store_true", help="allow random weights for a torchvision --arch "
                                                                  "when pretrained ones cannot be downloaded")
-    g.add_argument("--data", default="fashion-mnist",
+    g.add_argument("--data", default=MODEL_DEFAULTS["data"],
                    help="evaluation data: 'fashion-mnist' (shipped), an ImageFolder directory or .zip, or "
                         "torchvision:NAME:ROOT (mnist, fashion-mnist, cifar10 already on disk)")
     g.add_argument("--reference-data", default=None, help="reference data for relevance (same forms as --data; "
                                                           "default: the shipped reference split or --data)")
     g.add_argument("--train-data", default=None, help="fine-tuning data (same forms as --data; default: the shipped "
                                                       "training split for fashion-mnist)")
-    g.add_argument("--reference-samples", type=int, default=1000, help="reference samples for relevance")
+    g.add_argument("--reference-samples", type=int, default=MODEL_DEFAULTS["reference_samples"],
+                   help="reference samples for relevance")
     g.add_argument("--eval-samples", type=int, default=None, help="use only this many evaluation samples")
-    g.add_argument("--target", choices=("true", "predicted"), default="true", help="class whose relevance starts LRP")
-    g.add_argument("--epsilon", type=float, default=1e-6, help="epsilon of the epsilon rule")
+    g.add_argument("--target", choices=("true", "predicted"), default=MODEL_DEFAULTS["target"],
+                   help="class whose relevance starts LRP")
+    g.add_argument("--epsilon", type=float, default=MODEL_DEFAULTS["epsilon"], help="epsilon of the epsilon rule")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
@@ -110,11 +113,10 @@ def plan_from_args(args: argparse.Namespace):
     return plan
 
 
-def _load_data(spec: str, model, split: str):
+def _load_data(spec: str, info, split: str):
+    """Data for ``split`` from a ``--data`` spec, prepared for the model described by ``info`` (a ModelInfo)."""
     from .data import load_builtin_dataset, load_image_folder, load_torchvision_folder
-    from .models import model_info
 
-    info = model_info(model)
     if spec in ("fashion-mnist",):
         return load_builtin_dataset(spec, split)
     if spec.startswith("torchvision:"):
@@ -138,34 +140,41 @@ def model_from_args(args: argparse.Namespace):
     return load_model(arch, weights=args.weights, allow_random=args.random_weights)
 
 
-def _split_data(path: str | None, data: str, model, split: str, fallback):
+def _split_data(path: str | None, data: str, info, split: str, fallback):
     """The data for ``split``: ``path`` if given, else that split of the built-in set, else ``fallback``."""
     if path:
-        return _load_data(path, model, split)
+        return _load_data(path, info, split)
     if data == "fashion-mnist":
-        return _load_data("fashion-mnist", model, split)
+        return _load_data("fashion-mnist", info, split)
     return fallback
+
+
+def eval_subset(data, n: int | None):
+    """The first ``n`` evaluation samples, class-balanced where the data set can (``--eval-samples``)."""
+    if n is None:
+        return data
+    if n < 1:
+        raise XaicompError("--eval-samples must be at least 1")
+    return data.balanced_subset(n) if hasattr(data, "balanced_subset") else data
 
 
 def session_from_args(args: argparse.Namespace, progress=None):
     """Model, data and a :class:`CompressionSession` from the options."""
     import torch
 
+    from .models import model_info
     from .session import CompressionSession
 
     if args.threads:
         torch.set_num_threads(args.threads)
     model = model_from_args(args)
-    eval_data = _load_data(args.data, model, "eval")
-    ref = _split_data(args.reference_data, args.data, model, "reference", fallback=eval_data)
-    if args.eval_samples is not None:
-        if args.eval_samples < 1:
-            raise XaicompError("--eval-samples must be at least 1")
-        eval_data = eval_data.balanced_subset(args.eval_samples) if hasattr(eval_data, "balanced_subset") else \
-            eval_data
+    info = model_info(model)
+    eval_data = _load_data(args.data, info, "eval")
+    ref = _split_data(args.reference_data, args.data, info, "reference", fallback=eval_data)
+    eval_data = eval_subset(eval_data, args.eval_samples)
     if hasattr(ref, "balanced_subset") and args.reference_samples:
         ref = ref.balanced_subset(args.reference_samples)
-    train = _split_data(args.train_data, args.data, model, "train", fallback=None)
+    train = _split_data(args.train_data, args.data, info, "train", fallback=None)
     composite = getattr(args, "composite", None) or "epsilon"
     session = CompressionSession(model, ref, eval_data, composite=composite, epsilon=args.epsilon,
                                  target=args.target, reference_samples=args.reference_samples, progress=progress,
@@ -255,12 +264,18 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_compress(args: argparse.Namespace) -> int:
-    """Evaluate one plan."""
+def plan_and_session(args: argparse.Namespace, quiet: bool):
+    """The plan and the session from the options (the session's composite set to the plan's)."""
     plan = plan_from_args(args)
-    session = session_from_args(args, _progress_printer("relevance", not args.json))
+    session = session_from_args(args, _progress_printer("relevance", not quiet))
     if plan.composite != session.composite:
         session.composite = plan.composite
+    return plan, session
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    """Evaluate one plan."""
+    plan, session = plan_and_session(args, args.json)
     result = session.evaluate(plan)
     d = result.to_dict(tensors=args.tensors)
     d["model"] = session.info.name

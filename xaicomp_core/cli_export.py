@@ -17,18 +17,18 @@ import time
 from typing import Any
 
 from .cli import (
+    MODEL_DEFAULTS,
     _fmt_bytes,
     _load_data,
     _print_json,
     _progress_printer,
     add_model_args,
     add_plan_args,
-    plan_from_args,
-    session_from_args,
+    eval_subset,
+    plan_and_session,
 )
 from .errors import XaicompError
-
-MODEL_DEFAULTS = {"data": "fashion-mnist", "reference_samples": 1000, "target": "true", "epsilon": 1e-6}
+from .report import DEFAULT_HEATMAP_SAMPLES, DEFAULT_SWEEP_CRITERIA
 
 
 def model_cli_args(args: argparse.Namespace) -> str:
@@ -59,14 +59,6 @@ def model_cli_args(args: argparse.Namespace) -> str:
     return shlex.join(parts)
 
 
-def _session(args: argparse.Namespace, quiet: bool):
-    plan = plan_from_args(args)
-    session = session_from_args(args, _progress_printer("relevance", not quiet))
-    if plan.composite != session.composite:
-        session.composite = plan.composite
-    return plan, session
-
-
 def _sizes_line(file_bytes: int, header_bytes: int, payload_bytes: int, stored: int, codec: str) -> str:
     if codec == "none":
         return f"{file_bytes:,} bytes = payload {payload_bytes:,} + header {header_bytes:,}"
@@ -84,7 +76,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_dense, export_onnx, export_packed
 
     t0 = time.perf_counter()
-    plan, session = _session(args, args.json)
+    plan, session = plan_and_session(args, args.json)
     out = pathlib.Path(args.output)
     spec = {"data": args.data, "eval_samples": args.eval_samples}
     res = export_packed(session, plan, out, codec=args.codec, data_spec=spec, data_label=_data_label(args, session))
@@ -138,11 +130,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         elif spec and args.eval_samples is not None:
             spec = {**spec, "eval_samples": args.eval_samples}
         if spec:
-            model = pm.build_model()
-            data = _load_data(str(spec["data"]), model, "eval")
+            data = _load_data(str(spec["data"]), pm.info, "eval")
             n = spec.get("eval_samples")
-            if n is not None and hasattr(data, "balanced_subset"):
-                data = data.balanced_subset(int(n))
+            data = eval_subset(data, None if n is None else int(n))
             x, y = as_tensors(data, pm.info.preprocessing, pm.info.num_classes, "evaluation data")
             label = f"{spec['data']} ({len(y)} images)"
     res = verify_packed(pm, x, y, label)
@@ -175,7 +165,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     """Write the stakeholder HTML report."""
     from .report import DEFAULT_SWEEP_RATIOS, write_report
 
-    plan, session = _session(args, args.json)
+    plan, session = plan_and_session(args, args.json)
     criteria = [c.strip() for c in args.criteria.split(",") if c.strip()]
     try:
         ratios = [float(r) for r in args.ratios.split(",") if r.strip()] if args.ratios is not None else \
@@ -209,8 +199,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-DEFAULT_CRITERIA = "lrp,magnitude,random"
-DEFAULT_HEATMAPS = 6
+DEFAULT_CRITERIA = ",".join(DEFAULT_SWEEP_CRITERIA)
+DEFAULT_HEATMAPS = DEFAULT_HEATMAP_SAMPLES
 
 
 def register(subparsers: Any) -> None:

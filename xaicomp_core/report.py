@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 ProgressFn = Callable[[int, int], None]
 DEFAULT_SWEEP_CRITERIA = ("lrp", "magnitude", "random")
+DEFAULT_HEATMAP_SAMPLES = 6
 DEFAULT_SWEEP_RATIOS = (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
 PALETTE = {"lrp": "#c2185b", "lrp-signed": "#7b1fa2", "paper": "#512da8", "lrp-zero": "#1976d2",
            "magnitude": "#00796b", "random": "#757575", "lrp-filter": "#f57c00"}
@@ -253,7 +254,7 @@ summary{cursor:pointer;color:#c2185b;margin:6px 0}
 def build_report(session: CompressionSession, plan: CompressionPlan, *, command: str | None = None,
                  data_label: str | None = None, data_spec: dict[str, Any] | None = None,
                  sweep_criteria: Sequence[str] = DEFAULT_SWEEP_CRITERIA,
-                 sweep_ratios: Sequence[float] = DEFAULT_SWEEP_RATIOS, heatmap_samples: int = 6,
+                 sweep_ratios: Sequence[float] = DEFAULT_SWEEP_RATIOS, heatmap_samples: int = DEFAULT_HEATMAP_SAMPLES,
                  codec: str = "none", progress: ProgressFn | None = None) -> Report:
     """Build the stakeholder report for ``plan`` on ``session``.
 
