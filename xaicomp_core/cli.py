@@ -150,7 +150,7 @@ def _split_data(path: str | None, data: str, info, split: str, fallback):
 
 
 def eval_subset(data, n: int | None):
-    """The first ``n`` evaluation samples, class-balanced where the data set can (``--eval-samples``)."""
+    """``n`` evaluation samples (``--eval-samples``): a class-balanced subset where the data set supports it."""
     if n is None:
         return data
     if n < 1:

@@ -39,6 +39,7 @@ from torch import nn
 from .errors import FormatError, PlanError, XaicompError
 from .plan import FP32, CompressionPlan
 from .pruning import LayerLayout
+from .quantization import dequantize_codes
 from .size import SizeBreakdown, class_bits, compute_size, index_bits, is_float_entry
 
 if TYPE_CHECKING:
@@ -500,7 +501,6 @@ def pack(compressed: CompressedWeights, state: dict[str, torch.Tensor], info: Mo
 
     chunks: list[bytes] = []
     entries: list[dict[str, Any]] = []
-    offset = 0
     for name, value in state.items():
         if not is_float_entry(value):
             # integer counters (BatchNorm's num_batches_tracked) are not stored; readers set them to 0
@@ -520,24 +520,21 @@ def pack(compressed: CompressedWeights, state: dict[str, torch.Tensor], info: Mo
             if i is not None:
                 entry["protected"] = True
             chunks.append(data)
-            offset += len(data)
         else:
             if i is None:
                 raise RuntimeError(f"{name} is compressed but not a conv/linear weight")
             secs, more = _compressed_sections(i, layout, keep, klass, codes, values, scales, group_count, levels,
                                               plan.granularity, row.keep_encoding, row.keep_param)
-            expected = [row.keep_bytes, row.class_bytes, row.scale_bytes, row.value_bytes]
+            expected = [getattr(row, k) for k in SECTION_KEYS]
             got = [len(s) for s in secs]
             if got != expected:
                 raise RuntimeError(f"{name}: sections of {got} bytes written, {expected} estimated")
-            entry.update({"keep": row.keep_encoding, "kept": more["kept"], "keep_bytes": got[0],
-                          "class_bytes": got[1], "scale_bytes": got[2], "value_bytes": got[3]})
+            entry.update({"keep": row.keep_encoding, "kept": more["kept"], **dict(zip(SECTION_KEYS, got))})
             if "layer_class" in more:
                 entry["layer_class"] = more["layer_class"]
             if "rice_k" in more:
                 entry["rice_k"] = more["rice_k"]
             chunks.extend(secs)
-            offset += sum(got)
         entries.append(entry)
     payload = b"".join(chunks)
     if len(payload) != cw.size.estimated_bytes:
@@ -651,9 +648,7 @@ def _decode_compressed(e: dict[str, Any], buf: bytes, n: int, c: int, levels: li
     if kept > n:
         raise FormatError(f"{name}: {kept} kept weights of {n}")
     enc = _req(e, "keep", str, f"{name}: ")
-    sizes = [_nonneg(_req(e, k, int, f"{name}: "), k) for k in SECTION_KEYS]
-    if sum(sizes) != len(buf):
-        raise FormatError(f"{name}: section sizes do not add up to the tensor's bytes")
+    sizes = [_nonneg(_req(e, k, int, f"{name}: "), k) for k in SECTION_KEYS]  # ``buf`` holds exactly their sum
     cuts = np.cumsum([0, *sizes])
     keep_sec, class_sec, scale_sec, value_sec = (buf[cuts[j]:cuts[j + 1]] for j in range(4))
 
@@ -735,16 +730,15 @@ def _decode_compressed(e: dict[str, Any], buf: bytes, n: int, c: int, levels: li
     multi = ~fp & ~one
     if fp.any():
         vals[fp] = u[fp].astype("<u4").view("<f4")
-    if one.any():
-        vals[one] = (u[one].astype(np.float32) * np.float32(2) - np.float32(1)) * s[one]
-        codes[one] = u[one].astype(np.int32)
     if multi.any():
         qmax = (2 ** (bits[multi] - 1) - 1).astype(np.int64)
-        um = u[multi].astype(np.int64)
-        if bool((um > 2 * qmax).any()):
+        if bool((u[multi].astype(np.int64) > 2 * qmax).any()):
             raise FormatError(f"{name}: a quantized code is out of range")
-        vals[multi] = (um.astype(np.float32) - qmax.astype(np.float32)) * s[multi]
-        codes[multi] = um.astype(np.int32)
+    q = ~fp
+    if q.any():
+        codes[q] = u[q].astype(np.int32)
+        vals[q] = dequantize_codes(torch.from_numpy(codes[q]), torch.from_numpy(bits[q]),
+                                   torch.from_numpy(s[q])).numpy()
     full_vals = np.zeros(n, dtype=np.float32)
     full_vals[idx] = vals
     full_codes = np.zeros(n, dtype=np.int32)
@@ -868,8 +862,8 @@ def _unpack(data: bytes, header: dict[str, Any], start: int, t0: float) -> Packe
     values = layout.flat(state).float()
     pm = PackedModel(header, state, layout, keep, klass, codes, values, gc, len(data), start, len(payload),
                      len(stored), time.perf_counter() - t0)
-    _ = pm.plan, pm.info  # parse now: a file whose plan or model description is unreadable fails here
     _req(header, "model", dict, "")
+    _ = pm.plan, pm.info  # parse now: a file whose plan or model description is unreadable fails here
     return pm
 
 
