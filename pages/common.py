@@ -413,6 +413,20 @@ def evaluate(session: CompressionSession, plan: CompressionPlan) -> EvaluationRe
 # ----------------------------------------------------------------------------------------------------------------
 # Labels and small shared widgets
 # ----------------------------------------------------------------------------------------------------------------
+def result_metrics(result: EvaluationResult) -> None:
+    """Three tiles in a row: accuracy (and its change), size (and the reduction against fp32), compression ratio."""
+    size = result.size
+    c1, c2, c3 = st.columns(3)
+    c1.metric("Accuracy", fmt_pct(result.accuracy), fmt_pp(result.accuracy_change), border=True,
+              help=f"{result.correct} of {result.images} evaluation images correct "
+                   f"(original: {result.baseline_correct}).")
+    c2.metric("Size", fmt_bytes(size.estimated_bytes), f"{-100 * size.reduction:.1f}% vs fp32",
+              delta_color="inverse", border=True,
+              help=f"{size.estimated_bytes:,} bytes estimated for the packed file vs {size.fp32_bytes:,} fp32 bytes.")
+    c3.metric("Compression ratio", f"{result.compression_ratio:.2f}×", border=True,
+              help="fp32 dense bytes / compressed bytes")
+
+
 def model_label(session: CompressionSession | None = None) -> str:
     """One line saying what is loaded, e.g. ``fashion-vgg · fashion-mnist/eval (2000 images) · LRP epsilon · 1000
     reference images``."""
@@ -459,6 +473,7 @@ __all__ = [
     "comparison_plan", "composite", "cuts_to_split", "default_plan", "digest", "ensure_relevance", "evaluate",
     "fmt_bytes", "fmt_pct", "fmt_pp", "get_plan", "get_session", "get_settings", "leave_pages_directory_mode",
     "model_choices", "model_label", "page_session", "per_session_cache", "pixel_composite", "remember_plan",
+    "result_metrics",
     "run_with_progress", "session_for", "session_scope_key", "set_plan", "set_settings", "split_to_cuts",
     "with_finetuning",
 ]

@@ -20,6 +20,7 @@ from pages.common import (
     model_label,
     page_session,
     remember_plan,
+    result_metrics,
     split_to_cuts,
 )
 from xaicomp_core import CRITERIA, CompressionPlan, CompressionSession, PlanError, figures
@@ -158,16 +159,7 @@ def compress_panel(session: CompressionSession) -> None:
         if result is None:
             return
         size = result.size
-        c1, c2, c3 = st.columns(3)
-        c1.metric("Accuracy", fmt_pct(result.accuracy), fmt_pp(result.accuracy_change), border=True,
-                  help=f"{result.correct} of {result.images} evaluation images correct "
-                       f"(original: {result.baseline_correct}).")
-        c2.metric("Size", fmt_bytes(size.estimated_bytes), f"{-100 * size.reduction:.1f}% vs fp32",
-                  delta_color="inverse", border=True,
-                  help=f"{size.estimated_bytes:,} bytes estimated for the packed file vs {size.fp32_bytes:,} "
-                       "fp32 bytes.")
-        c3.metric("Compression ratio", f"{result.compression_ratio:.2f}×", border=True,
-                  help="fp32 dense bytes / compressed bytes")
+        result_metrics(result)
         c4, c5, c6 = st.columns(3)
         c4.metric("Weights pruned", fmt_pct(result.sparsity, 1), border=True,
                   help="Share of the compressible conv/linear weights set to zero and not stored.")

@@ -19,6 +19,7 @@ from pages.common import (
     model_label,
     page_session,
     pixel_composite,
+    result_metrics,
 )
 from xaicomp_core import CompressionPlan, CompressionSession, XaicompError, figures
 
@@ -194,11 +195,7 @@ def step_together(session: CompressionSession) -> None:
     if r is None:
         return
     st.markdown(f"Your current plan: **{plan.describe()}**.")
-    c1, c2, c3 = st.columns(3)
-    c1.metric("Accuracy", fmt_pct(r.accuracy), fmt_pp(r.accuracy_change), border=True)
-    c2.metric("Size", fmt_bytes(r.size.estimated_bytes), f"{-100 * r.size.reduction:.1f}% vs fp32",
-              delta_color="inverse", border=True)
-    c3.metric("Compression ratio", f"{r.compression_ratio:.2f}×", border=True)
+    result_metrics(r)
     st.markdown(
         "1. **Relevance** is computed once on reference images (step 2).\n"
         "2. **Pruning** drops the weights with the least (or non-positive) relevance (steps 3-4).\n"
