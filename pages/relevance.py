@@ -15,7 +15,7 @@ from pages.common import (
     pixel_composite,
     session_scope_key,
 )
-from xaicomp_core import COMPOSITES, CompressionSession, XaicompError, figures
+from xaicomp_core import COMPOSITES, CompressionSession, RelevanceResult, XaicompError, figures
 
 session = page_session(
     "Relevance",
@@ -51,43 +51,50 @@ with right:
     st.plotly_chart(figures.mass_vs_count_figure(figures.mass_vs_count(rel.weights, names)), width="stretch",
                     key="rel_mass")
 
-# ---------------------------------------------------------------------------------------------------- one layer
-st.divider()
-st.subheader("Weight relevance of one layer")
-layer = st.selectbox("Layer", names, format_func=lambda n: f"{n.removesuffix('.weight')}  "
-                     f"({' × '.join(map(str, session.layout.shapes[names.index(n)]))})", key="rel_layer")
-r = rel.weights[layer]
-is_conv = r.ndim > 2
-mat = figures.weight_matrix(r)
-if is_conv:
-    st.caption("Each cell is one kernel: the relevance of its weights summed over the kernel's positions — rows are "
-               "output channels (filters), columns input channels. Colours are clipped at the 99th percentile of "
-               "|R|.")
-    x_title, y_title = "input channel", "output channel (filter)"
-else:
-    st.caption("The weight matrix itself: rows are outputs, columns inputs. Colours are clipped at the 99th "
-               "percentile of |R|.")
-    x_title, y_title = "input", "output"
-st.plotly_chart(figures.relevance_heatmap(mat, "", x_title, y_title, height=460 if mat.shape[0] > 20 else 300),
-                width="stretch", key="rel_heatmap")
-row_sum = mat.sum(1)
-st.caption(f"Total relevance of this layer's weights: {float(mat.sum()):.4g} "
-           f"(most relevant {y_title}: {int(np.argmax(row_sum))}, least: {int(np.argmin(row_sum))}).")
 
-if is_conv:
-    st.markdown("**Drill down into one filter**")
-    n_out = int(r.shape[0])
-    order = np.argsort(-row_sum)
-    default = int(order[0])
-    if "rel_filter" not in st.session_state or st.session_state.get("_rel_filter_layer") != layer:
-        st.session_state["rel_filter"] = default
-        st.session_state["_rel_filter_layer"] = layer
-    f = int(st.number_input(f"Filter (output channel 0…{n_out - 1}; the most relevant is {default})", 0, n_out - 1,
-                            key="rel_filter"))
-    weights = dict(session.model.named_parameters())[layer].detach()
-    st.caption(f"Filter {f}: one tile per input channel, relevance (left) and the weights themselves (right). "
-               f"Summed relevance {float(row_sum[f]):.4g}; rank {int(np.where(order == f)[0][0]) + 1} of {n_out}.")
-    st.plotly_chart(figures.kernel_figure(r[f], weights[f]), width="stretch", key="rel_kernel")
+# ---------------------------------------------------------------------------------------------------- one layer
+@st.fragment
+def layer_detail(session: CompressionSession, rel: RelevanceResult, names: list[str]) -> None:
+    """Heatmap of one layer's weight relevance and a drill-down into one filter (reruns alone)."""
+    st.divider()
+    st.subheader("Weight relevance of one layer")
+    layer = st.selectbox("Layer", names, format_func=lambda n: f"{n.removesuffix('.weight')}  "
+                         f"({' × '.join(map(str, session.layout.shapes[names.index(n)]))})", key="rel_layer")
+    r = rel.weights[layer]
+    is_conv = r.ndim > 2
+    mat = figures.weight_matrix(r)
+    if is_conv:
+        st.caption("Each cell is one kernel: the relevance of its weights summed over the kernel's positions — rows "
+                   "are output channels (filters), columns input channels. Colours are clipped at the 99th "
+                   "percentile of |R|.")
+        x_title, y_title = "input channel", "output channel (filter)"
+    else:
+        st.caption("The weight matrix itself: rows are outputs, columns inputs. Colours are clipped at the 99th "
+                   "percentile of |R|.")
+        x_title, y_title = "input", "output"
+    st.plotly_chart(figures.relevance_heatmap(mat, "", x_title, y_title, height=460 if mat.shape[0] > 20 else 300),
+                    width="stretch", key="rel_heatmap")
+    row_sum = mat.sum(1)
+    st.caption(f"Total relevance of this layer's weights: {float(mat.sum()):.4g} "
+               f"(most relevant {y_title}: {int(np.argmax(row_sum))}, least: {int(np.argmin(row_sum))}).")
+
+    if is_conv:
+        st.markdown("**Drill down into one filter**")
+        n_out = int(r.shape[0])
+        order = np.argsort(-row_sum)
+        default = int(order[0])
+        if "rel_filter" not in st.session_state or st.session_state.get("_rel_filter_layer") != layer:
+            st.session_state["rel_filter"] = default
+            st.session_state["_rel_filter_layer"] = layer
+        f = int(st.number_input(f"Filter (output channel 0…{n_out - 1}; the most relevant is {default})", 0, n_out - 1,
+                                key="rel_filter"))
+        weights = dict(session.model.named_parameters())[layer].detach()
+        st.caption(f"Filter {f}: one tile per input channel, relevance (left) and the weights themselves (right). "
+                   f"Summed relevance {float(row_sum[f]):.4g}; rank {int(np.where(order == f)[0][0]) + 1} of {n_out}.")
+        st.plotly_chart(figures.kernel_figure(r[f], weights[f]), width="stretch", key="rel_kernel")
+
+
+layer_detail(session, rel, names)
 
 
 # ---------------------------------------------------------------------------------------------------- inputs
