@@ -36,7 +36,7 @@ from xaicomp_core import (
     load_model,
     load_torchvision_folder,
 )
-from xaicomp_core.data import load_image_zip
+from xaicomp_core.data import load_image_zip, split_reference_eval, split_reference_train
 from xaicomp_core.figures import fmt_bytes, fmt_pct, fmt_pp  # noqa: F401  (re-exported for the pages)
 from xaicomp_core.models import BUILTIN_MODELS, MODELS_DIR, TORCHVISION_ARCHS, load_torchvision_model
 from xaicomp_core.relevance import COMPOSITES, DEFAULT_COMPOSITE
@@ -199,18 +199,6 @@ def _cached_model(key: str, _spec: ModelSpec, _weights: bytes | None) -> nn.Modu
     raise XaicompError(f"unknown model source {spec.source!r}")
 
 
-def _split_reference_eval(ds: ImageDataset, eval_samples: int) -> tuple[ImageDataset, ImageDataset]:
-    """Split one uploaded set into disjoint reference and evaluation halves (class-balanced, seeded)."""
-    from xaicomp_core.data import balanced_indices
-
-    if len(ds) < 4:
-        raise XaicompError(f"{ds.name}: only {len(ds)} images; at least 4 are needed (half for relevance, half for "
-                           "evaluation)")
-    order = balanced_indices(ds.labels, len(ds), ds.num_classes, seed=0)
-    ref, ev = order[0::2], order[1::2]
-    return ds.subset(ref, f"{ds.name} (reference)"), ds.subset(ev[:eval_samples], f"{ds.name} (evaluation)")
-
-
 @st.cache_resource(show_spinner="Loading the images…", max_entries=6)
 def _cached_data(key: str, _spec: DataSpec, _data: bytes | None, image_size: tuple[int, int], channels: int,
                  class_names: tuple[str, ...]) -> tuple[ImageDataset, ImageDataset, ImageDataset | None]:
@@ -225,18 +213,14 @@ def _cached_data(key: str, _spec: DataSpec, _data: bytes | None, image_size: tup
         if not _data:
             raise XaicompError("upload a .zip with one folder of images per class in the sidebar")
         ds = load_image_zip(_data, spec.name or "upload.zip", image_size, channels, list(class_names))
-        return (*_split_reference_eval(ds, spec.eval_samples), None)
+        return (*split_reference_eval(ds, spec.eval_samples), None)
     if spec.source == "torchvision":
         if not spec.root.strip():
             raise XaicompError("enter the folder holding the torchvision data set (the 'root' you gave torchvision)")
         train = load_torchvision_folder(spec.root.strip(), spec.name, train=True)
         test = load_torchvision_folder(spec.root.strip(), spec.name, train=False)
-        from xaicomp_core.data import balanced_indices
-
-        idx = balanced_indices(train.labels, FOLDER_REFERENCE_IMAGES + FOLDER_TRAIN_IMAGES, train.num_classes)
-        n_ref = min(FOLDER_REFERENCE_IMAGES, len(idx) // 2)
-        return (train.subset(idx[:n_ref], f"{train.name} (reference)"), test.balanced_subset(spec.eval_samples),
-                train.subset(idx[n_ref:], f"{train.name} (fine-tuning)"))
+        ref, tune = split_reference_train(train, FOLDER_REFERENCE_IMAGES, FOLDER_TRAIN_IMAGES)
+        return ref, test.balanced_subset(spec.eval_samples), tune
     raise XaicompError(f"unknown data source {spec.source!r}")
 
 

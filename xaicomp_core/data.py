@@ -218,6 +218,28 @@ def balanced_indices(labels: np.ndarray, n: int, num_classes: int, seed: int = 0
 # --------------------------------------------------------------------------------------------------------------
 # Built-in data
 # --------------------------------------------------------------------------------------------------------------
+def split_reference_eval(ds: ImageDataset, eval_samples: int) -> tuple[ImageDataset, ImageDataset]:
+    """Split one data set into disjoint reference and evaluation halves (class-balanced, seeded).
+
+    The evaluation half is cut to ``eval_samples`` images. Used for a single uploaded image set.
+    """
+    if len(ds) < 4:
+        raise DataError(f"{ds.name}: only {len(ds)} images; at least 4 are needed (half for relevance, half for "
+                        "evaluation)")
+    order = balanced_indices(ds.labels, len(ds), ds.num_classes, seed=0)
+    ref, ev = order[0::2], order[1::2]
+    return ds.subset(ref, f"{ds.name} (reference)"), ds.subset(ev[:eval_samples], f"{ds.name} (evaluation)")
+
+
+def split_reference_train(train: ImageDataset, reference_images: int, train_images: int
+                          ) -> tuple[ImageDataset, ImageDataset]:
+    """Disjoint class-balanced reference and fine-tuning subsets of a training set (at most half for reference)."""
+    idx = balanced_indices(train.labels, reference_images + train_images, train.num_classes)
+    n_ref = min(reference_images, len(idx) // 2)
+    ref = train.subset(idx[:n_ref], f"{train.name} (reference)")
+    return ref, train.subset(idx[n_ref:], f"{train.name} (fine-tuning)")
+
+
 def builtin_dataset_names() -> list[str]:
     """Names of the shipped data sets."""
     return list(BUILTIN_DATASETS)
