@@ -30,7 +30,7 @@ lint: install
 bench: install
 	$(VENV)/bin/xaicomp bench --json
 
-# Regenerates results/summary.json, docs/results/*.png and RESULTS.md (about an hour on 2 cores).
+# Regenerates results/summary.json, docs/results/*.png and RESULTS.md (about 35 minutes on 2 cores).
 results: install
 	$(PY) -m xaicomp_core.results
 
