@@ -14,7 +14,6 @@ import torch
 
 from xaicomp_core import CompressionPlan, FormatError
 from xaicomp_core.export import forward_logits
-from xaicomp_core.models import MODELS_DIR
 from xaicomp_core.packing import (
     FORMAT_VERSION,
     MAGIC,
@@ -401,10 +400,7 @@ def test_corrupt_compressed_stream_raises(lenet_session):
 def builtin_session(request, fashion_ref, fashion_eval):
     from xaicomp_core import CompressionSession, load_builtin_model
 
-    name = request.param
-    if not (MODELS_DIR / f"{name}.safetensors").exists():
-        pytest.skip(f"{name} is not trained yet (assets/models/{name}.safetensors missing)")
-    s = CompressionSession(load_builtin_model(name), fashion_ref, fashion_eval.balanced_subset(300),
+    s = CompressionSession(load_builtin_model(request.param), fashion_ref, fashion_eval.balanced_subset(300),
                            reference_samples=100)
     s.relevance()
     return s

@@ -41,12 +41,10 @@ def test_quick_pipeline_writes_everything_and_plans_recheck(tmp_path, capsys):
     assert d["size"]["estimated_bytes"] == best["estimated_bytes"]
 
 
-@pytest.mark.skipif(not SUMMARY.exists(), reason="results/summary.json not generated yet")
 @pytest.mark.parametrize("model", ["fashion-vgg", "fashion-lenet", "fashion-resnet"])
 def test_committed_headline_rechecks(model, tmp_path, capsys):
     summary = json.loads(SUMMARY.read_text())
-    if summary["meta"].get("quick"):
-        pytest.skip("summary.json is from a quick run")
+    assert not summary["meta"].get("quick"), "the committed results/summary.json is from a quick run: make results"
     best = summary["models"][model]["best_ratio_at_1pt"]["no_finetune"]
     d = _compress(capsys, best["plan"], tmp_path, model)
     assert d["size"]["estimated_bytes"] == best["estimated_bytes"]
