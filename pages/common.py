@@ -18,6 +18,7 @@ and widget state in ``st.session_state``.
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -435,15 +436,12 @@ def per_session_cache(name: str) -> dict[str, Any]:
 def run_with_progress(label: str, work: Callable[[Callable[[int, int], None]], Any]) -> Any:
     """Run ``work(progress)`` with an ``st.progress`` bar that ``progress(done, total)`` advances, showing the
     time left (extrapolated from the steps done so far)."""
-    import time
-
     bar = st.progress(0.0, text=label)
     t0 = time.perf_counter()
 
     def progress(done: int, total: int) -> None:
-        elapsed = time.perf_counter() - t0
-        left = elapsed / done * (total - done) if done else None
-        eta = f" · about {left:.0f} s left" if left is not None and done < total else ""
+        left = (time.perf_counter() - t0) / done * (total - done) if 0 < done < total else None
+        eta = f" · about {left:.0f} s left" if left is not None else ""
         bar.progress(min(done / max(total, 1), 1.0), text=f"{label} {done} / {total}{eta}")
 
     try:

@@ -192,8 +192,7 @@ def _progress_printer(label: str, enabled: bool):
         now = time.time()
         if done == total or now - state["t"] > 0.5:
             state["t"] = now
-            left = (now - state["t0"]) / max(done, 1) * (total - done)
-            eta = f", about {left:.0f} s left" if done < total else ""
+            eta = f", about {(now - state['t0']) / done * (total - done):.0f} s left" if 0 < done < total else ""
             sys.stderr.write(f"\r{label}: {done}/{total}{eta}   ")
             if done == total:
                 sys.stderr.write("\n")
