@@ -37,10 +37,10 @@ from xaicomp_core import (
     load_model,
     load_torchvision_folder,
 )
-from xaicomp_core.data import load_image_zip, split_reference_eval, split_reference_train
-from xaicomp_core.figures import fmt_bytes, fmt_pct, fmt_pp  # noqa: F401  (re-exported for the pages)
-from xaicomp_core.models import BUILTIN_MODELS, MODELS_DIR, TORCHVISION_ARCHS, load_torchvision_model
-from xaicomp_core.relevance import COMPOSITES, DEFAULT_COMPOSITE
+from xaicomp_core.io.data import load_image_zip, split_reference_eval, split_reference_train
+from xaicomp_core.io.models import BUILTIN_MODELS, MODELS_DIR, TORCHVISION_ARCHS, load_torchvision_model
+from xaicomp_core.relevance.lrp import COMPOSITES, DEFAULT_COMPOSITE
+from xaicomp_core.viz.figures import fmt_bytes, fmt_pct, fmt_pp  # noqa: F401  (re-exported for the pages)
 
 SETTINGS_KEY = "settings"
 PLAN_KEY = "plan"

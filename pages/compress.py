@@ -23,8 +23,9 @@ from pages.common import (
     result_metrics,
     split_to_cuts,
 )
-from xaicomp_core import CRITERIA, CompressionPlan, CompressionSession, PlanError, figures
+from xaicomp_core import CRITERIA, CompressionPlan, CompressionSession, PlanError
 from xaicomp_core.plan import BIT_RANKINGS, FP32, GRANULARITIES, QUANTIZERS, SCOPES
+from xaicomp_core.viz import figures
 
 CRITERION_LABELS = {
     "paper": "paper rule — prune relevance ≤ 0",

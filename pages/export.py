@@ -27,9 +27,9 @@ from pages.common import (
     with_finetuning,
 )
 from xaicomp_core import CompressionPlan, CompressionSession, XaicompError
-from xaicomp_core.export import dense_bytes, export_packed, onnx_bytes, verify_packed
-from xaicomp_core.packing import CODECS, SECTION_KEYS, PackResult
-from xaicomp_core.report import build_report, export_command
+from xaicomp_core.format.packing import CODECS, SECTION_KEYS, PackResult
+from xaicomp_core.io.export import dense_bytes, export_packed, onnx_bytes, verify_packed
+from xaicomp_core.report.html import build_report, export_command
 
 CODEC_LABELS = {"none": "none (payload = estimate)", "zlib": "zlib", "lzma": "lzma (xz)"}
 

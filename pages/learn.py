@@ -21,7 +21,8 @@ from pages.common import (
     pixel_composite,
     result_metrics,
 )
-from xaicomp_core import CompressionPlan, CompressionSession, XaicompError, figures
+from xaicomp_core import CompressionPlan, CompressionSession, XaicompError
+from xaicomp_core.viz import figures
 
 HERE = pathlib.Path(__file__).resolve().parent
 STEPS = ["1 · The model", "2 · What LRP computes", "3 · Zero and negative", "4 · Pruning", "5 · Quantization",

@@ -6,8 +6,8 @@ import numpy as np
 import streamlit as st
 
 from pages.common import fmt_bytes, fmt_pct, model_label, page_session
-from xaicomp_core import figures
-from xaicomp_core.models import count_parameters
+from xaicomp_core.io.models import count_parameters
+from xaicomp_core.viz import figures
 
 session = page_session(
     "Overview",

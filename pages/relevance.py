@@ -15,7 +15,8 @@ from pages.common import (
     pixel_composite,
     session_scope_key,
 )
-from xaicomp_core import COMPOSITES, CompressionSession, RelevanceResult, XaicompError, figures
+from xaicomp_core import COMPOSITES, CompressionSession, RelevanceResult, XaicompError
+from xaicomp_core.viz import figures
 
 session = page_session(
     "Relevance",

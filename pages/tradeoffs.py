@@ -16,8 +16,9 @@ from pages.common import (
     run_with_progress,
     session_scope_key,
 )
-from xaicomp_core import CRITERIA, PlanError, figures
-from xaicomp_core.sweep import DEFAULT_RATIOS, BitSetting, rows_to_csv, run_sweep, smallest_within
+from xaicomp_core import CRITERIA, PlanError
+from xaicomp_core.evaluate.sweep import DEFAULT_RATIOS, BitSetting, rows_to_csv, run_sweep, smallest_within
+from xaicomp_core.viz import figures
 
 RATIO_SETS = {
     "quick (0, 25, 50, 75, 90 %)": [0.0, 0.25, 0.5, 0.75, 0.9],

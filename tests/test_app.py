@@ -18,7 +18,7 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 from xaicomp_core import CompressionPlan, CompressionSession, load_builtin_dataset, load_builtin_model
-from xaicomp_core.figures import fmt_bytes, fmt_pct, fmt_pp
+from xaicomp_core.viz.figures import fmt_bytes, fmt_pct, fmt_pp
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 APP = str(ROOT / "app.py")
@@ -140,7 +140,7 @@ def test_every_page_renders(app, engine, page):
         assert m["Parameters"] == f"{sum(p.numel() for p in engine.model.parameters()):,}"
         assert m["Conv / linear layers"] == str(len(engine.layout.names))
     elif page == "relevance":
-        from xaicomp_core import figures
+        from xaicomp_core.viz import figures
 
         total = figures.sign_shares(engine.relevance().weights, engine.layout.names)[-1]
         m = metrics(app)
@@ -288,7 +288,7 @@ def test_recovery_finetuning(lenet_engine):
 
 
 def test_sweep_on_tradeoffs(lenet_engine):
-    from xaicomp_core.sweep import smallest_within
+    from xaicomp_core.evaluate.sweep import smallest_within
 
     at = goto(new_app("fashion-lenet"), "tradeoffs")
     at.multiselect(key="tr_criteria").set_value(["lrp", "magnitude"])

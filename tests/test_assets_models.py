@@ -22,7 +22,7 @@ from xaicomp_core import (
     load_weights_file,
     model_info,
 )
-from xaicomp_core.data import (
+from xaicomp_core.io.data import (
     FASHION_MNIST_CLASSES,
     ImageDataset,
     Preprocessing,
@@ -32,7 +32,7 @@ from xaicomp_core.data import (
     load_torchvision_folder,
     read_idx,
 )
-from xaicomp_core.models import MODELS_DIR, builtin_card, load_state_dict_checked, load_torchvision_model
+from xaicomp_core.io.models import MODELS_DIR, builtin_card, load_state_dict_checked, load_torchvision_model
 
 ASSETS = pathlib.Path(__file__).resolve().parent.parent / "assets"
 

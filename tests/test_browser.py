@@ -285,7 +285,7 @@ def test_every_page_and_slider(app_url, browser, artifacts):
     # ---------------------------------------------------------------- the displayed numbers are the engine's
     import torch
 
-    from xaicomp_core.figures import fmt_bytes, fmt_pct
+    from xaicomp_core.viz.figures import fmt_bytes, fmt_pct
 
     print(f"[{time.perf_counter() - T0:6.1f} s] independent engine check")
     res = engine_result(ratio)
@@ -319,7 +319,7 @@ def test_two_sessions_compress_at_once(app_url, browser):
     ra, rb = int(prune_slider(a).input_value()), int(prune_slider(b).input_value())
     assert ra > 60 and rb < 40
 
-    from xaicomp_core.figures import fmt_bytes, fmt_pct
+    from xaicomp_core.viz.figures import fmt_bytes, fmt_pct
 
     for page, ratio in ((a, ra), (b, rb)):
         res = engine_result(ratio)

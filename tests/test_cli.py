@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from xaicomp_core import CompressionPlan
-from xaicomp_core.cli import main
+from xaicomp_core.cli.main import main
 
 FAST = ["--model", "fashion-lenet", "--reference-samples", "200", "--eval-samples", "500", "--threads", "2"]
 

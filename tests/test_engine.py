@@ -9,10 +9,17 @@ import pytest
 import torch
 
 from xaicomp_core import CompressionPlan, PlanError
-from xaicomp_core.criteria import CRITERION_REGISTRY, LRPFilter, ScoreInputs, get_criterion
-from xaicomp_core.pruning import LayerLayout, SortedScores, channel_mask, is_channel_structured, ratio_mask, rule_mask
-from xaicomp_core.quantization import allocate_bits, dequantize_codes, quantize
-from xaicomp_core.size import class_bits, compute_size, index_bits, keep_encoding
+from xaicomp_core.compress.criteria import CRITERION_REGISTRY, LRPFilter, ScoreInputs, get_criterion
+from xaicomp_core.compress.layout import (
+    LayerLayout,
+    SortedScores,
+    channel_mask,
+    is_channel_structured,
+    ratio_mask,
+    rule_mask,
+)
+from xaicomp_core.compress.quantize import allocate_bits, dequantize_codes, quantize
+from xaicomp_core.format.size import class_bits, compute_size, index_bits, keep_encoding
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from xaicomp_core import CompressionPlan, FormatError, load_model
-from xaicomp_core.cli import main
-from xaicomp_core.export import (
+from xaicomp_core.cli.main import main
+from xaicomp_core.format.packing import FORMAT_VERSION, MAGIC, PREAMBLE, read_header, unpack
+from xaicomp_core.io.export import (
     dense_bytes,
     export_dense,
     export_packed,
@@ -22,7 +23,6 @@ from xaicomp_core.export import (
     packed_to_dense,
     verify_packed,
 )
-from xaicomp_core.packing import FORMAT_VERSION, MAGIC, PREAMBLE, read_header, unpack
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PLAN = CompressionPlan(criterion="lrp", prune_ratio=0.5, bit_levels=[8, 4, 2], bit_split=[0.2, 0.5])

@@ -1,4 +1,4 @@
-"""Figure builders and relevance aggregations (xaicomp_core.figures): pure functions, checked against hand-computed
+"""Figure builders and relevance aggregations (xaicomp_core.viz.figures): pure functions, checked against hand-computed
 values and against the engine."""
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
-from xaicomp_core import CompressionPlan, figures
+from xaicomp_core import CompressionPlan
+from xaicomp_core.viz import figures
 
 
 # ------------------------------------------------------------------------------------------------ formatting

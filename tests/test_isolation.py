@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from xaicomp_core import CompressionPlan, export_packed
-from xaicomp_core.export import dense_bytes, onnx_bytes
-from xaicomp_core.models import state_dict_hash
-from xaicomp_core.report import build_report
+from xaicomp_core.io.export import dense_bytes, onnx_bytes
+from xaicomp_core.io.models import state_dict_hash
+from xaicomp_core.report.html import build_report
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -65,7 +65,7 @@ def test_upload_limit_is_configured():
     config = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
     limit = config["server"]["maxUploadSize"]
     assert isinstance(limit, int) and 1 <= limit <= 1024
-    from xaicomp_core.models import MAX_WEIGHTS_BYTES
+    from xaicomp_core.io.models import MAX_WEIGHTS_BYTES
 
     assert limit * 2**20 <= MAX_WEIGHTS_BYTES  # the core never refuses what the app accepts
 

@@ -13,8 +13,10 @@ import pytest
 import torch
 
 from xaicomp_core import CompressionPlan, FormatError
-from xaicomp_core.export import forward_logits
-from xaicomp_core.packing import (
+from xaicomp_core.compress.layout import SortedScores
+from xaicomp_core.compress.quantize import allocate_bits, quantize
+from xaicomp_core.evaluate.session import CompressedWeights
+from xaicomp_core.format.packing import (
     FORMAT_VERSION,
     MAGIC,
     PREAMBLE,
@@ -25,10 +27,8 @@ from xaicomp_core.packing import (
     unpack,
     unpack_bits,
 )
-from xaicomp_core.pruning import SortedScores
-from xaicomp_core.quantization import allocate_bits, quantize
-from xaicomp_core.session import CompressedWeights
-from xaicomp_core.size import compute_size
+from xaicomp_core.format.size import compute_size
+from xaicomp_core.io.export import forward_logits
 
 BUILTINS = ["fashion-lenet", "fashion-vgg", "fashion-resnet"]
 
@@ -196,8 +196,8 @@ def test_all_keep_encodings_are_exercised(lenet_session):
 
 
 def test_rice_code_round_trip_and_size():
-    from xaicomp_core.packing import rice_decode, rice_encode
-    from xaicomp_core.size import rice_cost
+    from xaicomp_core.format.packing import rice_decode, rice_encode
+    from xaicomp_core.format.size import rice_cost
 
     rng = np.random.default_rng(0)
     for n, density in [(1, 1.0), (10, 0.5), (5000, 0.3), (100_000, 0.1), (1000, 0.01)]:

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from xaicomp_core import COMPOSITES, compute_relevance, weight_relevance
-from xaicomp_core.archs import FashionResNet, FashionVGG, LeNet5
-from xaicomp_core.relevance import ExactMergeBatchNorm, RelevanceError
+from xaicomp_core.io.archs import FashionResNet, FashionVGG, LeNet5
+from xaicomp_core.relevance.lrp import ExactMergeBatchNorm, RelevanceError
 
 EPS = 1e-6
 

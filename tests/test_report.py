@@ -10,9 +10,9 @@ from html.parser import HTMLParser
 import pytest
 
 from xaicomp_core import CompressionPlan
-from xaicomp_core.cli import main
-from xaicomp_core.export import export_packed
-from xaicomp_core.report import build_report, export_command
+from xaicomp_core.cli.main import main
+from xaicomp_core.io.export import export_packed
+from xaicomp_core.report.html import build_report, export_command
 
 PLAN = CompressionPlan(criterion="lrp", prune_ratio=0.5, bit_levels=[8, 4, 2], bit_split=[0.2, 0.5])
 

@@ -7,7 +7,7 @@ import pathlib
 
 import pytest
 
-from xaicomp_core.cli import main
+from xaicomp_core.cli.main import main
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SUMMARY = ROOT / "results" / "summary.json"

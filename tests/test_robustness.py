@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from xaicomp_core.cli import main
+from xaicomp_core.cli.main import main
 
 FAST = ["--reference-samples", "100", "--eval-samples", "200", "--threads", "2"]
 
@@ -97,7 +97,7 @@ def test_pickle_that_runs_code_is_refused(capsys, tmp_path, lenet_state):
 
 
 def test_file_over_the_limit(capsys, tmp_path, lenet_state, monkeypatch):
-    import xaicomp_core.models as models
+    import xaicomp_core.io.models as models
 
     torch.save(lenet_state, tmp_path / "big.pt")
     monkeypatch.setattr(models, "MAX_WEIGHTS_BYTES", 1000)

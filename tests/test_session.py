@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from xaicomp_core import CompressionPlan, CompressionSession, load_builtin_model
-from xaicomp_core.models import state_dict_hash
+from xaicomp_core.io.models import state_dict_hash
 
 
 def test_no_compression_reproduces_baseline_exactly(lenet_session):
@@ -32,7 +32,7 @@ def test_lrp_filter_is_structured(lenet_session):
     assert r.sparsity == pytest.approx(0.3, abs=0.05)
     assert r.layers[-1].sparsity == 0  # the classifier's channels are classes
     cw = lenet_session.compress(CompressionPlan(criterion="lrp-filter", prune_ratio=0.3))
-    from xaicomp_core.pruning import is_channel_structured
+    from xaicomp_core.compress.layout import is_channel_structured
 
     assert all(is_channel_structured(cw.layout, cw.keep, i) for i in range(len(cw.layout.names)))
 

@@ -5,10 +5,19 @@ per-weight LRP relevance, computed with zennit, decides which weights to prune a
 gets.
 """
 
-from .data import ImageDataset, Preprocessing, load_builtin_dataset, load_image_folder, load_torchvision_folder
-from .errors import DataError, FormatError, PlanError, WeightsError, XaicompError
-from .export import export_packed, verify_packed
-from .models import (
+from xaicomp_core.errors import DataError, FormatError, PlanError, WeightsError, XaicompError
+from xaicomp_core.evaluate.session import CompressionSession, EvaluationResult
+from xaicomp_core.format.packing import load_packed_model, read_packed
+from xaicomp_core.format.size import SizeBreakdown
+from xaicomp_core.io.data import (
+    ImageDataset,
+    Preprocessing,
+    load_builtin_dataset,
+    load_image_folder,
+    load_torchvision_folder,
+)
+from xaicomp_core.io.export import export_packed, verify_packed
+from xaicomp_core.io.models import (
     BUILTIN_MODELS,
     ModelInfo,
     load_builtin_model,
@@ -17,11 +26,8 @@ from .models import (
     load_weights_file,
     model_info,
 )
-from .packing import load_packed_model, read_packed
-from .plan import CRITERIA, CompressionPlan
-from .relevance import COMPOSITES, RelevanceResult, compute_relevance, input_heatmaps, weight_relevance
-from .session import CompressionSession, EvaluationResult
-from .size import SizeBreakdown
+from xaicomp_core.plan import CRITERIA, CompressionPlan
+from xaicomp_core.relevance.lrp import COMPOSITES, RelevanceResult, compute_relevance, input_heatmaps, weight_relevance
 
 __version__ = "0.1.0"
 

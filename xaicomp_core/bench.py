@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
-from .data import load_builtin_dataset
-from .models import load_builtin_model, model_info
-from .plan import CompressionPlan
-from .relevance import weight_relevance
-from .session import CompressionSession
+from xaicomp_core.evaluate.session import CompressionSession
+from xaicomp_core.io.data import load_builtin_dataset
+from xaicomp_core.io.models import load_builtin_model, model_info
+from xaicomp_core.plan import CompressionPlan
+from xaicomp_core.relevance.lrp import weight_relevance
 
 
 def _timed(fn, repeats: int) -> list[float]:

@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from .errors import PlanError
+from xaicomp_core.errors import PlanError
 
 PLAN_VERSION = 1
 FP32 = 32
@@ -98,7 +98,7 @@ class CompressionPlan:
 
     def validate(self) -> CompressionPlan:
         """Raise :class:`PlanError` with a readable message if anything is out of range; returns ``self``."""
-        from .relevance import COMPOSITES
+        from xaicomp_core.relevance.lrp import COMPOSITES
 
         if self.version > PLAN_VERSION:
             raise PlanError(f"plan version {self.version} is newer than this xaicomp understands ({PLAN_VERSION}); "

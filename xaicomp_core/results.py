@@ -25,12 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .bench import _cpu_name, run_bench
-from .data import load_builtin_dataset
-from .models import builtin_card, load_builtin_model
-from .plan import CompressionPlan
-from .session import CompressionSession
-from .sweep import pareto_flags
+from xaicomp_core.bench import _cpu_name, run_bench
+from xaicomp_core.evaluate.session import CompressionSession
+from xaicomp_core.evaluate.sweep import pareto_flags
+from xaicomp_core.io.data import load_builtin_dataset
+from xaicomp_core.io.models import builtin_card, load_builtin_model
+from xaicomp_core.plan import CompressionPlan
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CURVE_CRITERIA = ["lrp", "lrp-signed", "magnitude", "random", "lrp-filter"]

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import FASHION_MNIST_CLASSES, find_fashion_mnist_raw, load_builtin_dataset, load_mnist_like
-from .models import BUILTIN_MODELS, FASHION_PREPROCESSING, MODELS_DIR, count_parameters
+from xaicomp_core.io.data import FASHION_MNIST_CLASSES, find_fashion_mnist_raw, load_builtin_dataset, load_mnist_like
+from xaicomp_core.io.models import BUILTIN_MODELS, FASHION_PREPROCESSING, MODELS_DIR, count_parameters
 
 
 def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 2) -> torch.Tensor:

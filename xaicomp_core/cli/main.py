@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import PlanError, XaicompError
+from xaicomp_core.errors import PlanError, XaicompError
 
 CLI_COMMANDS = ("info", "compress", "sweep", "bench", "export", "verify", "report")
 MODEL_DEFAULTS = {"data": "fashion-mnist", "reference_samples": 1000, "target": "true", "epsilon": 1e-6}
@@ -73,8 +73,8 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
 
 def plan_from_args(args: argparse.Namespace):
     """Build and validate the plan from ``--plan`` and the plan options."""
-    from .plan import CompressionPlan
-    from .sweep import parse_bits
+    from xaicomp_core.evaluate.sweep import parse_bits
+    from xaicomp_core.plan import CompressionPlan
 
     if args.plan:
         path = pathlib.Path(args.plan)
@@ -115,7 +115,7 @@ def plan_from_args(args: argparse.Namespace):
 
 def _load_data(spec: str, info, split: str):
     """Data for ``split`` from a ``--data`` spec, prepared for the model described by ``info`` (a ModelInfo)."""
-    from .data import load_builtin_dataset, load_image_folder, load_torchvision_folder
+    from xaicomp_core.io.data import load_builtin_dataset, load_image_folder, load_torchvision_folder
 
     if spec in ("fashion-mnist",):
         return load_builtin_dataset(spec, split)
@@ -130,7 +130,7 @@ def _load_data(spec: str, info, split: str):
 
 def model_from_args(args: argparse.Namespace):
     """Load the model chosen by the options."""
-    from .models import DEFAULT_MODEL, load_model
+    from xaicomp_core.io.models import DEFAULT_MODEL, load_model
 
     if args.weights and not args.arch:
         raise XaicompError("--weights needs --arch (the architecture the weights belong to)")
@@ -162,8 +162,8 @@ def session_from_args(args: argparse.Namespace, progress=None):
     """Model, data and a :class:`CompressionSession` from the options."""
     import torch
 
-    from .models import model_info
-    from .session import CompressionSession
+    from xaicomp_core.evaluate.session import CompressionSession
+    from xaicomp_core.io.models import model_info
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -218,10 +218,10 @@ def _fmt_bytes(n: float) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 def cmd_info(args: argparse.Namespace) -> int:
     """Built-in models and data sets."""
-    from .data import BUILTIN_DATASETS, DATA_DIR
-    from .models import BUILTIN_MODELS, DEFAULT_MODEL, TORCHVISION_ARCHS, builtin_card
-    from .plan import CRITERIA
-    from .relevance import COMPOSITES
+    from xaicomp_core.io.data import BUILTIN_DATASETS, DATA_DIR
+    from xaicomp_core.io.models import BUILTIN_MODELS, DEFAULT_MODEL, TORCHVISION_ARCHS, builtin_card
+    from xaicomp_core.plan import CRITERIA
+    from xaicomp_core.relevance.lrp import COMPOSITES
 
     models = []
     for name, spec in BUILTIN_MODELS.items():
@@ -302,7 +302,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Pareto sweep."""
-    from .sweep import DEFAULT_RATIOS, BitSetting, rows_to_csv, run_sweep
+    from xaicomp_core.evaluate.sweep import DEFAULT_RATIOS, BitSetting, rows_to_csv, run_sweep
 
     base = plan_from_args(args)
     criteria = [c.strip() for c in args.criteria.split(",") if c.strip()]
@@ -329,7 +329,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Performance ratios."""
-    from .bench import run_bench
+    from xaicomp_core.bench import run_bench
 
     res = run_bench(args.model or "fashion-vgg", repeats=args.repeats, threads=args.threads or 2,
                     batch=args.batch, composite=args.composite or "epsilon")
@@ -379,9 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     try:
-        from . import cli_export
+        from xaicomp_core.cli import export_cmds
 
-        cli_export.register(sub)
+        export_cmds.register(sub)
     except ImportError:
         pass
     return ap

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .archs import FashionResNet, FashionVGG, LeNet5
-from .data import ASSETS_DIR, FASHION_MNIST_CLASSES, Preprocessing
-from .errors import WeightsError
+from xaicomp_core.errors import WeightsError
+from xaicomp_core.io.archs import FashionResNet, FashionVGG, LeNet5
+from xaicomp_core.io.data import ASSETS_DIR, FASHION_MNIST_CLASSES, Preprocessing
 
 MODELS_DIR = ASSETS_DIR / "models"
 FASHION_PREPROCESSING = Preprocessing((28, 28), 1, (0.2860,), (0.3530,))

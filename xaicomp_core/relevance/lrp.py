@@ -27,8 +27,8 @@ from zennit.core import BasicHook, Composite, Hook, ParamMod
 from zennit.rules import Epsilon, Gamma
 from zennit.types import Convolution
 
-from .errors import XaicompError
-from .models import model_info
+from xaicomp_core.errors import XaicompError
+from xaicomp_core.io.models import model_info
 
 ProgressFn = Callable[[int, int], None]
 

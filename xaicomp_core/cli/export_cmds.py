@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Any
 
-from .cli import (
+from xaicomp_core.cli.main import (
     MODEL_DEFAULTS,
     _fmt_bytes,
     _load_data,
@@ -27,8 +27,8 @@ from .cli import (
     eval_subset,
     plan_and_session,
 )
-from .errors import XaicompError
-from .report import DEFAULT_HEATMAP_SAMPLES, DEFAULT_SWEEP_CRITERIA
+from xaicomp_core.errors import XaicompError
+from xaicomp_core.report.html import DEFAULT_HEATMAP_SAMPLES, DEFAULT_SWEEP_CRITERIA
 
 
 def model_cli_args(args: argparse.Namespace) -> str:
@@ -73,7 +73,7 @@ def _data_label(args: argparse.Namespace, session: Any) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 def cmd_export(args: argparse.Namespace) -> int:
     """Write the packed file (and optionally dense safetensors and ONNX)."""
-    from .export import export_dense, export_onnx, export_packed
+    from xaicomp_core.io.export import export_dense, export_onnx, export_packed
 
     t0 = time.perf_counter()
     plan, session = plan_and_session(args, args.json)
@@ -113,9 +113,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     """Reload a packed file, recount its size and re-measure accuracy."""
     import torch
 
-    from .data import as_tensors
-    from .export import verify_packed
-    from .packing import read_packed
+    from xaicomp_core.format.packing import read_packed
+    from xaicomp_core.io.data import as_tensors
+    from xaicomp_core.io.export import verify_packed
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -163,7 +163,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Write the stakeholder HTML report."""
-    from .report import DEFAULT_SWEEP_RATIOS, write_report
+    from xaicomp_core.report.html import DEFAULT_SWEEP_RATIOS, write_report
 
     plan, session = plan_and_session(args, args.json)
     criteria = [c.strip() for c in args.criteria.split(",") if c.strip()]
@@ -205,7 +205,7 @@ DEFAULT_HEATMAPS = DEFAULT_HEATMAP_SAMPLES
 
 def register(subparsers: Any) -> None:
     """Add the ``export``, ``verify`` and ``report`` subcommands to the ``xaicomp`` parser."""
-    from .packing import CODECS
+    from xaicomp_core.format.packing import CODECS
 
     p = subparsers.add_parser("export", help="write the packed compressed model (.xcz), optionally dense "
                                              "safetensors and ONNX")

@@ -557,7 +557,7 @@ def size_sections_figure(sections: Mapping[str, int], fp32_bytes: int, title: st
 
 def pareto_figure(rows: Sequence[Mapping[str, Any]], current: Mapping[str, Any] | None = None,
                   title: str = "", log_x: bool = False) -> go.Figure:
-    """Size-vs-accuracy curves per criterion (from :func:`xaicomp_core.sweep.run_sweep`), Pareto points filled.
+    """Size-vs-accuracy curves per criterion (from :func:`xaicomp_core.evaluate.sweep.run_sweep`), Pareto points filled.
 
     Parameters
     ----------

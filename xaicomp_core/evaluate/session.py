@@ -20,15 +20,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .criteria import LRPFilter, ScoreInputs, bit_scores, get_criterion
-from .data import DataLike, as_tensors
-from .errors import PlanError, XaicompError
-from .models import model_info, state_dict_hash
-from .plan import FP32, CompressionPlan
-from .pruning import LayerLayout, SortedScores, channel_mask, ratio_mask, rule_mask
-from .quantization import Quantized, allocate_bits, quantize
-from .relevance import DEFAULT_COMPOSITE, RelevanceResult, compute_relevance
-from .size import SizeBreakdown, compute_size
+from xaicomp_core.compress.criteria import LRPFilter, ScoreInputs, bit_scores, get_criterion
+from xaicomp_core.compress.layout import LayerLayout, SortedScores, channel_mask, ratio_mask, rule_mask
+from xaicomp_core.compress.quantize import Quantized, allocate_bits, quantize
+from xaicomp_core.errors import PlanError, XaicompError
+from xaicomp_core.format.size import SizeBreakdown, compute_size
+from xaicomp_core.io.data import DataLike, as_tensors
+from xaicomp_core.io.models import model_info, state_dict_hash
+from xaicomp_core.plan import FP32, CompressionPlan
+from xaicomp_core.relevance.lrp import DEFAULT_COMPOSITE, RelevanceResult, compute_relevance
 
 EVAL_BATCH_SIZE = 1000
 
@@ -335,7 +335,7 @@ class CompressionSession:
 
     def finetune_estimate(self, plan: CompressionPlan) -> float:
         """Rough seconds the fine-tuning of ``plan`` takes here."""
-        from .finetune import estimate_seconds
+        from xaicomp_core.compress.finetune import estimate_seconds
 
         x, _ = self.train_tensors()
         return estimate_seconds(self.model, x, plan.finetune_epochs)
@@ -349,7 +349,7 @@ class CompressionSession:
         plan.validate()
         if plan.finetune_epochs == 0:
             return self._compress(plan)
-        from .finetune import finetune_weights
+        from xaicomp_core.compress.finetune import finetune_weights
 
         with self._lock:
             base = self._compress(plan.replace(finetune_epochs=0))

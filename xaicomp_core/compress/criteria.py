@@ -12,7 +12,7 @@ from typing import Protocol
 
 import torch
 
-from .errors import PlanError
+from xaicomp_core.errors import PlanError
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """The packed file format (``.xcz``): write and read a compressed model whose payload is exactly the size the
-engine estimates (:mod:`xaicomp_core.size`).
+engine estimates (:mod:`xaicomp_core.format.size`).
 
 A file is a 20-byte preamble, a UTF-8 JSON header and the payload::
 
@@ -14,7 +14,7 @@ float32. Bit streams are LSB-first: bit ``k`` of the stream is bit ``k % 8`` of 
 integer occupies stream bits ``o .. o + w - 1`` with its least significant bit first. ``docs/FORMAT.md`` is the full
 specification.
 
-The reader rebuilds the dequantized weights exactly as :func:`xaicomp_core.quantization.dequantize_codes` computes
+The reader rebuilds the dequantized weights exactly as :func:`xaicomp_core.compress.quantize.dequantize_codes` computes
 them, so the reloaded weights equal the session's compressed weights bit for bit (a quantized zero may come back as
 +0.0 where the quantizer produced -0.0) and the reloaded model's logits are identical.
 """
@@ -36,15 +36,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import FormatError, PlanError, XaicompError
-from .plan import FP32, CompressionPlan
-from .pruning import LayerLayout
-from .quantization import dequantize_codes
-from .size import SizeBreakdown, class_bits, compute_size, index_bits, is_float_entry
+from xaicomp_core.compress.layout import LayerLayout
+from xaicomp_core.compress.quantize import dequantize_codes
+from xaicomp_core.errors import FormatError, PlanError, XaicompError
+from xaicomp_core.format.size import SizeBreakdown, class_bits, compute_size, index_bits, is_float_entry
+from xaicomp_core.plan import FP32, CompressionPlan
 
 if TYPE_CHECKING:
-    from .models import ModelInfo
-    from .session import CompressedWeights
+    from xaicomp_core.evaluate.session import CompressedWeights
+    from xaicomp_core.io.models import ModelInfo
 
 MAGIC = b"\x89XCZ\r\n\x1a\n"
 FORMAT_VERSION = 1
@@ -304,9 +304,9 @@ class PackedModel:
 
     @property
     def info(self) -> ModelInfo:
-        """The model's :class:`~xaicomp_core.models.ModelInfo` (name, arch, classes, preprocessing)."""
-        from .data import Preprocessing
-        from .models import ModelInfo
+        """The model's :class:`~xaicomp_core.io.models.ModelInfo` (name, arch, classes, preprocessing)."""
+        from xaicomp_core.io.data import Preprocessing
+        from xaicomp_core.io.models import ModelInfo
 
         m = self.header["model"]
         try:
@@ -332,7 +332,7 @@ class PackedModel:
         WeightsError
             If the architecture is unknown to this installation or the tensors do not fit it.
         """
-        from .models import attach_info, build_arch, load_state_dict_checked
+        from xaicomp_core.io.models import attach_info, build_arch, load_state_dict_checked
 
         info = self.info
         model = build_arch(info.arch, info.num_classes)
@@ -540,7 +540,7 @@ def pack(compressed: CompressedWeights, state: dict[str, torch.Tensor], info: Mo
     if len(payload) != cw.size.estimated_bytes:
         raise RuntimeError(f"payload of {len(payload)} bytes, {cw.size.estimated_bytes} estimated")
     stored = encode_payload(payload, codec)
-    from . import __version__
+    from xaicomp_core import __version__
 
     header: dict[str, Any] = {
         "format": FORMAT_NAME,

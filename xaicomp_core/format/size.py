@@ -1,7 +1,7 @@
 """Honest size accounting.
 
-Counts what a packed file (see ``docs/FORMAT.md`` and :mod:`xaicomp_core.packing`) really holds, section by section,
-each padded to whole bytes:
+Counts what a packed file (see ``docs/FORMAT.md`` and :mod:`xaicomp_core.format.packing`) really holds, section by
+section, each padded to whole bytes:
 
 * **keep** — which weights are kept: nothing if all are; else the cheapest of a bitmask (1 bit per weight), the
   sorted indices of the kept weights, or of the pruned weights (``ceil(log2 n)`` bits each), a Rice code of the
@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .plan import FP32
-from .pruning import LayerLayout
+from xaicomp_core.compress.layout import LayerLayout
+from xaicomp_core.plan import FP32
 
 
 def _bytes(bits: int) -> int:

@@ -6,7 +6,7 @@ model-ready tensors by a model's :class:`Preprocessing` (resize, grayscale/RGB, 
 
 Rebuild the shipped subsets with::
 
-    python -m xaicomp_core.data build-assets --source /usr/share/datasets/fashion-mnist
+    python -m xaicomp_core.io.data build-assets --source /usr/share/datasets/fashion-mnist
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import DataError
+from xaicomp_core.errors import DataError
 
-ASSETS_DIR = pathlib.Path(__file__).resolve().parent.parent / "assets"
+ASSETS_DIR = pathlib.Path(__file__).resolve().parents[2] / "assets"
 DATA_DIR = ASSETS_DIR / "data"
 
 FASHION_MNIST_CLASSES = [
@@ -263,7 +263,7 @@ def load_builtin_dataset(name: str = "fashion-mnist", split: str = "eval") -> Im
         raise DataError(f"unknown split {split!r} of {name}; available: {', '.join(splits)}")
     path = DATA_DIR / splits[split][0]
     if not path.exists():
-        raise DataError(f"missing asset {path}; rebuild with `python -m xaicomp_core.data build-assets`")
+        raise DataError(f"missing asset {path}; rebuild with `python -m xaicomp_core.io.data build-assets`")
     with np.load(path, allow_pickle=False) as z:
         images, labels = z["images"], z["labels"]
         class_names = [str(s) for s in z["class_names"]]
@@ -624,8 +624,8 @@ def build_assets(source: str | pathlib.Path | None = None, out_dir: str | pathli
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m xaicomp_core.data build-assets [--source DIR] [--seed N]``."""
-    ap = argparse.ArgumentParser(prog="python -m xaicomp_core.data")
+    """``python -m xaicomp_core.io.data build-assets [--source DIR] [--seed N]``."""
+    ap = argparse.ArgumentParser(prog="python -m xaicomp_core.io.data")
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build-assets", help="write the shipped Fashion-MNIST subsets")
     b.add_argument("--source", default=None, help="folder with the Fashion-MNIST idx files")

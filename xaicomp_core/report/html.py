@@ -19,15 +19,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .export import codec_sizes, export_packed
-from .models import count_parameters
-from .plan import FP32, CompressionPlan
-from .sweep import BitSetting, run_sweep
+from xaicomp_core.evaluate.sweep import BitSetting, run_sweep
+from xaicomp_core.io.export import codec_sizes, export_packed
+from xaicomp_core.io.models import count_parameters
+from xaicomp_core.plan import FP32, CompressionPlan
 
 if TYPE_CHECKING:
-    from .data import Preprocessing
-    from .session import CompressionSession, EvaluationResult, LayerStats
-    from .size import TensorSize
+    from xaicomp_core.evaluate.session import CompressionSession, EvaluationResult, LayerStats
+    from xaicomp_core.format.size import TensorSize
+    from xaicomp_core.io.data import Preprocessing
 
 ProgressFn = Callable[[int, int], None]
 DEFAULT_SWEEP_CRITERIA = ("lrp", "magnitude", "random")
@@ -268,7 +268,7 @@ def build_report(session: CompressionSession, plan: CompressionPlan, *, command:
         Description of the evaluation data.
     data_spec : dict, optional
         How the evaluation data is loaded by name (recorded in the packed file whose size is reported, exactly as
-        ``xaicomp export`` records it; see :func:`~xaicomp_core.export.evaluation_record`).
+        ``xaicomp export`` records it; see :func:`~xaicomp_core.io.export.evaluation_record`).
     sweep_criteria, sweep_ratios : sequence
         The trade-off curve: every criterion at every ratio, with the plan's bit setting (the plan's own criterion
         is always included). Empty ``sweep_ratios`` leaves the curve out.
@@ -356,7 +356,7 @@ def _table(head: Sequence[str], rows: Sequence[Sequence[Any]], left: int = 1) ->
 def _render(session: CompressionSession, plan: CompressionPlan, result: EvaluationResult, sizes: dict[str, int],
             coded: dict[str, int], codec: str, rows: list[dict[str, Any]], figs: dict[str, str], command: str,
             data_label: str | None) -> str:
-    from . import __version__
+    from xaicomp_core import __version__
 
     info = session.info
     e = html.escape

@@ -8,9 +8,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import PlanError
-from .plan import FP32, CompressionPlan
-from .session import CompressionSession
+from xaicomp_core.errors import PlanError
+from xaicomp_core.evaluate.session import CompressionSession
+from xaicomp_core.plan import FP32, CompressionPlan
 
 ProgressFn = Callable[[int, int], None]
 

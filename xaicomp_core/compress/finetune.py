@@ -17,9 +17,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .pruning import LayerLayout
-from .quantization import quantize
-from .train import augment
+from xaicomp_core.compress.layout import LayerLayout
+from xaicomp_core.compress.quantize import quantize
+from xaicomp_core.train import augment
 
 ProgressFn = Callable[[int, int], None]
 

@@ -1,8 +1,8 @@
 """Exports of a compressed model: the packed ``.xcz`` file with its evaluation record, dense safetensors with the
 dequantized weights, and ONNX; and :func:`verify_packed`, which reloads a packed file and re-measures it.
 
-The packed file is the honest size (see :mod:`xaicomp_core.packing`); the dense and ONNX files are what people run
-elsewhere (fp32 tensors holding the dequantized values, so they are as large as the original model).
+The packed file is the honest size (see :mod:`xaicomp_core.format.packing`); the dense and ONNX files are what people
+run elsewhere (fp32 tensors holding the dequantized values, so they are as large as the original model).
 """
 
 from __future__ import annotations
@@ -20,15 +20,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import XaicompError
-from .packing import PackedModel, PackResult, pack, read_packed, unpack
-from .plan import CompressionPlan
-from .session import EVAL_BATCH_SIZE, accuracy_counts, forward_logits
+from xaicomp_core.errors import XaicompError
+from xaicomp_core.evaluate.session import EVAL_BATCH_SIZE, accuracy_counts, forward_logits
+from xaicomp_core.format.packing import PackedModel, PackResult, pack, read_packed, unpack
+from xaicomp_core.plan import CompressionPlan
 
 if TYPE_CHECKING:
-    from .data import Preprocessing
-    from .models import ModelInfo
-    from .session import CompressionSession
+    from xaicomp_core.evaluate.session import CompressionSession
+    from xaicomp_core.io.data import Preprocessing
+    from xaicomp_core.io.models import ModelInfo
 
 # ----------------------------------------------------------------------------------------------------------------
 # helpers
@@ -117,7 +117,7 @@ def export_packed(session: CompressionSession, plan: CompressionPlan, path: str 
 
 def codec_sizes(result: PackResult) -> dict[str, int]:
     """Payload bytes under every codec (the raw payload is recovered from ``result`` without re-packing)."""
-    from .packing import CODECS, decode_payload, encode_payload
+    from xaicomp_core.format.packing import CODECS, decode_payload, encode_payload
 
     raw = decode_payload(result.data[result.header_bytes:], result.codec, result.payload_bytes)
     known = {"none": result.payload_bytes, result.codec: result.stored_payload_bytes}

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .plan import FP32
-from .pruning import LayerLayout
+from xaicomp_core.compress.layout import LayerLayout
+from xaicomp_core.plan import FP32
 
 CLIP_RATIOS = torch.linspace(0.25, 1.0, 16)
 #: Above this width the clipping search no longer pays and ``max|w| / qmax`` is used.

@@ -1,0 +1,1 @@
+"""Compress: criteria, masks, bit allocation, quantizers and the pure :func:`compress` step, plus fine-tuning."""

@@ -1,0 +1,1 @@
+"""Evaluate: :class:`~xaicomp_core.evaluate.session.CompressionSession` (the caching facade) and sweeps."""

@@ -1,0 +1,1 @@
+"""I/O: model and data sources, safe loading, data sets, dense/ONNX export."""
