@@ -21,107 +21,29 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from zennit.canonizers import SequentialMergeBatchNorm
-from zennit.composites import EpsilonAlpha2Beta1, EpsilonGammaBox, EpsilonPlus, LayerMapComposite, layer_map_base
 from zennit.core import BasicHook, Composite, Hook, ParamMod
-from zennit.rules import Epsilon, Gamma
-from zennit.types import Convolution
 
 from xaicomp_core.errors import XaicompError
-from xaicomp_core.io.models import model_info
+from xaicomp_core.relevance.composites import (  # noqa: F401  (re-exported: the relevance stage's public names)
+    COMPOSITE_REGISTRY,
+    COMPOSITES,
+    DEFAULT_COMPOSITE,
+    ExactMergeBatchNorm,
+    SignStabilizer,
+    canonizers_for,
+    make_composite,
+    register_composite,
+)
 
 ProgressFn = Callable[[int, int], None]
-
-#: Named composites: name -> one-line description.
-COMPOSITES: dict[str, str] = {
-    "epsilon": "LRP-epsilon on every conv and linear layer (the paper's setting)",
-    "epsilon-plus": "LRP-z+ on convs, epsilon on linear layers (Yeom et al.)",
-    "alpha2beta1": "LRP-alpha2-beta1 on convs, epsilon on linear layers",
-    "epsilon-gamma": "LRP-gamma (0.25) on convs, epsilon on linear layers",
-    "epsilon-gamma-box": "z-box on the first conv, gamma on other convs, epsilon on linear layers",
-}
-DEFAULT_COMPOSITE = "epsilon"
-
 
 class RelevanceError(XaicompError):
     """Relevance cannot be computed faithfully for this model."""
 
 
-class SignStabilizer:
-    """``z + eps * sign(z)`` with ``sign(0) = +1``: the same values as zennit's default stabilizer, in fewer passes
-    over the tensor (it is applied to every layer output in the backward pass)."""
-
-    def __init__(self, epsilon: float = 1e-6) -> None:
-        self.epsilon = float(epsilon)
-
-    def __call__(self, z: torch.Tensor) -> torch.Tensor:
-        # copysign(eps, +0.0) = +eps as zennit's sign(0) = +1; a -0.0 cannot come out of a conv/linear sum, which
-        # starts from +0.0
-        out = torch.copysign(torch.tensor(self.epsilon, dtype=z.dtype, device=z.device), z)
-        return out.add_(z)
-
-
 def relevance_layers(model: nn.Module) -> list[str]:
     """Names of the conv and linear modules whose parameters get relevance, in registration order."""
     return [name for name, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))]
-
-
-class ExactMergeBatchNorm(SequentialMergeBatchNorm):
-    """zennit's SequentialMergeBatchNorm, but the emptied BatchNorm computes exactly the identity.
-
-    zennit sets the merged BatchNorm's running variance to 1, so it still divides by sqrt(1 + eps): outputs then
-    differ from the model's by about 5e-6 relative per BatchNorm. Setting the variance to 1 - eps removes that.
-    """
-
-    @staticmethod
-    def merge_batch_norm(modules, batch_norm):  # noqa: D102
-        SequentialMergeBatchNorm.merge_batch_norm(modules, batch_norm)
-        batch_norm.running_var.data = torch.full_like(batch_norm.running_var.data, 1.0 - batch_norm.eps)
-
-
-def canonizers_for(model: nn.Module) -> list:
-    """zennit canonizers for ``model``: BatchNorm merging (exact) if the model has BatchNorm, plus routing of the
-    residual additions of torchvision-style ResNet blocks through a ``Sum`` layer (zennit's ResNet canonizers)."""
-    from torchvision.models.resnet import BasicBlock, Bottleneck
-    from zennit.torchvision import ResNetBasicBlockCanonizer, ResNetBottleneckCanonizer
-
-    mods = list(model.modules())
-    out: list = []
-    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in mods):
-        out.append(ExactMergeBatchNorm())
-    if any(isinstance(m, (BasicBlock, Bottleneck)) for m in mods):
-        out += [ResNetBottleneckCanonizer(), ResNetBasicBlockCanonizer()]
-    return out
-
-
-def make_composite(name: str, model: nn.Module, epsilon: float = 1e-6, gamma: float = 0.25,
-                   canonizers: list | None = None, stabilizer: float = 1e-6) -> Composite:
-    """Build the named zennit composite (see :data:`COMPOSITES`) with canonizers suited to ``model``.
-
-    ``epsilon`` is the epsilon rule's; ``stabilizer`` guards the divisions of the other rules (z+, alpha-beta,
-    gamma, and the Norm rule zennit uses for sums and average pooling).
-    """
-    if canonizers is None:
-        canonizers = canonizers_for(model)
-    eps_fn, stab_fn = SignStabilizer(epsilon), SignStabilizer(stabilizer)
-    epsilon, stabilizer = eps_fn, stab_fn  # zennit accepts callables wherever it accepts a float
-    if name == "epsilon":
-        layer_map = layer_map_base(stabilizer) + [(Convolution, Epsilon(epsilon=epsilon)),
-                                                 (nn.Linear, Epsilon(epsilon=epsilon))]
-        return LayerMapComposite(layer_map=layer_map, canonizers=canonizers)
-    if name == "epsilon-plus":
-        return EpsilonPlus(epsilon=epsilon, stabilizer=stabilizer, canonizers=canonizers)
-    if name == "alpha2beta1":
-        return EpsilonAlpha2Beta1(epsilon=epsilon, stabilizer=stabilizer, canonizers=canonizers)
-    if name == "epsilon-gamma":
-        layer_map = layer_map_base(stabilizer) + [(Convolution, Gamma(gamma=gamma, stabilizer=stabilizer)),
-                                                 (nn.Linear, Epsilon(epsilon))]
-        return LayerMapComposite(layer_map=layer_map, canonizers=canonizers)
-    if name == "epsilon-gamma-box":
-        low, high = model_info(model).preprocessing.bounds()
-        return EpsilonGammaBox(low=low, high=high, epsilon=epsilon, gamma=gamma, stabilizer=stabilizer,
-                               canonizers=canonizers)
-    raise XaicompError(f"unknown composite {name!r}; choose one of {', '.join(COMPOSITES)}")
 
 
 @dataclass
