@@ -227,7 +227,13 @@ def split_reference_eval(ds: ImageDataset, eval_samples: int) -> tuple[ImageData
         raise DataError(f"{ds.name}: only {len(ds)} images; at least 4 are needed (half for relevance, half for "
                         "evaluation)")
     order = balanced_indices(ds.labels, len(ds), ds.num_classes, seed=0)
-    ref, ev = order[0::2], order[1::2]
+    # alternate within each class (not over the interleaved order: with an even number of classes that would give
+    # the reference only the even classes and the evaluation only the odd ones); both halves stay interleaved
+    labels = ds.labels[order]
+    rank = np.zeros(len(order), dtype=np.int64)
+    for c in range(ds.num_classes):
+        rank[labels == c] = np.arange(int((labels == c).sum()))
+    ref, ev = order[rank % 2 == 0], order[rank % 2 == 1]
     return ds.subset(ref, f"{ds.name} (reference)"), ds.subset(ev[:eval_samples], f"{ds.name} (evaluation)")
 
 
