@@ -6,26 +6,16 @@ import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from xaicomp_core.compress.criteria import BIT_RANKINGS, CRITERIA, CRITERION_REGISTRY  # noqa: F401  (public)
+from xaicomp_core.compress.levels import FP32, MAX_BITS, MIN_BITS
+from xaicomp_core.compress.quantize import QUANTIZER_REGISTRY, QUANTIZERS  # noqa: F401  (public)
 from xaicomp_core.errors import PlanError
+from xaicomp_core.relevance.composites import COMPOSITE_REGISTRY
 
 PLAN_VERSION = 1
-FP32 = 32
-
-#: criterion -> (description, uses a prune ratio)
-CRITERIA: dict[str, tuple[str, bool]] = {
-    "paper": ("paper rule: prune exactly the weights with LRP relevance <= 0", False),
-    "lrp": ("rank weights by |relevance|, prune the lowest", True),
-    "lrp-signed": ("rank weights by signed relevance (negatives first)", True),
-    "lrp-zero": ("prune only weights with exactly zero relevance (free)", False),
-    "magnitude": ("rank weights by |weight| (classic baseline)", True),
-    "random": ("prune a seeded random subset (sanity baseline)", True),
-    "lrp-filter": ("prune whole output channels by summed relevance (Yeom et al., structured)", True),
-}
 SCOPES = ("global", "per-layer")
 GRANULARITIES = ("weight", "channel", "layer")
-BIT_RANKINGS = ("criterion", "relevance", "magnitude")
 PROTECT = ("none", "first-last")
-QUANTIZERS = ("mse", "absmax")
 
 
 @dataclass
@@ -35,7 +25,7 @@ class CompressionPlan:
     Parameters
     ----------
     criterion : str
-        One of :data:`CRITERIA`.
+        A registered criterion (see :data:`CRITERIA`; plugins included).
     prune_ratio : float
         Fraction of the prunable weights to remove, in [0, 1) (ignored by ``paper`` and ``lrp-zero``).
     scope : {"global", "per-layer"}
@@ -89,7 +79,7 @@ class CompressionPlan:
     @property
     def uses_ratio(self) -> bool:
         """Whether ``prune_ratio`` applies to this criterion."""
-        return CRITERIA.get(self.criterion, ("", True))[1]
+        return CRITERION_REGISTRY.get(self.criterion).uses_ratio if self.criterion in CRITERION_REGISTRY else True
 
     @property
     def quantized(self) -> bool:
@@ -98,26 +88,24 @@ class CompressionPlan:
 
     def validate(self) -> CompressionPlan:
         """Raise :class:`PlanError` with a readable message if anything is out of range; returns ``self``."""
-        from xaicomp_core.relevance.lrp import COMPOSITES
-
         if self.version > PLAN_VERSION:
             raise PlanError(f"plan version {self.version} is newer than this xaicomp understands ({PLAN_VERSION}); "
                             "upgrade xaicomp")
         if self.version < 1:
             raise PlanError(f"invalid plan version {self.version}")
-        if self.criterion not in CRITERIA:
-            raise PlanError(f"unknown criterion {self.criterion!r}; choose one of {', '.join(CRITERIA)}")
+        CRITERION_REGISTRY.get(self.criterion)  # raises naming the choices
         if not (0.0 <= self.prune_ratio < 1.0) or self.prune_ratio != self.prune_ratio:
             raise PlanError(f"prune ratio must be in [0, 1), got {self.prune_ratio}")
         for name, value, allowed in (("scope", self.scope, SCOPES), ("granularity", self.granularity, GRANULARITIES),
                                      ("bit ranking", self.bit_ranking, BIT_RANKINGS),
-                                     ("protect", self.protect, PROTECT), ("quantizer", self.quantizer, QUANTIZERS),
-                                     ("composite", self.composite, tuple(COMPOSITES))):
+                                     ("protect", self.protect, PROTECT),
+                                     ("quantizer", self.quantizer, tuple(QUANTIZER_REGISTRY.names())),
+                                     ("composite", self.composite, tuple(COMPOSITE_REGISTRY.names()))):
             if value not in allowed:
                 raise PlanError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
         if not self.bit_levels:
             raise PlanError("at least one bit level is needed")
-        bad = [b for b in self.bit_levels if not (1 <= b <= 8 or b == FP32)]
+        bad = [b for b in self.bit_levels if not (MIN_BITS <= b <= MAX_BITS or b == FP32)]
         if bad:
             raise PlanError(f"bit widths must be 1-8 or 32 (fp32), got {bad}")
         if any(a <= b for a, b in zip(self.bit_levels, self.bit_levels[1:])):
@@ -186,10 +174,9 @@ class CompressionPlan:
     # ------------------------------------------------------------------------------------------------------------
     def describe(self) -> str:
         """One-line human summary."""
-        if self.criterion == "paper":
-            prune = "prune relevance <= 0 (paper rule)"
-        elif self.criterion == "lrp-zero":
-            prune = "prune zero-relevance weights"
+        crit = CRITERION_REGISTRY.get(self.criterion)
+        if not crit.uses_ratio:
+            prune = crit.rule_text or f"prune by {crit.name}"
         else:
             prune = f"prune {self.prune_ratio:.0%} by {self.criterion} ({self.scope})"
         levels = ["fp32" if b == FP32 else f"{b}b" for b in self.bit_levels]

@@ -8,11 +8,11 @@ Structured criteria (``lrp-filter``) give every weight of an output channel the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
 from xaicomp_core.errors import PlanError
+from xaicomp_core.registry import Registry, RegistryView
 
 
 @dataclass
@@ -54,32 +54,130 @@ class ScoreInputs:
         return None
 
 
-class Criterion(Protocol):
-    """One pruning criterion."""
+class Criterion:
+    """One pruning criterion: a registered object that carries its metadata and scores the weights.
 
-    name: str
-    structured: bool
-    needs_relevance: bool
+    Subclass it, set the attributes, implement :meth:`scores` (or :meth:`rule_prune` for a rule, or
+    :meth:`channel_scores` for a structured criterion) and decorate the class with :func:`register_criterion`:
+    plan validation, the CLI's ``--criterion`` choices, the app's criterion list, labels and colours pick it up.
+
+    Attributes
+    ----------
+    name : str
+        Registry name (what plans, the CLI and the app use).
+    label : str
+        Short label for the app and figures (default: the name).
+    description : str
+        One line shown in help texts.
+    uses_ratio : bool
+        Whether ``plan.prune_ratio`` applies (False for rules that decide by themselves which weights go).
+    needs_relevance : bool
+        Whether :meth:`scores` / :meth:`rule_prune` read LRP relevance.
+    structured : bool
+        Whether whole output channels are pruned (then :meth:`channel_scores` ranks them).
+    seeded : bool
+        Whether the scores depend on ``plan.seed``.
+    bit_ranking_needs_relevance : bool
+        Whether :meth:`bit_scores` (bit widths ranked "by the criterion") reads relevance.
+    colour : str
+        Colour of the criterion in every figure.
+    rule_text : str
+        For criteria without a ratio: how plan summaries describe what is pruned.
+    """
+
+    name: str = ""
+    label: str = ""
+    description: str = ""
+    uses_ratio: bool = True
+    needs_relevance: bool = True
+    structured: bool = False
+    seeded: bool = False
+    bit_ranking_needs_relevance: bool = True
+    colour: str = "#616161"
+    rule_text: str = ""
 
     def scores(self, inp: ScoreInputs) -> dict[str, torch.Tensor]:
         """Per-weight importance, same shapes as the weights (higher = keep)."""
-        ...
+        raise NotImplementedError
 
     def rule_prune(self, inp: ScoreInputs) -> dict[str, torch.Tensor] | None:
         """For rule criteria: boolean tensors marking exactly the weights to prune; else None."""
-        ...
-
-
-class _Base:
-    name = ""
-    structured = False
-    needs_relevance = True
-
-    def rule_prune(self, inp: ScoreInputs) -> dict[str, torch.Tensor] | None:
         return None
 
+    def channel_scores(self, inp: ScoreInputs) -> dict[str, torch.Tensor]:
+        """For structured criteria: one score per output channel of each layer (higher = keep)."""
+        raise NotImplementedError(f"criterion {self.name!r} is not structured")
 
-class LRPAbs(_Base):
+    def bit_scores(self, inp: ScoreInputs) -> dict[str, torch.Tensor]:
+        """Scores that rank the kept weights for bit widths when ``plan.bit_ranking == "criterion"`` (higher = more
+        bits). Default: |relevance| (the paper: higher relevance, more bits)."""
+        return LRPAbs().scores(inp)
+
+    def cache_key(self, composite: str, seed: int) -> tuple:
+        """What the scores depend on besides the weights (the session caches sorted scores per key)."""
+        return (self.name, composite if self.needs_relevance else None, seed if self.seeded else None)
+
+    def bit_cache_key(self, composite: str, seed: int) -> tuple:
+        """What :meth:`bit_scores` depends on besides the weights."""
+        return ("c", self.name, composite if self.bit_ranking_needs_relevance else None,
+                seed if self.seeded else None)
+
+    @property
+    def display(self) -> str:
+        """The label, or the name."""
+        return self.label or self.name
+
+
+CRITERION_REGISTRY: Registry[Criterion] = Registry("criterion", PlanError)
+
+
+def register_criterion(criterion=None, *, replace: bool = False):
+    """Register a criterion (a :class:`Criterion` subclass, used as a class decorator, or an instance).
+
+    Examples
+    --------
+    >>> @register_criterion
+    ... class Bigger(Criterion):
+    ...     name, description, needs_relevance = "bigger", "keep the larger weights", False
+    ...     def scores(self, inp):
+    ...         return {k: w.abs() for k, w in inp.weights.items()}
+    """
+
+    def add(c):
+        inst = c() if isinstance(c, type) else c
+        if not isinstance(inst, Criterion):
+            raise PlanError(f"{inst!r} is not a Criterion (subclass xaicomp_core.compress.criteria.Criterion)")
+        CRITERION_REGISTRY.register(inst, replace=replace)
+        return c
+
+    return add if criterion is None else add(criterion)
+
+
+def get_criterion(name: str) -> Criterion:
+    """Look up a criterion by name (raises :class:`PlanError` naming the choices)."""
+    return CRITERION_REGISTRY.get(name)
+
+
+@register_criterion
+class PaperRule(Criterion):
+    """The paper's rule: prune exactly the weights with relevance <= 0 (bits ranked by |relevance|)."""
+
+    name = "paper"
+    label = "paper rule (R ≤ 0)"
+    description = "paper rule: prune exactly the weights with LRP relevance <= 0"
+    uses_ratio = False
+    colour = "#4a148c"
+    rule_text = "prune relevance <= 0 (paper rule)"
+
+    def scores(self, inp: ScoreInputs) -> dict[str, torch.Tensor]:  # noqa: D102
+        return {k: inp.rel(k) for k in inp.weights}
+
+    def rule_prune(self, inp: ScoreInputs) -> dict[str, torch.Tensor]:  # noqa: D102
+        return {k: inp.rel(k) <= 0 for k in inp.weights}
+
+
+@register_criterion
+class LRPAbs(Criterion):
     """|relevance|: weights that carry little relevance either way are pruned first.
 
     With per-class sums available (the session computes them) the score is ``sum_c |sum_{samples of c} R|``, so
@@ -87,6 +185,9 @@ class LRPAbs(_Base):
     """
 
     name = "lrp"
+    label = "|LRP relevance|"
+    description = "rank weights by |relevance|, prune the lowest"
+    colour = "#d81b60"
 
     def scores(self, inp: ScoreInputs) -> dict[str, torch.Tensor]:  # noqa: D102
         if inp.relevance_abs is not None:
@@ -94,60 +195,85 @@ class LRPAbs(_Base):
         return {k: inp.rel(k).abs() for k in inp.weights}
 
 
-class LRPSigned(_Base):
+@register_criterion
+class LRPSigned(Criterion):
     """Signed relevance: negative (counter-evidence) weights are pruned first, then zeros, then small positives."""
 
     name = "lrp-signed"
+    label = "signed LRP relevance"
+    description = "rank weights by signed relevance (negatives first)"
+    colour = "#8e24aa"
 
     def scores(self, inp: ScoreInputs) -> dict[str, torch.Tensor]:  # noqa: D102
         return {k: inp.rel(k) for k in inp.weights}
 
-
-class PaperRule(LRPSigned):
-    """The paper's rule: prune exactly the weights with relevance <= 0."""
-
-    name = "paper"
-
-    def rule_prune(self, inp: ScoreInputs) -> dict[str, torch.Tensor]:  # noqa: D102
-        return {k: inp.rel(k) <= 0 for k in inp.weights}
+    def bit_scores(self, inp: ScoreInputs) -> dict[str, torch.Tensor]:  # noqa: D102
+        return self.scores(inp)
 
 
+@register_criterion
 class LRPZero(LRPAbs):
     """Prune only the weights whose relevance is exactly zero (never used on the reference data)."""
 
     name = "lrp-zero"
+    label = "zero relevance only"
+    description = "prune only weights with exactly zero relevance (free)"
+    uses_ratio = False
+    colour = "#1e88e5"
+    rule_text = "prune zero-relevance weights"
 
     def rule_prune(self, inp: ScoreInputs) -> dict[str, torch.Tensor]:  # noqa: D102
         return {k: inp.rel(k) == 0 for k in inp.weights}
 
 
-class Magnitude(_Base):
+@register_criterion
+class Magnitude(Criterion):
     """|weight| (the classic baseline, no relevance needed)."""
 
     name = "magnitude"
+    label = "|weight| (magnitude)"
+    description = "rank weights by |weight| (classic baseline)"
     needs_relevance = False
+    bit_ranking_needs_relevance = False
+    colour = "#546e7a"
 
     def scores(self, inp: ScoreInputs) -> dict[str, torch.Tensor]:  # noqa: D102
         return {k: w.detach().abs() for k, w in inp.weights.items()}
 
+    def bit_scores(self, inp: ScoreInputs) -> dict[str, torch.Tensor]:  # noqa: D102
+        return self.scores(inp)
 
-class Random(_Base):
-    """Seeded uniform random scores (sanity baseline)."""
+
+@register_criterion
+class Random(Criterion):
+    """Seeded uniform random scores (sanity baseline); bits are ranked by a second seeded draw."""
 
     name = "random"
+    label = "random"
+    description = "prune a seeded random subset (sanity baseline)"
     needs_relevance = False
+    seeded = True
+    bit_ranking_needs_relevance = False
+    colour = "#9e9e9e"
 
     def scores(self, inp: ScoreInputs) -> dict[str, torch.Tensor]:  # noqa: D102
         gen = torch.Generator().manual_seed(inp.seed)
         return {k: torch.rand(w.shape, generator=gen, dtype=torch.float64) for k, w in inp.weights.items()}
 
+    def bit_scores(self, inp: ScoreInputs) -> dict[str, torch.Tensor]:  # noqa: D102
+        return self.scores(ScoreInputs(inp.weights, None, None, inp.seed + 1))
 
-class LRPFilter(_Base):
+
+@register_criterion
+class LRPFilter(Criterion):
     """Yeom et al. (2021): relevance of each output channel (its weights' and bias' relevance summed), normalised
     by the layer's total absolute channel relevance so that layers compare; whole channels are pruned."""
 
     name = "lrp-filter"
+    label = "LRP filters (Yeom)"
+    description = "prune whole output channels by summed relevance (Yeom et al., structured)"
     structured = True
+    colour = "#f57c00"
 
     def channel_scores(self, inp: ScoreInputs) -> dict[str, torch.Tensor]:
         """Normalised relevance per output channel."""
@@ -170,32 +296,35 @@ class LRPFilter(_Base):
         return out
 
 
-CRITERION_REGISTRY: dict[str, Criterion] = {c.name: c for c in (
-    PaperRule(), LRPAbs(), LRPSigned(), LRPZero(), Magnitude(), Random(), LRPFilter())}
+#: name -> (description, uses a prune ratio): a live view of the registry (plugins included).
+CRITERIA = RegistryView(CRITERION_REGISTRY, lambda c: (c.description, c.uses_ratio))
 
-
-def get_criterion(name: str) -> Criterion:
-    """Look up a criterion by name."""
-    try:
-        return CRITERION_REGISTRY[name]
-    except KeyError:
-        raise PlanError(f"unknown criterion {name!r}; choose one of {', '.join(CRITERION_REGISTRY)}") from None
+BIT_RANKINGS = ("criterion", "relevance", "magnitude")
 
 
 def bit_scores(ranking: str, criterion: str, inp: ScoreInputs) -> dict[str, torch.Tensor]:
-    """Scores that rank kept weights for bit widths (higher = more bits).
-
-    ``ranking="criterion"`` uses |relevance| for the relevance criteria (the paper: higher relevance, more bits),
-    |weight| for ``magnitude`` and seeded random scores for ``random``.
-    """
+    """Scores that rank kept weights for bit widths (higher = more bits): ``"relevance"`` |relevance|,
+    ``"magnitude"`` |weight|, ``"criterion"`` the criterion's own :meth:`Criterion.bit_scores`."""
     if ranking == "relevance":
         return LRPAbs().scores(inp)
     if ranking == "magnitude":
         return Magnitude().scores(inp)
-    if criterion == "magnitude":
-        return Magnitude().scores(inp)
-    if criterion == "random":
-        return Random().scores(ScoreInputs(inp.weights, None, None, inp.seed + 1))
-    if criterion == "lrp-signed":
-        return LRPSigned().scores(inp)
-    return LRPAbs().scores(inp)
+    return get_criterion(criterion).bit_scores(inp)
+
+
+def bit_cache_key(ranking: str, criterion: str, composite: str, seed: int) -> tuple:
+    """What :func:`bit_scores` depends on besides the weights."""
+    if ranking == "relevance":
+        return ("relevance", composite)
+    if ranking == "magnitude":
+        return ("magnitude",)
+    return get_criterion(criterion).bit_cache_key(composite, seed)
+
+
+def bit_ranking_needs_relevance(ranking: str, criterion: str) -> bool:
+    """Whether the bit ranking reads relevance."""
+    if ranking == "relevance":
+        return True
+    if ranking == "magnitude":
+        return False
+    return get_criterion(criterion).bit_ranking_needs_relevance

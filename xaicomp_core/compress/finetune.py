@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from collections.abc import Callable
 
 import torch
@@ -82,18 +81,3 @@ def finetune_weights(model: nn.Module, layout: LayerLayout, weights: torch.Tenso
             if progress is not None:
                 progress(step, total)
     return layout.flat(shadow).detach()
-
-
-def estimate_seconds(model: nn.Module, x_train: torch.Tensor, epochs: int, batch_size: int = 128) -> float:
-    """Rough duration of :func:`finetune_weights` from timing two training steps."""
-    work = copy.deepcopy(model).eval()
-    xb = x_train[:batch_size]
-    yb = torch.zeros(len(xb), dtype=torch.long)
-    t = []
-    for _ in range(2):
-        t0 = time.perf_counter()
-        out = work(xb)
-        nn.functional.cross_entropy(out, yb).backward()
-        t.append(time.perf_counter() - t0)
-    per_step = min(t) * 1.3  # quantization in the loop
-    return per_step * epochs * math.ceil(len(x_train) / batch_size)

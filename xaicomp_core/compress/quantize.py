@@ -20,7 +20,9 @@ from dataclasses import dataclass
 import torch
 
 from xaicomp_core.compress.layout import LayerLayout
-from xaicomp_core.plan import FP32
+from xaicomp_core.compress.levels import FP32
+from xaicomp_core.errors import PlanError
+from xaicomp_core.registry import Registry, RegistryView, decorator
 
 CLIP_RATIOS = torch.linspace(0.25, 1.0, 16)
 #: Above this width the clipping search no longer pays and ``max|w| / qmax`` is used.
@@ -142,6 +144,86 @@ def allocate_bits(layout: LayerLayout, keep: torch.Tensor, bit_scores: torch.Ten
     return klass
 
 
+class Quantizer:
+    """How the scale of each (output channel, bit class) group of multi-bit (2-8 bit) weights is chosen.
+
+    Subclass, set ``name`` and ``description``, implement :meth:`group_scales` and decorate with
+    :func:`register_quantizer`; plans, the CLI and the app pick it up. Codes are then
+    ``clamp(round(w / s), -qmax, qmax)`` and values ``code * s`` (symmetric, as the file format stores them).
+    """
+
+    name: str = ""
+    description: str = ""
+
+    def group_scales(self, w: torch.Tensor, group: torch.Tensor, bits: torch.Tensor, qmax: torch.Tensor,
+                     absmax_scale: torch.Tensor, n_groups: int) -> torch.Tensor:
+        """Scale per group (length ``n_groups``; only groups that hold weights are read).
+
+        Parameters
+        ----------
+        w, group, bits, qmax : Tensor
+            The multi-bit kept weights, their group ids, bit widths and ``2**(bits-1) - 1``.
+        absmax_scale : Tensor
+            Per group ``max|w| / qmax`` (no clipping).
+        n_groups : int
+        """
+        raise NotImplementedError
+
+
+QUANTIZER_REGISTRY: Registry[Quantizer] = Registry("quantizer", PlanError)
+register_quantizer = decorator(QUANTIZER_REGISTRY)
+#: name -> description (live view of the registry).
+QUANTIZERS = RegistryView(QUANTIZER_REGISTRY, lambda q: q.description)
+
+
+def get_quantizer(name: str) -> Quantizer:
+    """Look up a quantizer by name."""
+    return QUANTIZER_REGISTRY.get(name)
+
+
+@register_quantizer
+class MSEQuantizer(Quantizer):
+    """Per group, the one of :data:`CLIP_RATIOS` times the absmax scale with the least squared error (for widths up
+    to :data:`MSE_MAX_BITS`; wider groups keep the absmax scale, where clipping gains nothing measurable)."""
+
+    name = "mse"
+    description = "scale per (channel, bit class) with least squared error over 16 clipping ratios"
+
+    def group_scales(self, w, group, bits, qmax, absmax_scale, n_groups):  # noqa: D102
+        base = absmax_scale
+        search = bits <= MSE_MAX_BITS
+        if not bool(search.any()):
+            return base
+        # weights in units of the absmax step: |x| <= qmax; the error of a clipping ratio r is then
+        # base^2 * sum (x - r q)^2 per group, and base is constant within a group
+        gs = group[search]
+        inv = torch.where(base > 0, 1.0 / base.clamp(min=1e-30), torch.zeros_like(base))
+        x = w[search] * inv[gs]
+        qs = qmax[search]
+        best_err = torch.full((n_groups,), float("inf"))
+        best_ratio = torch.ones(n_groups)
+        for r in CLIP_RATIOS.tolist():
+            q = torch.clamp(torch.round(x * (1.0 / r)), -qs, qs)
+            err = torch.zeros(n_groups).index_add_(0, gs, (x - q * r).square_())
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_ratio = torch.where(better, torch.full_like(best_ratio, r), best_ratio)
+        searched = torch.zeros(n_groups, dtype=torch.bool)
+        searched[gs] = True
+        return torch.where(searched, base * best_ratio, base)
+
+
+@register_quantizer
+class AbsMaxQuantizer(Quantizer):
+    """Scale = max|w| / qmax per group (no clipping)."""
+
+    name = "absmax"
+    description = "scale per (channel, bit class) = max|w| / qmax (no clipping)"
+
+    def group_scales(self, w, group, bits, qmax, absmax_scale, n_groups):  # noqa: D102
+        return absmax_scale
+
+
 def quantize(layout: LayerLayout, weights: torch.Tensor, keep: torch.Tensor, klass: torch.Tensor,
              levels: list[int], method: str = "mse") -> Quantized:
     """Quantize the kept weights per (output channel, class) group; see the module docstring."""
@@ -179,26 +261,7 @@ def quantize(layout: LayerLayout, weights: torch.Tensor, keep: torch.Tensor, kla
         amax = torch.zeros(n_groups).scatter_reduce_(0, gm, wm.abs(), "amax", include_self=True)
         qmax_g = torch.zeros(n_groups).index_put_((gm,), qmax)
         base = amax / qmax_g.clamp(min=1)
-        scale_g = base
-        search = (bits[multi] <= MSE_MAX_BITS) if method == "mse" else torch.zeros_like(multi[multi])
-        if bool(search.any()):
-            # weights in units of the absmax step: |x| <= qmax; the error of a clipping ratio r is then
-            # base^2 * sum (x - r q)^2 per group, and base is constant within a group
-            gs = gm[search]
-            inv = torch.where(base > 0, 1.0 / base.clamp(min=1e-30), torch.zeros_like(base))
-            x = wm[search] * inv[gs]
-            qs = qmax[search]
-            best_err = torch.full((n_groups,), float("inf"))
-            best_ratio = torch.ones(n_groups)
-            for r in CLIP_RATIOS.tolist():
-                q = torch.clamp(torch.round(x * (1.0 / r)), -qs, qs)
-                err = torch.zeros(n_groups).index_add_(0, gs, (x - q * r).square_())
-                better = err < best_err
-                best_err = torch.where(better, err, best_err)
-                best_ratio = torch.where(better, torch.full_like(best_ratio, r), best_ratio)
-            searched = torch.zeros(n_groups, dtype=torch.bool)
-            searched[gs] = True
-            scale_g = torch.where(searched, base * best_ratio, base)
+        scale_g = get_quantizer(method).group_scales(wm, gm, bits[multi], qmax, base, n_groups)
         used = torch.bincount(gm, minlength=n_groups) > 0
         flat_scales[used] = scale_g[used]
         s = flat_scales[gm]

@@ -20,11 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from xaicomp_core.compress.criteria import LRPFilter, ScoreInputs, bit_scores, get_criterion
-from xaicomp_core.compress.layout import LayerLayout, SortedScores, channel_mask, ratio_mask, rule_mask
-from xaicomp_core.compress.quantize import Quantized, allocate_bits, quantize
+from xaicomp_core.compress.compress import CompressedWeights, Compressor, following_batchnorms  # noqa: F401
+from xaicomp_core.compress.layout import LayerLayout
+from xaicomp_core.compress.quantize import quantize
 from xaicomp_core.errors import PlanError, XaicompError
-from xaicomp_core.format.size import SizeBreakdown, compute_size
+from xaicomp_core.format.size import SizeBreakdown
 from xaicomp_core.io.data import DataLike, as_tensors
 from xaicomp_core.io.models import model_info, state_dict_hash
 from xaicomp_core.plan import FP32, CompressionPlan
@@ -57,31 +57,6 @@ class LayerStats:
         d = dict(self.__dict__)
         d["shape"] = list(self.shape)
         return d
-
-
-@dataclass
-class CompressedWeights:
-    """A plan applied to the weights (no evaluation): masks, classes, codes, scales and sizes."""
-
-    plan: CompressionPlan
-    layout: LayerLayout
-    keep: torch.Tensor
-    quant: Quantized
-    size: SizeBreakdown
-    overrides: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def weights(self) -> dict[str, torch.Tensor]:
-        """Dequantized weight tensors by parameter name."""
-        return self.layout.split(self.quant.values)
-
-    def state_dict(self, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``base`` (the original state dict) with the compressed weights and the ``overrides`` (for filter
-        pruning: the bias and the following BatchNorm's scale and shift of every removed channel set to zero)."""
-        out = {k: v for k, v in base.items()}
-        out.update(self.overrides)
-        for name, w in self.weights().items():
-            out[name] = w.to(base[name].dtype)
-        return out
 
 
 @dataclass
@@ -162,19 +137,6 @@ class EvaluationResult:
         }
 
 
-def following_batchnorms(model: nn.Module) -> dict[str, str]:
-    """Conv/linear module name -> name of the BatchNorm registered right after it (module leaves in registration
-    order, as zennit's BatchNorm merging pairs them)."""
-    leaves = [(n, m) for n, m in model.named_modules() if not list(m.children())]
-    out = {}
-    for (n1, m1), (n2, m2) in zip(leaves, leaves[1:]):
-        if isinstance(m1, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and isinstance(
-                m2, nn.modules.batchnorm._BatchNorm) and m2.num_features == (
-                m1.out_channels if not isinstance(m1, nn.Linear) else m1.out_features):
-            out[n1] = n2
-    return out
-
-
 def forward_logits(model: nn.Module, x: torch.Tensor, batch_size: int = EVAL_BATCH_SIZE) -> torch.Tensor:
     """Logits of ``model`` on ``x`` in batches under ``torch.inference_mode`` (how the session evaluates)."""
     outs = []
@@ -244,25 +206,19 @@ class CompressionSession:
         self.relevance_batch_size = relevance_batch_size
         self.eval_batch_size = eval_batch_size
         self.progress = progress
-        self.layout = LayerLayout.from_model(model)
-        if not self.layout.names:
-            raise XaicompError("the model has no conv or linear layers to compress")
-        own = dict(model.named_parameters())
-        self._weights = {n: own[n].detach().clone() for n in self.layout.names}
-        self._weights_flat = self.layout.flat(self._weights).float()
-        self._state = {k: v.detach() for k, v in model.state_dict().items()}
+        self.compressor = Compressor(model)
+        self.layout = self.compressor.layout
+        self._weights = self.compressor.weights
+        self._weights_flat = self.compressor.weights_flat
+        self._state = self.compressor.state
         self._work = copy.deepcopy(model).eval()
         for p in self._work.parameters():
             p.requires_grad_(False)
         self._work_params = dict(self._work.named_parameters())
         self._work_state = self._work.state_dict(keep_vars=True)
         self._overridden: list[str] = []
-        self._following_bn = following_batchnorms(model)
         self._lock = threading.RLock()
         self._relevance: dict[str, RelevanceResult] = {}
-        self._sorted: dict[tuple, SortedScores] = {}
-        self._channel_scores: dict[tuple, torch.Tensor] = {}
-        self._layouts = {"none": self.layout}
         self._results: OrderedDict[str, EvaluationResult] = OrderedDict()
         self._cache_size = cache_size
         self.model_hash = state_dict_hash(model)
@@ -298,25 +254,7 @@ class CompressionSession:
 
     def layout_for(self, protect: str) -> LayerLayout:
         """Layer layout for a protection setting."""
-        if protect not in self._layouts:
-            self._layouts[protect] = self.layout.with_protect(protect)
-        return self._layouts[protect]
-
-    def _inputs(self, plan: CompressionPlan) -> ScoreInputs:
-        crit = get_criterion(plan.criterion)
-        need = crit.needs_relevance or plan.bit_ranking == "relevance" or (
-            plan.bit_ranking == "criterion" and len(plan.bit_levels) > 1 and plan.criterion not in ("magnitude",
-                                                                                                   "random"))
-        rel = self.relevance(plan.composite) if need else None
-        return ScoreInputs(self._weights, rel.weights if rel else None, rel.extra if rel else None, plan.seed,
-                           rel.abs_by_class if rel else None)
-
-    def _sorted_scores(self, key: tuple, layout: LayerLayout, make: Callable[[], dict[str, torch.Tensor]]
-                       ) -> SortedScores:
-        full = (*key, tuple(layout.protected))
-        if full not in self._sorted:
-            self._sorted[full] = SortedScores.build(layout, layout.flat(make(), torch.float64))
-        return self._sorted[full]
+        return self.compressor.layout_for(protect)
 
     # ------------------------------------------------------------------------------------------------------------
     @property
@@ -332,13 +270,6 @@ class CompressionSession:
             self._train = as_tensors(self._train_data, self.info.preprocessing, self.info.num_classes,
                                      "training data")
         return self._train
-
-    def finetune_estimate(self, plan: CompressionPlan) -> float:
-        """Rough seconds the fine-tuning of ``plan`` takes here."""
-        from xaicomp_core.compress.finetune import estimate_seconds
-
-        x, _ = self.train_tensors()
-        return estimate_seconds(self.model, x, plan.finetune_epochs)
 
     def compress(self, plan: CompressionPlan, progress: ProgressFn | None = None) -> CompressedWeights:
         """Apply a plan to the weights: masks, bit classes, quantized values and the size breakdown.
@@ -372,45 +303,7 @@ class CompressionSession:
         return bool(plan.finetune_epochs) and plan.key() not in self._finetuned
 
     def _compress(self, plan: CompressionPlan) -> CompressedWeights:
-        with self._lock:
-            layout = self.layout_for(plan.protect)
-            crit = get_criterion(plan.criterion)
-            inp = self._inputs(plan)
-            rel_key = plan.composite if crit.needs_relevance else None
-            overrides: dict[str, torch.Tensor] = {}
-            rule = crit.rule_prune(inp)
-            if rule is not None:
-                keep = rule_mask(layout, layout.flat(rule))
-            elif crit.structured:
-                ck = (plan.criterion, rel_key)
-                if ck not in self._channel_scores:
-                    ch = LRPFilter().channel_scores(inp)
-                    self._channel_scores[ck] = torch.cat([ch[n] for n in layout.names])
-                keep = channel_mask(layout, self._channel_scores[ck], plan.prune_ratio, plan.scope,
-                                    exclude_layers={len(layout.names) - 1})
-                overrides = self._structured_overrides(layout, keep)
-            else:
-                seed = plan.seed if plan.criterion == "random" else None
-                scores = self._sorted_scores(("prune", plan.criterion, rel_key, seed), layout,
-                                             lambda: crit.scores(inp))
-                keep = ratio_mask(layout, scores, plan.prune_ratio, plan.scope)
-            levels = list(plan.bit_levels)
-            if len(levels) > 1:
-                ranking = plan.bit_ranking if plan.bit_ranking != "criterion" else f"c:{plan.criterion}"
-                uses_rel = ranking == "relevance" or ranking not in ("magnitude", "c:magnitude", "c:random")
-                bkey = ("bits", ranking, plan.composite if uses_rel else None,
-                        plan.seed if ranking == "c:random" else None)
-                bs = self._sorted_scores(bkey, layout, lambda: bit_scores(plan.bit_ranking, plan.criterion, inp))
-                desc = bs.global_order.flip(0)
-                layer_desc = {i: o.flip(0) for i, o in bs.layer_orders.items()}
-                klass = allocate_bits(layout, keep, bs.flat, desc, layer_desc, levels, plan.bit_split,
-                                      plan.granularity, plan.scope)
-            else:
-                klass = allocate_bits(layout, keep, self._weights_flat, torch.zeros(0, dtype=torch.long), {},
-                                      levels, [], plan.granularity, plan.scope)
-            quant = quantize(layout, self._weights_flat, keep, klass, levels, plan.quantizer)
-            size = compute_size(layout, keep, klass, quant.group_count, levels, plan.granularity, self._state)
-            return CompressedWeights(plan, layout, keep, quant, size, overrides)
+        return self.compressor.compress(plan, self.relevance)
 
     def _forward(self, x: torch.Tensor | None = None) -> torch.Tensor:
         return forward_logits(self._work, self.x_eval if x is None else x, self.eval_batch_size)
@@ -429,29 +322,6 @@ class CompressionSession:
                 for name in self._overridden:
                     self._work_state[name].copy_(self._state[name])
                 self._overridden = []
-
-    def _structured_overrides(self, layout: LayerLayout, keep: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Filter removal: for every output channel without kept weights, zero its bias and the scale and shift of
-        the BatchNorm right after the layer, so that the channel's output is exactly 0 (as if the filter were
-        gone) instead of a constant."""
-        out: dict[str, torch.Tensor] = {}
-        for i, name in enumerate(layout.names):
-            if layout.protected[i]:
-                continue
-            ch_kept = keep[layout.layer_slice(i)].view(layout.channels[i], -1).any(1)
-            removed = ~ch_kept
-            if not bool(removed.any()):
-                continue
-            targets = [name.removesuffix("weight") + "bias"]
-            bn = self._following_bn.get(name.removesuffix(".weight"))
-            if bn is not None:
-                targets += [f"{bn}.weight", f"{bn}.bias"]
-            for t in targets:
-                if t in self._state and self._state[t].shape == removed.shape:
-                    v = self._state[t].clone()
-                    v[removed] = 0
-                    out[t] = v
-        return out
 
     def compressed_logits(self, plan: CompressionPlan | CompressedWeights, x: torch.Tensor | None = None
                           ) -> torch.Tensor:
@@ -568,16 +438,3 @@ class CompressionSession:
         """Whether the session's model still has the state dict it was given."""
         return state_dict_hash(self.model) == self.model_hash
 
-
-def evaluate_plans(session: CompressionSession, plans: list[CompressionPlan],
-                   progress: ProgressFn | None = None) -> list[EvaluationResult]:
-    """Evaluate several plans in order, reporting progress."""
-    out = []
-    for i, plan in enumerate(plans):
-        try:
-            out.append(session.evaluate(plan))
-        except PlanError:
-            raise
-        if progress is not None:
-            progress(i + 1, len(plans))
-    return out

@@ -246,11 +246,6 @@ def split_reference_train(train: ImageDataset, reference_images: int, train_imag
     return ref, train.subset(idx[n_ref:], f"{train.name} (fine-tuning)")
 
 
-def builtin_dataset_names() -> list[str]:
-    """Names of the shipped data sets."""
-    return list(BUILTIN_DATASETS)
-
-
 def load_builtin_dataset(name: str = "fashion-mnist", split: str = "eval") -> ImageDataset:
     """Load a data set shipped in ``assets/data``.
 

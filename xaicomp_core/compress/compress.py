@@ -1,0 +1,218 @@
+"""The pure compression step: ``compress(model, plan, relevance) -> CompressedWeights``.
+
+A plan flows through four small steps, each in its own module: the criterion scores the weights
+(:mod:`~xaicomp_core.compress.criteria`), the scores become a keep-mask (:mod:`~xaicomp_core.compress.layout`), the
+kept weights get bit classes and are quantized (:mod:`~xaicomp_core.compress.quantize`), and the size of the packed
+file is counted (:mod:`~xaicomp_core.format.size`). :class:`Compressor` holds what these steps need from one model
+(its flat weights, layouts, state dict) and caches the sorted scores, so that a new prune ratio only slices a sorted
+order; :func:`compress` is the same without a cache. Nothing here evaluates or modifies the model.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from xaicomp_core.compress.criteria import (
+    ScoreInputs,
+    bit_cache_key,
+    bit_ranking_needs_relevance,
+    bit_scores,
+    get_criterion,
+)
+from xaicomp_core.compress.layout import LayerLayout, SortedScores, channel_mask, ratio_mask, rule_mask
+from xaicomp_core.compress.quantize import Quantized, allocate_bits, quantize
+from xaicomp_core.errors import PlanError, XaicompError
+from xaicomp_core.format.size import SizeBreakdown, compute_size
+from xaicomp_core.plan import CompressionPlan
+
+
+@dataclass
+class CompressedWeights:
+    """A plan applied to the weights (no evaluation): masks, classes, codes, scales and sizes."""
+
+    plan: CompressionPlan
+    layout: LayerLayout
+    keep: torch.Tensor
+    quant: Quantized
+    size: SizeBreakdown
+    overrides: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Dequantized weight tensors by parameter name."""
+        return self.layout.split(self.quant.values)
+
+    def state_dict(self, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``base`` (the original state dict) with the compressed weights and the ``overrides`` (for filter
+        pruning: the bias and the following BatchNorm's scale and shift of every removed channel set to zero)."""
+        out = {k: v for k, v in base.items()}
+        out.update(self.overrides)
+        for name, w in self.weights().items():
+            out[name] = w.to(base[name].dtype)
+        return out
+
+
+def following_batchnorms(model: nn.Module) -> dict[str, str]:
+    """Conv/linear module name -> name of the BatchNorm registered right after it (module leaves in registration
+    order, as zennit's BatchNorm merging pairs them)."""
+    leaves = [(n, m) for n, m in model.named_modules() if not list(m.children())]
+    out = {}
+    for (n1, m1), (n2, m2) in zip(leaves, leaves[1:]):
+        if isinstance(m1, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and isinstance(
+                m2, nn.modules.batchnorm._BatchNorm) and m2.num_features == (
+                m1.out_channels if not isinstance(m1, nn.Linear) else m1.out_features):
+            out[n1] = n2
+    return out
+
+
+def _relevance_parts(relevance) -> tuple[dict | None, dict | None, dict | None]:
+    """(weights, extra, abs_by_class) of a RelevanceResult or a plain dict."""
+    if relevance is None:
+        return None, None, None
+    if isinstance(relevance, Mapping):
+        return dict(relevance), None, None
+    return relevance.weights, relevance.extra, relevance.abs_by_class
+
+
+class Compressor:
+    """What compressing needs from one model, computed once, with the sorted scores cached (thread-safe).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Read only (weights are copied).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layout = LayerLayout.from_model(model)
+        if not self.layout.names:
+            raise XaicompError("the model has no conv or linear layers to compress")
+        own = dict(model.named_parameters())
+        self.weights = {n: own[n].detach().clone() for n in self.layout.names}
+        self.weights_flat = self.layout.flat(self.weights).float()
+        self.state = {k: v.detach() for k, v in model.state_dict().items()}
+        self.following_bn = following_batchnorms(model)
+        self._layouts = {"none": self.layout}
+        self._sorted: dict[tuple, SortedScores] = {}
+        self._channel_scores: dict[tuple, torch.Tensor] = {}
+        self._lock = threading.RLock()
+
+    def layout_for(self, protect: str) -> LayerLayout:
+        """Layer layout for a protection setting."""
+        with self._lock:
+            if protect not in self._layouts:
+                self._layouts[protect] = self.layout.with_protect(protect)
+            return self._layouts[protect]
+
+    @staticmethod
+    def needs_relevance(plan: CompressionPlan) -> bool:
+        """Whether compressing ``plan`` reads LRP relevance (its criterion, or its bit ranking with >1 level)."""
+        crit = get_criterion(plan.criterion)
+        return crit.needs_relevance or (len(plan.bit_levels) > 1
+                                        and bit_ranking_needs_relevance(plan.bit_ranking, plan.criterion))
+
+    def _sorted_scores(self, key: tuple, layout: LayerLayout, make: Callable[[], dict[str, torch.Tensor]]
+                       ) -> SortedScores:
+        full = (*key, tuple(layout.protected))
+        if full not in self._sorted:
+            self._sorted[full] = SortedScores.build(layout, layout.flat(make(), torch.float64))
+        return self._sorted[full]
+
+    def compress(self, plan: CompressionPlan, relevance=None) -> CompressedWeights:
+        """Apply ``plan``: masks, bit classes, quantized values and the size breakdown.
+
+        Parameters
+        ----------
+        plan : CompressionPlan
+        relevance : RelevanceResult, dict or callable, optional
+            Needed when :meth:`needs_relevance`; a callable is called with the plan's composite.
+        """
+        plan.validate()
+        with self._lock:
+            crit = get_criterion(plan.criterion)
+            rel = None
+            if self.needs_relevance(plan):
+                rel = relevance(plan.composite) if callable(relevance) else relevance
+                if rel is None:
+                    raise PlanError(f"criterion {plan.criterion!r} with bit ranking {plan.bit_ranking!r} needs LRP "
+                                    "relevance: pass relevance=weight_relevance(model, inputs, targets)")
+            weights, extra, rel_abs = _relevance_parts(rel)
+            inp = ScoreInputs(self.weights, weights, extra, plan.seed, rel_abs)
+            layout = self.layout_for(plan.protect)
+            overrides: dict[str, torch.Tensor] = {}
+            rule = crit.rule_prune(inp)
+            if rule is not None:
+                keep = rule_mask(layout, layout.flat(rule))
+            elif crit.structured:
+                ck = crit.cache_key(plan.composite, plan.seed)
+                if ck not in self._channel_scores:
+                    ch = crit.channel_scores(inp)
+                    self._channel_scores[ck] = torch.cat([ch[n] for n in layout.names])
+                keep = channel_mask(layout, self._channel_scores[ck], plan.prune_ratio, plan.scope,
+                                    exclude_layers={len(layout.names) - 1})
+                overrides = self.structured_overrides(layout, keep)
+            else:
+                scores = self._sorted_scores(("prune", *crit.cache_key(plan.composite, plan.seed)), layout,
+                                             lambda: crit.scores(inp))
+                keep = ratio_mask(layout, scores, plan.prune_ratio, plan.scope)
+            levels = list(plan.bit_levels)
+            if len(levels) > 1:
+                bkey = ("bits", *bit_cache_key(plan.bit_ranking, plan.criterion, plan.composite, plan.seed))
+                bs = self._sorted_scores(bkey, layout, lambda: bit_scores(plan.bit_ranking, plan.criterion, inp))
+                desc = bs.global_order.flip(0)
+                layer_desc = {i: o.flip(0) for i, o in bs.layer_orders.items()}
+                klass = allocate_bits(layout, keep, bs.flat, desc, layer_desc, levels, plan.bit_split,
+                                      plan.granularity, plan.scope)
+            else:
+                klass = allocate_bits(layout, keep, self.weights_flat, torch.zeros(0, dtype=torch.long), {},
+                                      levels, [], plan.granularity, plan.scope)
+            quant = quantize(layout, self.weights_flat, keep, klass, levels, plan.quantizer)
+            size = compute_size(layout, keep, klass, quant.group_count, levels, plan.granularity, self.state)
+            return CompressedWeights(plan, layout, keep, quant, size, overrides)
+
+    def structured_overrides(self, layout: LayerLayout, keep: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Filter removal: for every output channel without kept weights, zero its bias and the scale and shift of
+        the BatchNorm right after the layer, so that the channel's output is exactly 0 (as if the filter were
+        gone) instead of a constant."""
+        out: dict[str, torch.Tensor] = {}
+        for i, name in enumerate(layout.names):
+            if layout.protected[i]:
+                continue
+            ch_kept = keep[layout.layer_slice(i)].view(layout.channels[i], -1).any(1)
+            removed = ~ch_kept
+            if not bool(removed.any()):
+                continue
+            targets = [name.removesuffix("weight") + "bias"]
+            bn = self.following_bn.get(name.removesuffix(".weight"))
+            if bn is not None:
+                targets += [f"{bn}.weight", f"{bn}.bias"]
+            for t in targets:
+                if t in self.state and self.state[t].shape == removed.shape:
+                    v = self.state[t].clone()
+                    v[removed] = 0
+                    out[t] = v
+        return out
+
+
+def compress(model: nn.Module, plan: CompressionPlan, relevance=None) -> CompressedWeights:
+    """Apply a compression plan to a model's weights (pure: the model is read, never modified; nothing is cached).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    plan : CompressionPlan
+    relevance : RelevanceResult or dict of str to Tensor, optional
+        LRP relevance of the weights (:func:`~xaicomp_core.weight_relevance` or
+        :func:`~xaicomp_core.compute_relevance`); needed when the criterion or the bit ranking reads relevance.
+
+    Returns
+    -------
+    CompressedWeights
+        Keep-mask, bit classes, quantized values, the size breakdown; ``.state_dict(model.state_dict())`` gives
+        the compressed weights.
+    """
+    return Compressor(model).compress(plan, relevance)
