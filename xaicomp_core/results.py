@@ -326,10 +326,10 @@ def plot_model(res: dict[str, Any], out_dir: pathlib.Path) -> list[str]:
         ax.plot(px[o], py[o], "-", color=fam_colors[key], label=f"{key} (Pareto front)")
     ax.axhline(res["baseline_accuracy"] - 0.01, color="k", lw=0.8, ls=":", label="baseline - 1 point")
     ax.set_xscale("log")
-    ax.set_xlabel("packed size (KB, log scale)")
+    ax.set_xlabel("packed size (kB, log scale)")
     ax.set_ylabel("top-1 accuracy")
     ax.set_ylim(max(0.0, res["baseline_accuracy"] - 0.3), min(1.0, res["baseline_accuracy"] + 0.03))
-    ax.set_title(f"{name}: size vs accuracy (fp32 = {res['fp32_bytes'] / 1000:.0f} KB)")
+    ax.set_title(f"{name}: size vs accuracy (fp32 = {res['fp32_bytes'] / 1000:.0f} kB)")
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3, which="both")
     save(fig, "pareto")
@@ -379,9 +379,9 @@ def write_markdown(summary: dict[str, Any], path: pathlib.Path, plot_dir: str, d
             if not b:
                 return "–"
             return (f"**{b['ratio']:.1f}×** ({b['reduction'] * 100:.1f}% smaller, {b['estimated_bytes'] / 1000:.1f} "
-                    f"KB), {_pct(b['accuracy'])}")
+                    f"kB), {_pct(b['accuracy'])}")
 
-        L.append(f"| {name} | {m['fp32_bytes'] / 1000:.0f} KB | {_pct(m['baseline_accuracy'])} | {cell(nf)} | "
+        L.append(f"| {name} | {m['fp32_bytes'] / 1000:.0f} kB | {_pct(m['baseline_accuracy'])} | {cell(nf)} | "
                  f"{cell(ft)} | {nf.get('plan', {}).get('criterion', '–')} / {ft.get('plan', {}).get('criterion', '–')}"
                  " |")
     L += ["", "The paper reports a 64% size reduction; the project's goal on `fashion-vgg` is ≥ 10× without and "
@@ -389,7 +389,7 @@ def write_markdown(summary: dict[str, Any], path: pathlib.Path, plot_dir: str, d
     for name, m in summary["models"].items():
         L += [f"## {name}", "", f"Baseline {_pct(m['baseline_accuracy'])} on the evaluation set "
               f"({_pct(m['card']['test_accuracy'])} on the full 10k test set); {m['parameters']:,} parameters, "
-              f"fp32 {m['fp32_bytes'] / 1000:.1f} KB. Experiments took {m['seconds'] / 60:.1f} minutes.", ""]
+              f"fp32 {m['fp32_bytes'] / 1000:.1f} kB. Experiments took {m['seconds'] / 60:.1f} minutes.", ""]
         L += ["### Best size within 1 point, per criterion", "",
               "| criterion | no fine-tune | plan | fine-tuned | plan |", "|---|---|---|---|---|"]
         for crit, e in m["best_by_criterion"].items():
@@ -438,7 +438,7 @@ def write_markdown(summary: dict[str, Any], path: pathlib.Path, plot_dir: str, d
               "| size | ratio | accuracy | sparsity | bits | ranking | granularity | family |",
               "|---|---|---|---|---|---|---|---|"]
         for r in sorted((r for r in mp if r["pareto"]), key=lambda r: r["estimated_bytes"]):
-            L.append(f"| {r['estimated_bytes'] / 1000:.1f} KB | {r['compression_ratio']:.1f}× | "
+            L.append(f"| {r['estimated_bytes'] / 1000:.1f} kB | {r['compression_ratio']:.1f}× | "
                      f"{_pct(r['accuracy'])} | {r['sparsity']:.0%} | {r['bits']} | {r['ranking']} | "
                      f"{r['granularity']} | {r['family']} |")
         L += ["", "Same bits and pruning, relevance- vs magnitude-ranked bit allocation (mean over the pruning ratios "
@@ -452,15 +452,15 @@ def write_markdown(summary: dict[str, Any], path: pathlib.Path, plot_dir: str, d
         for (bits, gran), d in groups.items():
             def fmt(rows: list) -> str:
                 return (f"{np.mean([x['accuracy'] for x in rows]) * 100:.2f}%, "
-                        f"{np.mean([x['estimated_bytes'] for x in rows]) / 1000:.1f} KB")
+                        f"{np.mean([x['estimated_bytes'] for x in rows]) / 1000:.1f} kB")
             L.append(f"| {bits} | {gran} | {fmt(d.get('relevance', []))} | {fmt(d.get('magnitude', []))} |")
         L += ["", "### Against Yeom et al. filter pruning at equal size", "",
               "| filter pruning | size | accuracy | best LRP-guided plan ≤ that size | accuracy |",
               "|---|---|---|---|---|"]
         for y in m["yeom_equal_size"]:
             lp = CompressionPlan.from_dict(y["lrp_plan"]).cli_args() if y["lrp_plan"] else "–"
-            L.append(f"| {y['filter_ratio']:.0%} of weights, {y['bits']}-bit | {y['filter_bytes'] / 1000:.1f} KB | "
-                     f"{_pct(y['filter_accuracy'])} | `{lp}` ({(y['lrp_bytes'] or 0) / 1000:.1f} KB) | "
+            L.append(f"| {y['filter_ratio']:.0%} of weights, {y['bits']}-bit | {y['filter_bytes'] / 1000:.1f} kB | "
+                     f"{_pct(y['filter_accuracy'])} | `{lp}` ({(y['lrp_bytes'] or 0) / 1000:.1f} kB) | "
                      f"{_pct(y['lrp_accuracy'])} |")
         if "bench" in m:
             b = m["bench"]

@@ -66,7 +66,7 @@ class Criterion:
     name : str
         Registry name (what plans, the CLI and the app use).
     label : str
-        Short label for the app and figures (default: the name).
+        A few words saying what it prunes first, shown after the name in the app's option lists.
     description : str
         One line shown in help texts.
     uses_ratio : bool
@@ -163,10 +163,10 @@ class PaperRule(Criterion):
     """The paper's rule: prune exactly the weights with relevance <= 0 (bits ranked by |relevance|)."""
 
     name = "paper"
-    label = "paper rule (R ≤ 0)"
+    label = "prune relevance ≤ 0"
     description = "paper rule: prune exactly the weights with LRP relevance <= 0"
     uses_ratio = False
-    colour = "#4a148c"
+    colour = "#6a3d9a"
     rule_text = "prune relevance <= 0 (paper rule)"
 
     def scores(self, inp: ScoreInputs) -> dict[str, torch.Tensor]:  # noqa: D102
@@ -185,9 +185,9 @@ class LRPAbs(Criterion):
     """
 
     name = "lrp"
-    label = "|LRP relevance|"
+    label = "lowest |relevance| first"
     description = "rank weights by |relevance|, prune the lowest"
-    colour = "#d81b60"
+    colour = "#d62728"
 
     def scores(self, inp: ScoreInputs) -> dict[str, torch.Tensor]:  # noqa: D102
         if inp.relevance_abs is not None:
@@ -200,9 +200,9 @@ class LRPSigned(Criterion):
     """Signed relevance: negative (counter-evidence) weights are pruned first, then zeros, then small positives."""
 
     name = "lrp-signed"
-    label = "signed LRP relevance"
+    label = "negative relevance first"
     description = "rank weights by signed relevance (negatives first)"
-    colour = "#8e24aa"
+    colour = "#ff7f0e"
 
     def scores(self, inp: ScoreInputs) -> dict[str, torch.Tensor]:  # noqa: D102
         return {k: inp.rel(k) for k in inp.weights}
@@ -216,10 +216,10 @@ class LRPZero(LRPAbs):
     """Prune only the weights whose relevance is exactly zero (never used on the reference data)."""
 
     name = "lrp-zero"
-    label = "zero relevance only"
+    label = "only zero relevance (free)"
     description = "prune only weights with exactly zero relevance (free)"
     uses_ratio = False
-    colour = "#1e88e5"
+    colour = "#8c564b"
     rule_text = "prune zero-relevance weights"
 
     def rule_prune(self, inp: ScoreInputs) -> dict[str, torch.Tensor]:  # noqa: D102
@@ -231,11 +231,11 @@ class Magnitude(Criterion):
     """|weight| (the classic baseline, no relevance needed)."""
 
     name = "magnitude"
-    label = "|weight| (magnitude)"
+    label = "smallest |weight| first"
     description = "rank weights by |weight| (classic baseline)"
     needs_relevance = False
     bit_ranking_needs_relevance = False
-    colour = "#546e7a"
+    colour = "#1f77b4"
 
     def scores(self, inp: ScoreInputs) -> dict[str, torch.Tensor]:  # noqa: D102
         return {k: w.detach().abs() for k, w in inp.weights.items()}
@@ -249,12 +249,12 @@ class Random(Criterion):
     """Seeded uniform random scores (sanity baseline); bits are ranked by a second seeded draw."""
 
     name = "random"
-    label = "random"
+    label = "seeded baseline"
     description = "prune a seeded random subset (sanity baseline)"
     needs_relevance = False
     seeded = True
     bit_ranking_needs_relevance = False
-    colour = "#9e9e9e"
+    colour = "#7f7f7f"
 
     def scores(self, inp: ScoreInputs) -> dict[str, torch.Tensor]:  # noqa: D102
         gen = torch.Generator().manual_seed(inp.seed)
@@ -270,10 +270,10 @@ class LRPFilter(Criterion):
     by the layer's total absolute channel relevance so that layers compare; whole channels are pruned."""
 
     name = "lrp-filter"
-    label = "LRP filters (Yeom)"
+    label = "whole filters by relevance"
     description = "prune whole output channels by summed relevance (Yeom et al., structured)"
     structured = True
-    colour = "#f57c00"
+    colour = "#17becf"
 
     def channel_scores(self, inp: ScoreInputs) -> dict[str, torch.Tensor]:
         """Normalised relevance per output channel."""

@@ -23,6 +23,7 @@ from xaicomp_core.evaluate.sweep import BitSetting, run_sweep
 from xaicomp_core.io.export import codec_sizes, export_packed
 from xaicomp_core.io.models import count_parameters
 from xaicomp_core.plan import FP32, CompressionPlan
+from xaicomp_core.viz.style import criterion_colour, fmt_bytes
 
 if TYPE_CHECKING:
     from xaicomp_core.evaluate.session import CompressionSession, EvaluationResult, LayerStats
@@ -33,8 +34,7 @@ ProgressFn = Callable[[int, int], None]
 DEFAULT_SWEEP_CRITERIA = ("lrp", "magnitude", "random")
 DEFAULT_HEATMAP_SAMPLES = 6
 DEFAULT_SWEEP_RATIOS = (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
-PALETTE = {"lrp": "#c2185b", "lrp-signed": "#7b1fa2", "paper": "#512da8", "lrp-zero": "#1976d2",
-           "magnitude": "#00796b", "random": "#757575", "lrp-filter": "#f57c00"}
+
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -61,14 +61,6 @@ def _img(uri: str, alt: str) -> str:
     return f'<img src="{uri}" alt="{html.escape(alt)}">'
 
 
-def _kb(n: float) -> str:
-    if n >= 1e6:
-        return f"{n / 1e6:.2f} MB"
-    if n >= 1e3:
-        return f"{n / 1e3:.1f} KB"
-    return f"{n:.0f} B"
-
-
 def fig_per_class(class_names: Sequence[str], baseline: Sequence[float], compressed: Sequence[float]) -> str:
     """Grouped horizontal bars: per-class accuracy, original vs compressed (PNG data URI)."""
     plt = _plt()
@@ -76,7 +68,7 @@ def fig_per_class(class_names: Sequence[str], baseline: Sequence[float], compres
     fig, ax = plt.subplots(figsize=(7, 0.32 * n + 1.2))
     y = np.arange(n)
     ax.barh(y - 0.2, np.asarray(baseline) * 100, 0.4, label="original", color="#9e9e9e")
-    ax.barh(y + 0.2, np.asarray(compressed) * 100, 0.4, label="compressed", color=PALETTE["lrp"])
+    ax.barh(y + 0.2, np.asarray(compressed) * 100, 0.4, label="compressed", color=criterion_colour("lrp"))
     ax.set_yticks(y, list(class_names))
     ax.invert_yaxis()
     ax.set_xlabel("accuracy (%)")
@@ -123,7 +115,7 @@ def fig_layers(layers: list[LayerStats], levels: list[int], size_rows: list[Tens
     a2.bar(x + 0.2, fp, 0.4, color="#bdbdbd", label="fp32 dense")
     a2.set_yscale("log")
     a2.set_xticks(x, names, rotation=45, ha="right", fontsize=8)
-    a2.set_ylabel("KB (log scale)")
+    a2.set_ylabel("kB (log scale)")
     a2.set_title("weight bytes by section vs fp32", fontsize=10)
     a2.legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -138,12 +130,12 @@ def fig_tradeoff(rows: list[dict[str, Any]], current: tuple[float, float], basel
         pts = sorted((r["estimated_bytes"], r["accuracy"]) for r in rows if r["criterion"] == crit)
         xs = [p[0] / 1e3 for p in pts]
         ys = [p[1] * 100 for p in pts]
-        ax.plot(xs, ys, "o-", ms=4, color=PALETTE.get(crit), label=crit)
+        ax.plot(xs, ys, "o-", ms=4, color=criterion_colour(crit), label=crit)
     ax.plot([current[0] / 1e3], [current[1] * 100], "*", ms=16, color="#ffb300", markeredgecolor="black",
             label="this plan", zorder=5)
     ax.plot([baseline[0] / 1e3], [baseline[1] * 100], "s", ms=8, color="black", label="original (fp32)")
     ax.set_xscale("log")
-    ax.set_xlabel("packed size (KB, log scale)")
+    ax.set_xlabel("packed size (kB, log scale)")
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
@@ -368,10 +360,10 @@ def _render(session: CompressionSession, plan: CompressionPlan, result: Evaluati
     cards = "".join([
         _card(f"{result.accuracy:.2%}", f"accuracy (original {result.baseline_accuracy:.2%}, "
                                         f"{acc_change:+.2f} points)"),
-        _card(_kb(sizes["estimated_bytes"]), "estimated by the engine"),
-        _card(_kb(sizes["payload_bytes"]), "packed payload"),
-        _card(_kb(sizes["file_bytes"]), f"file on disk (+{sizes['header_bytes']} B header)"),
-        _card(_kb(sizes["fp32_bytes"]), "original fp32 dense"),
+        _card(fmt_bytes(sizes["estimated_bytes"]), "estimated by the engine"),
+        _card(fmt_bytes(sizes["payload_bytes"]), "packed payload"),
+        _card(fmt_bytes(sizes["file_bytes"]), f"file on disk (+{sizes['header_bytes']} B header)"),
+        _card(fmt_bytes(sizes["fp32_bytes"]), "original fp32 dense"),
         _card(f"{result.size.compression_ratio:.1f}×", "smaller than fp32"),
     ])
     size_rows = [

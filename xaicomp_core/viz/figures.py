@@ -23,74 +23,20 @@ import plotly.express as px
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-#: Plotly's diverging scale with red for positive values (``RdBu`` reversed).
-RELEVANCE_SCALE = "RdBu_r"
-POSITIVE_COLOUR = "#b2182b"
-NEGATIVE_COLOUR = "#2166ac"
-ZERO_COLOUR = "#9e9e9e"
-#: Colours per criterion (consistent across pages).
-CRITERION_COLOURS = {
-    "paper": "#c2185b", "lrp": "#d62728", "lrp-signed": "#ff7f0e", "lrp-zero": "#8c564b",
-    "magnitude": "#1f77b4", "random": "#7f7f7f", "lrp-filter": "#9467bd",
-}
+from xaicomp_core.viz.style import (  # noqa: F401  (re-exported: figures' public names)
+    NEGATIVE_COLOUR,
+    POSITIVE_COLOUR,
+    RELEVANCE_SCALE,
+    ZERO_COLOUR,
+    criterion_colour,
+    fmt_bytes,
+    fmt_pct,
+    fmt_pp,
+)
+
 FONT = {"size": 15}
 #: Horizontal legend above the plot area (never over the axes or a title).
 TOP_LEGEND = {"orientation": "h", "x": 0, "xanchor": "left", "y": 1.02, "yanchor": "bottom"}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Formatting
-# ----------------------------------------------------------------------------------------------------------------
-def fmt_bytes(n: float) -> str:
-    """Human-readable byte count with decimal units.
-
-    Parameters
-    ----------
-    n : float
-        Number of bytes.
-
-    Returns
-    -------
-    str
-        ``"512 B"``, ``"12.3 kB"`` or ``"1.75 MB"``.
-    """
-    n = float(n)
-    if abs(n) < 1000:
-        return f"{n:.0f} B"
-    if abs(n) < 1e6:
-        return f"{n / 1e3:.1f} kB"
-    if abs(n) < 1e9:
-        return f"{n / 1e6:.2f} MB"
-    return f"{n / 1e9:.2f} GB"
-
-
-def fmt_pct(x: float, digits: int = 2) -> str:
-    """A fraction as a percentage, e.g. ``fmt_pct(0.9125) == "91.25%"``.
-
-    Parameters
-    ----------
-    x : float
-        Fraction (1.0 = 100 %).
-    digits : int
-        Decimals.
-    """
-    return f"{100 * x:.{digits}f}%"
-
-
-def fmt_pp(dx: float, digits: int = 2) -> str:
-    """A change of a fraction in percentage points with its sign, e.g. ``"-1.25 pp"`` or ``"+0.10 pp"``.
-
-    Parameters
-    ----------
-    dx : float
-        Difference of two fractions.
-    digits : int
-        Decimals.
-    """
-    v = 100 * dx
-    if round(v, digits) == 0:
-        v = 0.0
-    return f"{v:+.{digits}f} pp"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -575,7 +521,7 @@ def pareto_figure(rows: Sequence[Mapping[str, Any]], current: Mapping[str, Any] 
                       annotation_text=f"original {100 * base:.2f}%", annotation_position="bottom left")
     for crit in dict.fromkeys(r["criterion"] for r in rows):
         pts = sorted((r for r in rows if r["criterion"] == crit), key=lambda r: r["estimated_bytes"])
-        colour = CRITERION_COLOURS.get(crit, "#444")
+        colour = criterion_colour(crit)
         fig.add_trace(go.Scatter(
             x=[r["estimated_bytes"] for r in pts], y=[100 * r["accuracy"] for r in pts], name=crit,
             mode="lines+markers", line={"color": colour, "width": 2.5},
@@ -617,7 +563,7 @@ def pareto_png(rows: Sequence[Mapping[str, Any]], current: Mapping[str, Any] | N
     ax = fig.add_subplot()
     for crit in dict.fromkeys(r["criterion"] for r in rows):
         pts = sorted((r for r in rows if r["criterion"] == crit), key=lambda r: r["estimated_bytes"])
-        colour = CRITERION_COLOURS.get(crit, "#444")
+        colour = criterion_colour(crit)
         xs = [r["estimated_bytes"] for r in pts]
         ys = [100 * r["accuracy"] for r in pts]
         ax.plot(xs, ys, "-", color=colour, label=crit, lw=2)
