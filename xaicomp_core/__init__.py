@@ -5,6 +5,9 @@ per-weight LRP relevance, computed with zennit, decides which weights to prune a
 gets.
 """
 
+from xaicomp_core.compress.compress import CompressedWeights, Compressor, compress
+from xaicomp_core.compress.criteria import Criterion, ScoreInputs, register_criterion
+from xaicomp_core.compress.quantize import Quantizer, register_quantizer
 from xaicomp_core.errors import DataError, FormatError, PlanError, WeightsError, XaicompError
 from xaicomp_core.evaluate.session import CompressionSession, EvaluationResult
 from xaicomp_core.format.packing import load_packed_model, read_packed
@@ -27,7 +30,9 @@ from xaicomp_core.io.models import (
     model_info,
 )
 from xaicomp_core.plan import CRITERIA, CompressionPlan
-from xaicomp_core.relevance.lrp import COMPOSITES, RelevanceResult, compute_relevance, input_heatmaps, weight_relevance
+from xaicomp_core.registry import load_plugins
+from xaicomp_core.relevance.composites import COMPOSITES, CompositeSpec, register_composite
+from xaicomp_core.relevance.lrp import RelevanceResult, compute_relevance, input_heatmaps, weight_relevance
 
 __version__ = "0.1.0"
 
@@ -37,5 +42,6 @@ __all__ = [
     "RelevanceResult", "SizeBreakdown", "WeightsError", "XaicompError", "compute_relevance", "input_heatmaps",
     "load_builtin_dataset", "load_builtin_model", "load_image_folder", "load_model", "load_torchvision_folder",
     "load_torchvision_model", "load_weights_file", "model_info", "weight_relevance", "export_packed", "verify_packed",
-    "load_packed_model", "read_packed",
+    "load_packed_model", "read_packed", "compress", "CompressedWeights", "Compressor", "Criterion", "ScoreInputs",
+    "register_criterion", "Quantizer", "register_quantizer", "CompositeSpec", "register_composite", "load_plugins",
 ]
