@@ -33,8 +33,7 @@ from xaicomp_core.plan import CRITERIA, CompressionPlan
 from xaicomp_core.registry import load_plugins
 from xaicomp_core.relevance.composites import COMPOSITES, CompositeSpec, register_composite
 from xaicomp_core.relevance.lrp import RelevanceResult, compute_relevance, input_heatmaps, weight_relevance
-
-__version__ = "0.1.0"
+from xaicomp_core.version import __version__  # noqa: E402,F401
 
 __all__ = [
     "BUILTIN_MODELS", "COMPOSITES", "CRITERIA", "CompressionPlan", "CompressionSession", "DataError",
