@@ -2,8 +2,10 @@
 
 Starts the app on 127.0.0.1 on a free port, visits every page, moves the prune-ratio slider, checks that the metrics
 change to the engine's values for the new plan, measures slider release -> updated metrics, and saves screenshots to
-docs/screenshots/ (used by the README). Chromium must be installed (CI installs Debian's package); the test fails
-loudly if it is missing. ``XAICOMP_TEST_MODEL`` picks another built-in model (default: the app's default).
+test-artifacts/screenshots/ (``make screenshots`` sets ``XAICOMP_SCREENSHOTS=docs/screenshots`` to refresh the
+README's pictures). Chromium must be installed (``make test`` installs Debian's package when it can, ``.ci/run``
+always); the tests fail with one line saying what to install if it is missing. ``XAICOMP_TEST_MODEL`` picks another
+built-in model (default: the app's default); ``XAICOMP_CHROMIUM`` another chromium binary.
 """
 
 from __future__ import annotations
@@ -23,8 +25,11 @@ import urllib.request
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-SHOTS = ROOT / "docs" / "screenshots"
-CHROMIUM = os.environ.get("XAICOMP_CHROMIUM", "/usr/bin/chromium")
+SHOTS = ROOT / os.environ.get("XAICOMP_SCREENSHOTS", "test-artifacts/screenshots")
+CHROMIUM = os.environ.get("XAICOMP_CHROMIUM", "")
+#: The line .ci/browser prints when chromium is missing.
+MISSING = ("xaicomp: chromium not found: the browser tests need Debian's chromium (as root: apt-get install chromium "
+           "chromium-driver), or XAICOMP_CHROMIUM=/path/to/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
 DEFAULT_MODEL = "fashion-vgg"
@@ -80,13 +85,22 @@ def app_url(tmp_path_factory):
             print(log_path.read_text()[-4000:])
 
 
+def chromium_path() -> str | None:
+    """The chromium binary (the same lookup as .ci/browser): ``XAICOMP_CHROMIUM``, else Debian's, else on PATH."""
+    if CHROMIUM:
+        return CHROMIUM if os.access(CHROMIUM, os.X_OK) else None
+    if os.access("/usr/bin/chromium", os.X_OK):
+        return "/usr/bin/chromium"
+    return shutil.which("chromium")
+
+
 @pytest.fixture(scope="module")
 def browser():
-    if not pathlib.Path(CHROMIUM).exists() and shutil.which("chromium") is None:
-        pytest.fail(f"chromium not found at {CHROMIUM}: install Debian's chromium package (CI does: .ci/run)")
+    exe = chromium_path()
+    if exe is None:
+        pytest.fail(MISSING, pytrace=False)
     from playwright.sync_api import sync_playwright
 
-    exe = CHROMIUM if pathlib.Path(CHROMIUM).exists() else shutil.which("chromium")
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
         yield b
@@ -221,7 +235,7 @@ def shot(page, name: str) -> pathlib.Path:
 
 
 # ------------------------------------------------------------------------------------------------------- test
-def test_every_page_and_slider(app_url, browser, artifacts):
+def test_every_page_and_slider(browser, app_url, artifacts):
     page, errors = open_app(browser, app_url)
     assert page.locator('[data-testid="stAlertContentError"]').count() == 0
     assert metric(page, "Baseline accuracy").endswith("%")
@@ -294,13 +308,13 @@ def test_every_page_and_slider(app_url, browser, artifacts):
 
     report = {"model": MODEL, "slider_release_to_metrics_s": round(latency, 3), "prune_ratio": ratio,
               "engine_evaluate_s": round(res.seconds, 3), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-              "torch_threads": torch.get_num_threads(), "screenshots": [str(p.relative_to(ROOT)) for p in shots]}
+              "torch_threads": torch.get_num_threads(), "screenshots": [os.path.relpath(p, ROOT) for p in shots]}
     (artifacts / "browser-latency.json").write_text(json.dumps(report, indent=2))
     print(f"\nslider release -> updated metrics: {latency:.3f} s ({MODEL}; engine evaluate {res.seconds:.3f} s)")
     page.close()
 
 
-def test_two_sessions_compress_at_once(app_url, browser):
+def test_two_sessions_compress_at_once(browser, app_url):
     """Two browsers move the prune slider to different values at the same time; each sees only its own plan."""
     (a, a_errors), (b, b_errors) = open_app(browser, app_url), open_app(browser, app_url)
     pages = [a, b]
