@@ -8,12 +8,13 @@ result into one reusable working model and runs a single forward pass over the e
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,7 @@ from xaicomp_core.compress.compress import CompressedWeights, Compressor, follow
 from xaicomp_core.compress.layout import LayerLayout
 from xaicomp_core.compress.quantize import quantize
 from xaicomp_core.errors import PlanError, XaicompError
+from xaicomp_core.evaluate.progressive import QUICK_IMAGES, Anticipator, estimate_accuracy, quick_indices
 from xaicomp_core.format.size import SizeBreakdown
 from xaicomp_core.io.data import DataLike, as_tensors
 from xaicomp_core.io.models import model_info, state_dict_hash
@@ -76,6 +78,10 @@ class EvaluationResult:
         Average bit width of the kept compressible weights.
     layers : list of LayerStats
     size : SizeBreakdown
+    estimate : bool
+        True for first numbers from a class-balanced subset of ``images`` of the ``eval_images`` evaluation images
+        (:meth:`CompressionSession.estimate`): ``accuracy`` is then the paired estimate of the full-set accuracy
+        and ``accuracy_stderr`` its standard error; the size numbers are always exact.
     """
 
     plan: CompressionPlan
@@ -94,6 +100,18 @@ class EvaluationResult:
     size: SizeBreakdown
     predictions: torch.Tensor = field(repr=False)
     seconds: float = 0.0
+    estimate: bool = False
+    accuracy_stderr: float = 0.0
+    eval_images: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.eval_images:
+            self.eval_images = self.images
+
+    @property
+    def accuracy_half_width(self) -> float:
+        """Half-width of the 95 % interval of an estimated accuracy (0 for exact numbers)."""
+        return 1.96 * self.accuracy_stderr
 
     @property
     def compression_ratio(self) -> float:
@@ -134,6 +152,9 @@ class EvaluationResult:
             "baseline_per_class_accuracy": dict(zip(self.class_names, self.baseline_per_class_accuracy)),
             "layers": [layer.to_dict() for layer in self.layers],
             "seconds": self.seconds,
+            "estimate": self.estimate,
+            "accuracy_stderr": self.accuracy_stderr,
+            "eval_images": self.eval_images,
         }
 
 
@@ -185,7 +206,7 @@ class CompressionSession:
                  composite: str = DEFAULT_COMPOSITE, epsilon: float = 1e-6, target: str = "true",
                  reference_samples: int | None = None, relevance_batch_size: int = 250,
                  eval_batch_size: int = EVAL_BATCH_SIZE, progress: ProgressFn | None = None, cache_size: int = 64,
-                 train_data: DataLike | None = None
+                 train_data: DataLike | None = None, quick_images: int = QUICK_IMAGES
                  ) -> None:
         self.model = model.eval()
         self.info = model_info(model)
@@ -221,12 +242,19 @@ class CompressionSession:
         self._relevance: dict[str, RelevanceResult] = {}
         self._results: OrderedDict[str, EvaluationResult] = OrderedDict()
         self._cache_size = cache_size
+        self._compressed: OrderedDict[str, CompressedWeights] = OrderedDict()
+        self._estimates: OrderedDict[str, EvaluationResult] = OrderedDict()
+        self._fg_waiting = 0
+        self._fg_cond = threading.Condition()
+        self.anticipator = Anticipator(self._evaluate_background, self.is_cached)
         self.model_hash = state_dict_hash(model)
         with self._lock:
             self.baseline_logits = self._forward()
         self.baseline_pred = self.baseline_logits.argmax(1)
         self.baseline_correct, self.baseline_per_class = accuracy_counts(self.baseline_pred, self.y_eval, n_cls)
         self.baseline_accuracy = self.baseline_correct / len(self.y_eval)
+        self.quick_idx = quick_indices(self.y_eval, quick_images, n_cls)
+        self._baseline_quick_correct = self.baseline_pred[self.quick_idx] == self.y_eval[self.quick_idx]
 
     # ------------------------------------------------------------------------------------------------------------
     @property
@@ -279,7 +307,16 @@ class CompressionSession:
         """
         plan.validate()
         if plan.finetune_epochs == 0:
-            return self._compress(plan)
+            key = plan.key()
+            with self._lock:
+                if key in self._compressed:
+                    self._compressed.move_to_end(key)
+                    return self._compressed[key]
+                cw = self._compress(plan)
+                self._compressed[key] = cw
+                if len(self._compressed) > 16:
+                    self._compressed.popitem(last=False)
+                return cw
         from xaicomp_core.compress.finetune import finetune_weights
 
         with self._lock:
@@ -350,10 +387,15 @@ class CompressionSession:
         return model
 
     def evaluate(self, plan: CompressionPlan, progress: ProgressFn | None = None) -> EvaluationResult:
-        """Apply ``plan`` and measure accuracy, sparsity, bits and size (cached per plan).
+        """Apply ``plan`` and measure accuracy, sparsity, bits and size on the whole evaluation set (exact numbers,
+        cached per plan). Has priority over background work (:meth:`anticipate`).
 
         ``progress(step, total)`` reports fine-tuning steps for plans with ``finetune_epochs > 0``.
         """
+        with self.foreground():
+            return self._evaluate(plan, progress)
+
+    def _evaluate(self, plan: CompressionPlan, progress: ProgressFn | None = None) -> EvaluationResult:
         key = plan.key()
         with self._lock:
             if key in self._results:
@@ -367,15 +409,22 @@ class CompressionSession:
             finally:
                 self._load(None)
             result = self._result(cw, logits.argmax(1), time.perf_counter() - t0)
+            return self._store(key, result)
+
+    def _store(self, key: str, result: EvaluationResult) -> EvaluationResult:
+        with self._lock:
             self._results[key] = result
             if len(self._results) > self._cache_size:
                 self._results.popitem(last=False)
             return result
 
-    def _result(self, cw: CompressedWeights, pred: torch.Tensor, seconds: float) -> EvaluationResult:
+    def _result(self, cw: CompressedWeights, pred: torch.Tensor, seconds: float,
+                subset: torch.Tensor | None = None) -> EvaluationResult:
+        """The result of ``cw`` from its predictions on the evaluation set, or (an estimate) on ``subset``."""
         layout, keep, klass = cw.layout, cw.keep, cw.quant.klass
         n_cls = self.info.num_classes
-        correct, per_class = accuracy_counts(pred, self.y_eval, n_cls)
+        y = self.y_eval if subset is None else self.y_eval[subset]
+        correct, per_class = accuracy_counts(pred, y, n_cls)
         levels = cw.plan.bit_levels
         lv = torch.tensor(levels, dtype=torch.float64)
         sizes = {t.name: t for t in cw.size.tensors}
@@ -403,10 +452,19 @@ class CompressionSession:
         pruned_comp = int((~keep & comp_mask).sum())
         active = klass >= 0
         mean_bits = float(lv[klass[active].long()].mean()) if bool(active.any()) else 0.0
-        return EvaluationResult(cw.plan, correct / len(self.y_eval), self.baseline_accuracy, correct,
-                                self.baseline_correct, len(self.y_eval), per_class, list(self.baseline_per_class),
-                                list(self.class_names), pruned_comp / max(n_comp, 1),
-                                int((~keep).sum()) / layout.total, mean_bits, layers, cw.size, pred, seconds)
+        common = (list(self.class_names), pruned_comp / max(n_comp, 1), int((~keep).sum()) / layout.total,
+                  mean_bits, layers, cw.size, pred, seconds)
+        if subset is None:
+            return EvaluationResult(cw.plan, correct / len(self.y_eval), self.baseline_accuracy, correct,
+                                    self.baseline_correct, len(self.y_eval), per_class,
+                                    list(self.baseline_per_class), *common)
+        est = estimate_accuracy(pred == y, self._baseline_quick_correct, self.baseline_accuracy, len(self.y_eval))
+        base_sub, base_per = accuracy_counts(self.baseline_pred[subset], y, n_cls)
+        # per class: the original model's exact per-class accuracy plus the subset's paired change
+        per_est = [min(1.0, max(0.0, b + (c - s))) for b, c, s in zip(self.baseline_per_class, per_class, base_per)]
+        return EvaluationResult(cw.plan, est.accuracy, self.baseline_accuracy, correct, base_sub, len(y), per_est,
+                                list(self.baseline_per_class), *common, estimate=True,
+                                accuracy_stderr=est.stderr, eval_images=len(self.y_eval))
 
     @staticmethod
     def _bias_bytes(size: SizeBreakdown, weight_name: str, fp32: bool = False) -> int:
@@ -433,6 +491,93 @@ class CompressionSession:
                                 epsilon=self.epsilon, target=target or self.target, keep_input=True, check=False)
         assert res.input is not None
         return res.input.sum(1), res.logits
+
+    # ------------------------------------------------------------------------------------------------------------
+    # progressive and anticipated evaluation
+    # ------------------------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def foreground(self) -> Iterator[None]:
+        """Mark a caller the user waits for: background work (:meth:`anticipate`) pauses between chunks while any
+        foreground call is running or waiting."""
+        with self._fg_cond:
+            self._fg_waiting += 1
+        try:
+            yield
+        finally:
+            with self._fg_cond:
+                self._fg_waiting -= 1
+                self._fg_cond.notify_all()
+
+    def _wait_for_foreground(self) -> None:
+        with self._fg_cond:
+            self._fg_cond.wait_for(lambda: self._fg_waiting == 0)
+
+    def is_cached(self, plan: CompressionPlan) -> bool:
+        """Whether the exact result of ``plan`` is cached (then :meth:`evaluate` returns at once)."""
+        return plan.key() in self._results
+
+    def cached(self, plan: CompressionPlan) -> EvaluationResult | None:
+        """The exact result of ``plan`` if cached, else None (never computes)."""
+        with self._lock:
+            return self._results.get(plan.key())
+
+    def estimate(self, plan: CompressionPlan) -> EvaluationResult:
+        """First numbers of ``plan``: the exact result if cached, else an estimate from the class-balanced subset
+        :attr:`quick_idx` (``result.estimate`` is True; accuracy is the paired estimate of the full-set accuracy
+        with ``accuracy_stderr``; sizes, sparsity and bits are exact). Costs the compression plus a forward over
+        the subset; the compressed weights are kept, so a following :meth:`evaluate` does not compress again.
+        """
+        with self.foreground():
+            key = plan.key()
+            with self._lock:
+                if key in self._results:
+                    return self._results[key]
+                if key in self._estimates:
+                    return self._estimates[key]
+                if plan.finetune_epochs and self.needs_finetuning(plan):
+                    raise PlanError("fine-tuned plans have no quick estimate: evaluate them (fine-tuning first)")
+                t0 = time.perf_counter()
+                if len(self.quick_idx) >= len(self.y_eval):
+                    return self._evaluate(plan)
+                cw = self.compress(plan)
+                idx = self.quick_idx
+                pred = self.compressed_logits(cw, self.x_eval[idx]).argmax(1)
+                res = self._result(cw, pred, time.perf_counter() - t0, idx)
+                self._estimates[key] = res
+                if len(self._estimates) > self._cache_size:
+                    self._estimates.popitem(last=False)
+                return res
+
+    def anticipate(self, plans: list[CompressionPlan], owner: str = "default") -> None:
+        """Evaluate ``plans`` in the background (nearest first), replacing what ``owner`` asked for before.
+
+        Bounded (at most :data:`~xaicomp_core.evaluate.progressive.MAX_ANTICIPATED` per owner), cancellable
+        (:meth:`cancel_anticipation`) and never in the way: the worker pauses between chunks of images while a
+        foreground call (:meth:`evaluate`, :meth:`estimate`) runs or waits.
+        """
+        self.anticipator.submit([p for p in plans if not p.finetune_epochs], owner)
+
+    def cancel_anticipation(self, owner: str | None = None) -> None:
+        """Drop the plans ``owner`` (or everyone, with None) asked to anticipate."""
+        self.anticipator.cancel(owner)
+
+    def _evaluate_background(self, plan: CompressionPlan) -> EvaluationResult:
+        """:meth:`evaluate` in chunks of images, stepping aside for the foreground before each chunk."""
+        key = plan.key()
+        self._wait_for_foreground()
+        with self._lock:
+            if key in self._results:
+                return self._results[key]
+            t0 = time.perf_counter()
+            cw = self.compress(plan)
+        chunk = max(1, min(self.eval_batch_size, 500))
+        parts = []
+        for i in range(0, len(self.x_eval), chunk):
+            self._wait_for_foreground()
+            with self._lock:
+                parts.append(self.compressed_logits(cw, self.x_eval[i:i + chunk]).argmax(1))
+        pred = torch.cat(parts)
+        return self._store(key, self._result(cw, pred, time.perf_counter() - t0))
 
     def check_unchanged(self) -> bool:
         """Whether the session's model still has the state dict it was given."""

@@ -1,0 +1,96 @@
+"""Progressive evaluation (an estimate from a class-balanced subset first, exact numbers next) and background
+anticipation of neighbouring plans (bounded, superseded by newer wishes, stepping aside for the foreground)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from xaicomp_core import CompressionPlan, CompressionSession, load_builtin_dataset, load_builtin_model
+from xaicomp_core.evaluate.progressive import MAX_ANTICIPATED, estimate_accuracy, neighbour_plans, quick_indices
+
+PLAN = CompressionPlan(criterion="magnitude", prune_ratio=0.8, bit_levels=[4, 2], bit_split=[0.5])
+
+
+@pytest.fixture(scope="module")
+def session() -> CompressionSession:
+    model = load_builtin_model("fashion-lenet")
+    return CompressionSession(model, load_builtin_dataset("fashion-mnist", "reference").balanced_subset(100),
+                              load_builtin_dataset("fashion-mnist", "eval"))
+
+
+def test_quick_subset_is_class_balanced_and_small(session):
+    idx = session.quick_idx
+    assert len(idx) == 250 and len(set(idx.tolist())) == 250
+    counts = torch.bincount(session.y_eval[idx], minlength=10)
+    assert int(counts.max() - counts.min()) <= 1
+    assert torch.equal(quick_indices(torch.arange(10) % 2), torch.arange(10))  # tiny sets: everything
+
+
+def test_paired_estimate_by_hand():
+    # 10 subset images, 100 in all; the compressed model loses images 0 and 1 and wins image 9
+    base = torch.tensor([1, 1, 1, 1, 1, 1, 1, 1, 0, 0], dtype=torch.bool)
+    comp = torch.tensor([0, 0, 1, 1, 1, 1, 1, 1, 0, 1], dtype=torch.bool)
+    est = estimate_accuracy(comp, base, 0.85, 100)
+    assert est.accuracy == pytest.approx(0.85 - 0.1)
+    var = (3 + 1) / (10 + 2) - 0.1 ** 2
+    assert est.stderr == pytest.approx((var / 10 * 0.9) ** 0.5)
+    same = estimate_accuracy(base, base, 0.85, 100)
+    assert same.accuracy == pytest.approx(0.85) and same.stderr > 0  # no flips seen is not certainty
+    full = estimate_accuracy(comp, base, 0.85, 10)
+    assert full.stderr == 0
+
+
+def test_estimate_then_exact(session):
+    plan = PLAN.replace(prune_ratio=0.83)
+    est = session.estimate(plan)
+    assert est.estimate and est.images == 250 and est.eval_images == 2000
+    exact = session.evaluate(plan)
+    assert not exact.estimate and exact.images == 2000
+    # sizes, sparsity and bits are exact already in the estimate
+    assert est.size.estimated_bytes == exact.size.estimated_bytes
+    assert est.sparsity == exact.sparsity and est.mean_bits == exact.mean_bits
+    # the estimate is close, within its stated uncertainty (4 standard errors, a failure chance far below 1e-3)
+    assert abs(est.accuracy - exact.accuracy) <= 4 * est.accuracy_stderr + 1e-9
+    # its subset predictions are the exact predictions on those images
+    assert torch.equal(est.predictions, exact.predictions[session.quick_idx])
+    assert session.estimate(plan) is exact  # once exact numbers exist, they are the first numbers
+
+
+def test_anticipated_neighbours_are_cache_hits_equal_to_direct_evaluation(session):
+    plan = PLAN.replace(prune_ratio=0.7)
+    nbrs = neighbour_plans(plan)
+    assert [round(p.prune_ratio, 2) for p in nbrs[:4]] == [0.75, 0.65, 0.8, 0.6]
+    assert all(p.bit_split != plan.bit_split for p in nbrs[4:])
+    session.anticipate(nbrs, owner="a")
+    assert session.anticipator.wait_idle(timeout=600)
+    assert all(session.is_cached(p) for p in nbrs)
+    fresh = CompressionSession(session.model, (session.x_ref, session.y_ref), (session.x_eval, session.y_eval))
+    for p in nbrs[:3]:
+        a, b = session.cached(p), fresh.evaluate(p)
+        assert torch.equal(a.predictions, b.predictions) and a.size.estimated_bytes == b.size.estimated_bytes
+
+
+def test_background_waits_for_the_foreground(session):
+    plans = [PLAN.replace(prune_ratio=r) for r in (0.41, 0.42)]
+    with session.foreground():
+        session.anticipate(plans, owner="b")
+        time.sleep(1.0)  # the worker is running but must not complete anything while the foreground is held
+        assert not any(session.is_cached(p) for p in plans)
+    assert session.anticipator.wait_idle(timeout=600)
+    assert all(session.is_cached(p) for p in plans)
+
+
+def test_newer_wishes_replace_older_ones_and_are_bounded(session):
+    with session.foreground():  # keep the worker paused while the wishes change
+        session.anticipate([PLAN.replace(prune_ratio=0.3 + 0.001 * i) for i in range(20)], owner="c")
+        assert session.anticipator.pending("c") <= MAX_ANTICIPATED
+        newer = [PLAN.replace(prune_ratio=0.2), PLAN.replace(prune_ratio=0.21)]
+        session.anticipate(newer, owner="c")
+        assert session.anticipator.pending("c") <= 2
+        session.cancel_anticipation("c")
+        assert session.anticipator.pending("c") == 0
+    assert session.anticipator.wait_idle(timeout=600)
+    assert not session.is_cached(PLAN.replace(prune_ratio=0.21))
