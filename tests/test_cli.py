@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
+import ast
 import json
+import pathlib
 import subprocess
 import sys
 
 import pytest
 
 from xaicomp_core import CompressionPlan
-from xaicomp_core.cli.main import main
+from xaicomp_core.cli import main
 
 FAST = ["--model", "fashion-lenet", "--reference-samples", "200", "--eval-samples", "500", "--threads", "2"]
 
@@ -99,3 +102,35 @@ def test_subprocess_error_is_one_line_without_traceback():
     assert proc.stderr.strip().splitlines() == [
         "xaicomp: error: unknown architecture 'no-such-model'; choose one of fashion-vgg, fashion-lenet, "
         "fashion-resnet, alexnet, vgg11_bn, vgg16, resnet18, resnet50, mobilenet_v2 or another torchvision model"]
+
+
+CLI_DIR = pathlib.Path(__file__).resolve().parent.parent / "xaicomp_core" / "cli"
+
+
+def _cli_imports(name: str) -> set[str]:
+    """The sibling modules of the cli package that ``cli/<name>.py`` imports (anywhere in the file)."""
+    out = set()
+    for node in ast.walk(ast.parse((CLI_DIR / f"{name}.py").read_text())):
+        mods = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+            [f"{node.module}.{a.name}" for a in node.names] + [node.module]
+            if isinstance(node, ast.ImportFrom) and node.module else [])
+        for m in mods:
+            parts = m.split(".")
+            if parts[:2] == ["xaicomp_core", "cli"] and len(parts) > 2 and parts[2] != name:
+                out.add(parts[2])
+    return out
+
+
+def test_cli_is_a_package_without_cycles_that_registers_every_command():
+    from xaicomp_core.cli import main as package_main
+    from xaicomp_core.cli.main import CLI_COMMANDS, build_parser
+    from xaicomp_core.cli.main import main as module_main
+
+    assert package_main is module_main  # the console script xaicomp_core.cli:main
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert tuple(sub.choices) == CLI_COMMANDS
+    assert _cli_imports("common") == set()
+    assert _cli_imports("commands") == _cli_imports("export_cmds") == {"common"}
+    assert _cli_imports("main") == {"commands", "export_cmds"}
+    handlers = [n for n in ast.walk(ast.parse((CLI_DIR / "main.py").read_text())) if isinstance(n, ast.ExceptHandler)]
+    assert not any("ImportError" in ast.unparse(h.type) for h in handlers if h.type is not None)

@@ -159,7 +159,8 @@ def test_mixed_sizes_and_rgb_images_are_converted(capsys, tmp_path):
     path = _zip(tmp_path / "mixed.zip", files)
     rc = main(["compress", "--model", "fashion-lenet", "--data", str(path), "--json", "--threads", "2"])
     out = json.loads(capsys.readouterr().out)
-    assert rc == 0 and out["images"] == 12
+    # disjoint halves of the 12 images: 6 for relevance, the other 6 evaluated
+    assert rc == 0 and out["images"] == 6 and out["reference_samples"] == 6
 
 
 def test_missing_files_and_contradictory_options(capsys, tmp_path):

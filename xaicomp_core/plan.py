@@ -188,22 +188,36 @@ class CompressionPlan:
         ft = f"; fine-tuned {self.finetune_epochs} epoch(s)" if self.finetune_epochs else ""
         return f"{prune}; {bits}{ft}"
 
-    def cli_args(self) -> str:
-        """The ``xaicomp compress`` options that reproduce this plan."""
-        parts = [f"--criterion {self.criterion}"]
+    def cli_words(self) -> list[str]:
+        """The ``xaicomp compress`` options that reproduce this plan, as shell words (numbers written so that they
+        parse back exactly; fields at their defaults left out)."""
+
+        def num(x: float) -> str:
+            short = f"{x:g}"
+            return short if float(short) == x else repr(float(x))
+
+        words = ["--criterion", self.criterion]
         if self.uses_ratio:
-            parts.append(f"--prune {self.prune_ratio:g}")
-        parts.append("--bits " + ",".join(str(b) for b in self.bit_levels))
+            words += ["--prune", num(self.prune_ratio)]
+        words += ["--bits", ",".join(str(b) for b in self.bit_levels)]
         if self.bit_split:
-            parts.append("--split " + ",".join(f"{f:g}" for f in self.bit_split))
+            words += ["--split", ",".join(num(f) for f in self.bit_split)]
         defaults = CompressionPlan()
         for name, flag in (("scope", "--scope"), ("granularity", "--granularity"), ("bit_ranking", "--bit-ranking"),
                            ("protect", "--protect"), ("quantizer", "--quantizer"), ("composite", "--composite"),
                            ("seed", "--seed"), ("finetune_epochs", "--finetune-epochs"),
                            ("finetune_lr", "--finetune-lr")):
-            if getattr(self, name) != getattr(defaults, name):
-                parts.append(f"{flag} {getattr(self, name)}")
-        return " ".join(parts)
+            value = getattr(self, name)
+            if value != getattr(defaults, name):
+                words += [flag, num(value) if isinstance(value, float) else str(value)]
+        return words
+
+    def cli_args(self) -> str:
+        """The ``xaicomp compress`` options that reproduce this plan, as command-line text (:meth:`cli_words` joined
+        with :func:`shlex.join`)."""
+        import shlex
+
+        return shlex.join(self.cli_words())
 
     @classmethod
     def uniform(cls, bits: int, **kwargs: Any) -> CompressionPlan:

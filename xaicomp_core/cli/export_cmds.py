@@ -11,52 +11,24 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import shlex
 import sys
 import time
 from typing import Any
 
-from xaicomp_core.cli.main import (
-    MODEL_DEFAULTS,
-    _fmt_bytes,
-    _load_data,
-    _print_json,
-    _progress_printer,
+from xaicomp_core.cli.common import (
     add_model_args,
     add_plan_args,
-    eval_subset,
+    check_eval_samples,
+    data_label,
+    fmt_bytes,
     plan_and_session,
+    print_json,
+    progress_printer,
+    sources_from_args,
 )
 from xaicomp_core.errors import XaicompError
+from xaicomp_core.io.sources import CliCommand, DataSource, evaluation_data
 from xaicomp_core.report.html import DEFAULT_HEATMAP_SAMPLES, DEFAULT_SWEEP_CRITERIA
-
-
-def model_cli_args(args: argparse.Namespace) -> str:
-    """The model and data options of ``args`` that differ from the defaults, as command-line text."""
-    parts: list[str] = []
-    if args.model:
-        parts += ["--model", args.model]
-    if args.arch:
-        parts += ["--arch", args.arch]
-    if args.weights:
-        parts += ["--weights", args.weights]
-    if args.random_weights:
-        parts.append("--random-weights")
-    if args.data != MODEL_DEFAULTS["data"]:
-        parts += ["--data", args.data]
-    if args.reference_data:
-        parts += ["--reference-data", args.reference_data]
-    if getattr(args, "train_data", None):
-        parts += ["--train-data", args.train_data]
-    if args.reference_samples != MODEL_DEFAULTS["reference_samples"]:
-        parts += ["--reference-samples", str(args.reference_samples)]
-    if args.eval_samples is not None:
-        parts += ["--eval-samples", str(args.eval_samples)]
-    if args.target != MODEL_DEFAULTS["target"]:
-        parts += ["--target", args.target]
-    if args.epsilon != MODEL_DEFAULTS["epsilon"]:
-        parts += ["--epsilon", f"{args.epsilon:g}"]
-    return shlex.join(parts)
 
 
 def _sizes_line(file_bytes: int, header_bytes: int, payload_bytes: int, stored: int, codec: str) -> str:
@@ -66,20 +38,17 @@ def _sizes_line(file_bytes: int, header_bytes: int, payload_bytes: int, stored: 
             f"{header_bytes:,}")
 
 
-def _data_label(args: argparse.Namespace, session: Any) -> str:
-    return f"{args.data} ({len(session.y_eval)} images)"
-
-
 # ----------------------------------------------------------------------------------------------------------------
 def cmd_export(args: argparse.Namespace) -> int:
     """Write the packed file (and optionally dense safetensors and ONNX)."""
     from xaicomp_core.io.export import export_dense, export_onnx, export_packed
 
     t0 = time.perf_counter()
-    plan, session = plan_and_session(args, args.json)
+    sources = sources_from_args(args)
+    plan, session = plan_and_session(args, args.json, sources)
     out = pathlib.Path(args.output)
-    spec = {"data": args.data, "eval_samples": args.eval_samples}
-    res = export_packed(session, plan, out, codec=args.codec, data_spec=spec, data_label=_data_label(args, session))
+    res = export_packed(session, plan, out, codec=args.codec, data_spec=sources.data_spec(),
+                        data_label=data_label(args, session))
     ev = res.header["evaluation"]
     d: dict[str, Any] = {"file": str(out), "model": session.info.name, "plan": plan.to_dict(),
                          "description": plan.describe(), **res.summary(),
@@ -94,7 +63,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         d["onnx_bytes"] = export_onnx(session, plan, args.onnx)
     d["seconds"] = time.perf_counter() - t0
     if args.json:
-        _print_json(d)
+        print_json(d)
         return 0
     line = _sizes_line(d["file_bytes"], d["header_bytes"], d["payload_bytes"], d["stored_payload_bytes"], args.codec)
     print(f"wrote {out}: {line}")
@@ -105,7 +74,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"dense     {args.dense}: {d['dense_bytes']:,} bytes (dequantized fp32 safetensors)")
     if args.onnx:
         print(f"onnx      {args.onnx}: {d['onnx_bytes']:,} bytes")
-    print(f"check it: xaicomp verify {shlex.quote(str(out))}")
+    print(f"check it: {CliCommand('verify', [out])}")
     return 0
 
 
@@ -130,18 +99,19 @@ def cmd_verify(args: argparse.Namespace) -> int:
         elif spec and args.eval_samples is not None:
             spec = {**spec, "eval_samples": args.eval_samples}
         if spec:
-            data = _load_data(str(spec["data"]), pm.info, "eval")
-            n = spec.get("eval_samples")
-            data = eval_subset(data, None if n is None else int(n))
-            x, y = as_tensors(data, pm.info.preprocessing, pm.info.num_classes, "evaluation data")
-            label = f"{spec['data']} ({len(y)} images)"
+            source = DataSource.from_record(spec)
+            check_eval_samples(source.eval_samples)
+            pre = pm.info.preprocessing
+            data = evaluation_data(source, pre.input_size, pre.channels, pm.info.class_names)
+            x, y = as_tensors(data, pre, pm.info.num_classes, "evaluation data")
+            label = f"{source.spec()} ({len(y)} images)"
     res = verify_packed(pm, x, y, label)
     d = {"file": str(args.file), **res.to_dict()}
     if x is None:
         d["note"] = "accuracy not measured: " + ("--no-eval given" if args.no_eval else
                                                  "the file records no data to evaluate on; pass --data")
     if args.json:
-        _print_json(d)
+        print_json(d)
     else:
         line = _sizes_line(res.file_bytes, res.header_bytes, res.payload_bytes, res.stored_payload_bytes, res.codec)
         print(f"file      {args.file}: {line}")
@@ -165,36 +135,36 @@ def cmd_report(args: argparse.Namespace) -> int:
     """Write the stakeholder HTML report."""
     from xaicomp_core.report.html import DEFAULT_SWEEP_RATIOS, write_report
 
-    plan, session = plan_and_session(args, args.json)
+    sources = sources_from_args(args)
+    plan, session = plan_and_session(args, args.json, sources)
     criteria = [c.strip() for c in args.criteria.split(",") if c.strip()]
     try:
         ratios = [float(r) for r in args.ratios.split(",") if r.strip()] if args.ratios is not None else \
             list(DEFAULT_SWEEP_RATIOS)
     except ValueError:
         raise XaicompError(f"cannot parse --ratios {args.ratios!r}; use e.g. 0,0.5,0.9") from None
-    extra = []
+    extra: list[tuple[str, str]] = []
     if args.criteria != DEFAULT_CRITERIA:
-        extra += ["--criteria", args.criteria]
+        extra.append(("--criteria", args.criteria))
     if args.ratios is not None:
-        extra += ["--ratios", args.ratios]
+        extra.append(("--ratios", args.ratios))
     if args.heatmaps != DEFAULT_HEATMAPS:
-        extra += ["--heatmaps", str(args.heatmaps)]
+        extra.append(("--heatmaps", str(args.heatmaps)))
     if args.codec != "none":
-        extra += ["--codec", args.codec]
-    command = " ".join(p for p in ["xaicomp report", model_cli_args(args), plan.cli_args(), shlex.join(extra),
-                                   "-o", shlex.quote(args.output)] if p)
+        extra.append(("--codec", args.codec))
+    command = sources.command("report", plan, options=extra, output=args.output)
     t0 = time.perf_counter()
-    rep = write_report(args.output, session, plan, command=command, data_label=_data_label(args, session),
-                       data_spec={"data": args.data, "eval_samples": args.eval_samples},
+    rep = write_report(args.output, session, plan, command=command, data_label=data_label(args, session),
+                       data_spec=sources.data_spec(),
                        sweep_criteria=criteria, sweep_ratios=ratios, heatmap_samples=args.heatmaps,
-                       codec=args.codec, progress=_progress_printer("report", not args.json))
-    d = {"file": args.output, "html_bytes": len(rep.html.encode("utf-8")), "command": command,
+                       codec=args.codec, progress=progress_printer("report", not args.json))
+    d = {"file": args.output, "html_bytes": len(rep.html.encode("utf-8")), "command": str(command),
          "accuracy": rep.accuracy, "baseline_accuracy": rep.baseline_accuracy, **rep.sizes,
          "sweep_points": len(rep.sweep_rows), "seconds": time.perf_counter() - t0}
     if args.json:
-        _print_json(d)
+        print_json(d)
     else:
-        print(f"wrote {args.output} ({_fmt_bytes(d['html_bytes'])}, self-contained): accuracy {rep.accuracy:.2%}, "
+        print(f"wrote {args.output} ({fmt_bytes(d['html_bytes'])}, self-contained): accuracy {rep.accuracy:.2%}, "
               f"packed file {d['file_bytes']:,} bytes")
     return 0
 

@@ -11,7 +11,6 @@ import html
 import io
 import json
 import pathlib
-import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -22,6 +21,7 @@ import torch
 from xaicomp_core.evaluate.sweep import BitSetting, run_sweep
 from xaicomp_core.io.export import codec_sizes, export_packed
 from xaicomp_core.io.models import count_parameters
+from xaicomp_core.io.sources import CliCommand, Sources
 from xaicomp_core.plan import FP32, CompressionPlan
 from xaicomp_core.viz.style import criterion_colour, fmt_bytes
 
@@ -194,35 +194,23 @@ class Report:
         return path
 
 
-REPORT_ONLY_OPTIONS = ("--criteria", "--ratios", "--heatmaps", "-o", "--output")
-
-
 def default_command(session: CompressionSession, plan: CompressionPlan, output: str = "report.html") -> str:
-    """A CLI command that reproduces the report for a built-in model on the shipped data."""
-    info = session.info
-    model = f"--model {info.name}" if info.source == "builtin" else f"--arch {info.arch} --weights WEIGHTS_FILE"
-    return f"xaicomp report {model} {plan.cli_args()} -o {output}"
+    """The ``xaicomp report`` command for the session's model (a built-in one by name, else its architecture and a
+    weights file to fill in) on the shipped data, as a :class:`~xaicomp_core.io.sources.CliCommand`."""
+    return Sources.of_session(session).command("report", plan, output=output)
 
 
-def export_command(report_command: str) -> str:
-    """The ``xaicomp export`` command matching a ``xaicomp report`` command (same model, data and plan).
+def export_command(report_command: str, output: str = "model.xcz") -> str:
+    """The ``xaicomp export`` command matching a ``xaicomp report`` command (same model, data and plan), writing
+    ``output``.
 
-    The command is split into shell words (so quoted paths stay whole), the report-only options and the output are
-    dropped, and the rest is joined again with ``-o model.xcz``.
+    A :class:`~xaicomp_core.io.sources.CliCommand` (what :func:`default_command`, the CLI and
+    :meth:`Sources.command <xaicomp_core.io.sources.Sources.command>` render) is re-rendered from its parts; plain
+    text is read into one first (:meth:`CliCommand.parse <xaicomp_core.io.sources.CliCommand.parse>`: shell
+    words, so quoted paths stay whole). Options only ``report`` has and its output are dropped.
     """
-    words = shlex.split(report_command)
-    if words[:2] == ["xaicomp", "report"]:
-        words[1] = "export"
-    kept: list[str] = []
-    skip = False
-    for w in words:
-        if skip:
-            skip = False
-        elif w in REPORT_ONLY_OPTIONS:
-            skip = True  # the option's value is the next word
-        elif not w.startswith(tuple(f"{o}=" for o in REPORT_ONLY_OPTIONS)):
-            kept.append(w)
-    return shlex.join([*kept, "-o", "model.xcz"])
+    cmd = report_command if isinstance(report_command, CliCommand) else CliCommand.parse(report_command)
+    return cmd.to("export", output=output)
 
 
 CSS = """

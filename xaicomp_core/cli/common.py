@@ -1,0 +1,217 @@
+"""What the ``xaicomp`` subcommands share: the model/data and plan options, the sources and plan they describe, the
+session built from them, progress printers and formatters. Imports no command module."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from xaicomp_core.errors import PlanError, XaicompError
+from xaicomp_core.evaluate.session import CompressionSession
+from xaicomp_core.io.models import DEFAULT_MODEL
+from xaicomp_core.io.sources import (
+    DEFAULT_DATA,
+    DEFAULT_EPSILON,
+    DEFAULT_REFERENCE_SAMPLES,
+    DEFAULT_TARGET,
+    DataSource,
+    ModelSource,
+    Sources,
+)
+from xaicomp_core.plan import CompressionPlan
+
+MODEL_DEFAULTS = {"data": DEFAULT_DATA, "reference_samples": DEFAULT_REFERENCE_SAMPLES, "target": DEFAULT_TARGET,
+                  "epsilon": DEFAULT_EPSILON}
+ProgressFn = Callable[[int, int], None]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# shared options
+# ----------------------------------------------------------------------------------------------------------------
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """Options choosing the model and the data."""
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default=None, help="built-in model (fashion-vgg, fashion-lenet, fashion-resnet); "
+                                                 "default fashion-vgg")
+    g.add_argument("--arch", default=None, help="architecture for --weights (built-in or torchvision name)")
+    g.add_argument("--weights", default=None, help=".safetensors / .pt / .pth state dict for --arch")
+    g.add_argument("--random-weights", action="store_true", help="allow random weights for a torchvision --arch "
+                                                                 "when pretrained ones cannot be downloaded")
+    g.add_argument("--no-download", action="store_true",
+                   help="never download pretrained weights: a torchvision --arch with --random-weights is then a "
+                        "randomly initialised 10-class model (what the app offers)")
+    g.add_argument("--data", default=MODEL_DEFAULTS["data"],
+                   help="evaluation data: 'fashion-mnist' (shipped), an ImageFolder directory or .zip, or "
+                        "torchvision:NAME:ROOT (mnist, fashion-mnist, cifar10 already on disk); an ImageFolder is "
+                        "split into disjoint reference and evaluation halves, a torchvision folder gives reference "
+                        "and fine-tuning images from its training split")
+    g.add_argument("--reference-data", default=None, help="reference data for relevance (same forms as --data; "
+                                                          "default: the reference split of --data)")
+    g.add_argument("--train-data", default=None, help="fine-tuning data (same forms as --data; default: the "
+                                                      "training split of --data, none for an ImageFolder)")
+    g.add_argument("--reference-samples", type=int, default=MODEL_DEFAULTS["reference_samples"],
+                   help="reference samples for relevance")
+    g.add_argument("--eval-samples", type=int, default=None, help="use only this many evaluation samples")
+    g.add_argument("--target", choices=("true", "predicted"), default=MODEL_DEFAULTS["target"],
+                   help="class whose relevance starts LRP")
+    g.add_argument("--epsilon", type=float, default=MODEL_DEFAULTS["epsilon"], help="epsilon of the epsilon rule")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def add_plan_args(p: argparse.ArgumentParser) -> None:
+    """Options describing a compression plan."""
+    g = p.add_argument_group("plan")
+    g.add_argument("--plan", default=None, help="plan JSON file (other plan options override its fields)")
+    g.add_argument("--criterion", default=None, help="paper, lrp, lrp-signed, lrp-zero, magnitude, random, lrp-filter")
+    g.add_argument("--prune", type=float, default=None, help="prune ratio in [0, 1)")
+    g.add_argument("--bits", default=None, help="bit levels, descending, e.g. 8,4,2 (32 or fp32 keeps fp32)")
+    g.add_argument("--split", default=None, help="fractions of kept weights for all levels but the last, e.g. 0.2,0.5")
+    g.add_argument("--scope", default=None, choices=("global", "per-layer"))
+    g.add_argument("--granularity", default=None, choices=("weight", "channel", "layer"))
+    g.add_argument("--bit-ranking", default=None, choices=("criterion", "relevance", "magnitude"))
+    g.add_argument("--protect", default=None, choices=("none", "first-last"))
+    g.add_argument("--quantizer", default=None, choices=("mse", "absmax"))
+    g.add_argument("--composite", default=None,
+                   help="LRP composite: epsilon, epsilon-plus, alpha2beta1, epsilon-gamma, epsilon-gamma-box")
+    g.add_argument("--seed", type=int, default=None, help="seed of the random criterion and of fine-tuning")
+    g.add_argument("--finetune-epochs", type=int, default=None,
+                   help="recovery fine-tuning epochs after compression (masks fixed, quantization in the loop)")
+    g.add_argument("--finetune-lr", type=float, default=None, help="fine-tuning learning rate (default 0.01)")
+    g.add_argument("--save-plan", default=None, help="write the plan as JSON to this file")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# plan, sources and session from the options
+# ----------------------------------------------------------------------------------------------------------------
+def plan_from_args(args: argparse.Namespace) -> CompressionPlan:
+    """Build and validate the plan from ``--plan`` and the plan options (and write ``--save-plan``)."""
+    from xaicomp_core.evaluate.sweep import parse_bits
+
+    if args.plan:
+        path = pathlib.Path(args.plan)
+        if not path.exists():
+            raise PlanError(f"plan file {path} does not exist")
+        plan = CompressionPlan.from_json(path.read_text())
+    else:
+        plan = CompressionPlan()
+    changes: dict[str, Any] = {}
+    if args.criterion is not None:
+        changes["criterion"] = args.criterion
+    if args.prune is not None:
+        changes["prune_ratio"] = args.prune
+    if args.bits is not None:
+        try:
+            changes["bit_levels"] = parse_bits(args.bits)
+        except ValueError:
+            raise PlanError(f"cannot parse --bits {args.bits!r}; use e.g. 8,4,2") from None
+        if args.split is None and len(changes["bit_levels"]) != len(plan.bit_levels):
+            n = len(changes["bit_levels"])
+            changes["bit_split"] = [round(1.0 / n, 6)] * (n - 1)
+    if args.split is not None:
+        try:
+            changes["bit_split"] = [float(v) for v in args.split.split(",") if v.strip()]
+        except ValueError:
+            raise PlanError(f"cannot parse --split {args.split!r}; use e.g. 0.2,0.5") from None
+    for attr, field_name in (("scope", "scope"), ("granularity", "granularity"), ("bit_ranking", "bit_ranking"),
+                             ("protect", "protect"), ("quantizer", "quantizer"), ("composite", "composite"),
+                             ("seed", "seed"), ("finetune_epochs", "finetune_epochs"),
+                             ("finetune_lr", "finetune_lr")):
+        if getattr(args, attr, None) is not None:
+            changes[field_name] = getattr(args, attr)
+    plan = plan.replace(**changes).validate()
+    if getattr(args, "save_plan", None):
+        pathlib.Path(args.save_plan).write_text(plan.to_json() + "\n")
+    return plan
+
+
+def check_eval_samples(n: int | None) -> int | None:
+    """``--eval-samples`` (None: all), refused below 1."""
+    if n is not None and n < 1:
+        raise XaicompError("--eval-samples must be at least 1")
+    return n
+
+
+def sources_from_args(args: argparse.Namespace) -> Sources:
+    """The model and data sources (and relevance settings) the options describe."""
+    if args.weights and not args.arch:
+        raise XaicompError("--weights needs --arch (the architecture the weights belong to)")
+    if args.model and args.arch:
+        raise XaicompError("give either --model or --arch/--weights, not both")
+    model = ModelSource(args.arch or args.model or DEFAULT_MODEL, weights=args.weights or None,
+                        random_weights=args.random_weights, download=not getattr(args, "no_download", False))
+    data = DataSource.parse(args.data, eval_samples=check_eval_samples(args.eval_samples),
+                            reference_samples=args.reference_samples,
+                            reference=DataSource.parse(args.reference_data) if args.reference_data else None,
+                            train=DataSource.parse(args.train_data) if getattr(args, "train_data", None) else None)
+    return Sources(model, data, target=args.target, epsilon=args.epsilon)
+
+
+def session_from_args(args: argparse.Namespace, progress: ProgressFn | None = None,
+                      sources: Sources | None = None) -> CompressionSession:
+    """The sources of the options (``sources`` if already built by :func:`sources_from_args`) loaded into a
+    :class:`CompressionSession`."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sources = sources_from_args(args) if sources is None else sources
+    session = sources.session(composite=getattr(args, "composite", None) or "epsilon", progress=progress)
+    session.finetune_progress = progress_printer("fine-tuning", progress is not None)
+    return session
+
+
+def plan_and_session(args: argparse.Namespace, quiet: bool,
+                     sources: Sources | None = None) -> tuple[CompressionPlan, CompressionSession]:
+    """The plan and the session from the options (the session's composite set to the plan's)."""
+    plan = plan_from_args(args)
+    session = session_from_args(args, progress_printer("relevance", not quiet), sources)
+    if plan.composite != session.composite:
+        session.composite = plan.composite
+    return plan, session
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# output
+# ----------------------------------------------------------------------------------------------------------------
+def progress_printer(label: str, enabled: bool) -> ProgressFn | None:
+    """A ``progress(done, total)`` that writes ``label: done/total, about N s left`` to stderr (None if not
+    ``enabled``)."""
+    if not enabled:
+        return None
+    state = {"t": 0.0, "t0": time.time()}
+
+    def progress(done: int, total: int) -> None:
+        now = time.time()
+        if done == total or now - state["t"] > 0.5:
+            state["t"] = now
+            eta = f", about {(now - state['t0']) / done * (total - done):.0f} s left" if 0 < done < total else ""
+            sys.stderr.write(f"\r{label}: {done}/{total}{eta}   ")
+            if done == total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+
+    return progress
+
+
+def print_json(obj: Any) -> None:
+    """Print ``obj`` as indented JSON."""
+    print(json.dumps(obj, indent=2))
+
+
+def fmt_bytes(n: float) -> str:
+    """``1234`` -> ``1.2 KB`` (decimal units)."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def data_label(args: argparse.Namespace, session: CompressionSession) -> str:
+    """``"<--data> (<n> images)"`` for the evaluation data of ``session``."""
+    return f"{args.data} ({len(session.y_eval)} images)"
