@@ -3,6 +3,7 @@ for many plans and every built-in model, and clear errors for truncated, altered
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 import time
@@ -16,8 +17,10 @@ from xaicomp_core import CompressionPlan, FormatError
 from xaicomp_core.compress.layout import SortedScores
 from xaicomp_core.compress.quantize import allocate_bits, quantize
 from xaicomp_core.evaluate.session import CompressedWeights
+from xaicomp_core.format.codecs import KEEP_CODECS, KeepCodec, expect_length, register_keep_codec
 from xaicomp_core.format.packing import (
     FORMAT_VERSION,
+    KEEP_ENCODINGS,
     MAGIC,
     PREAMBLE,
     PREAMBLE_BYTES,
@@ -287,6 +290,123 @@ def test_header_contents(lenet_session):
 def test_packing_is_deterministic(lenet_session):
     plan = PLANS["lrp-842-weight"]
     assert pack_plan(lenet_session, plan)[1].data == pack_plan(lenet_session, plan)[1].data
+
+
+# The packed bytes of these plans, frozen: SHA-256 of the payload followed by the header's tensor entries (compact
+# JSON, as in the file), computed with the format code before it moved into per-section codecs (format/codecs.py).
+# Magnitude and random criteria only, so no relevance computation (thread-count sensitive) enters the bytes.
+FROZEN_PLANS = {
+    "fp32-dense": CompressionPlan(criterion="magnitude"),
+    "mag-842-weight-absmax": CompressionPlan(criterion="magnitude", prune_ratio=0.5, quantizer="absmax", **P842),
+    "mag-842-channel": CompressionPlan(criterion="magnitude", prune_ratio=0.5, granularity="channel", **P842),
+    "mag-842-layer-absmax": CompressionPlan(criterion="magnitude", prune_ratio=0.5, granularity="layer",
+                                            quantizer="absmax", **P842),
+    "per-layer-scope": CompressionPlan(criterion="magnitude", prune_ratio=0.6, scope="per-layer", quantizer="absmax",
+                                       **P842),
+    "uniform-1bit": CompressionPlan.uniform(1, criterion="magnitude", prune_ratio=0.3),
+    "uniform-8bit-protect": CompressionPlan.uniform(8, criterion="magnitude", prune_ratio=0.4, protect="first-last",
+                                                    quantizer="absmax"),
+    "fp32-class-mixed": CompressionPlan(criterion="random", prune_ratio=0.5, bit_levels=[32, 4, 1],
+                                        bit_split=[0.1, 0.6], quantizer="absmax", seed=1),
+    "fp32-class-channel": CompressionPlan(criterion="magnitude", prune_ratio=0.2, bit_levels=[32, 3], bit_split=[0.25],
+                                          granularity="channel", protect="first-last", quantizer="absmax"),
+    "sparse": CompressionPlan.uniform(4, criterion="magnitude", prune_ratio=0.95, quantizer="absmax"),
+    "light": CompressionPlan.uniform(5, criterion="magnitude", prune_ratio=0.01, quantizer="absmax"),
+    "extreme-sparse": CompressionPlan.uniform(4, criterion="magnitude", prune_ratio=0.998, quantizer="absmax"),
+    "random-7-3": CompressionPlan(criterion="random", prune_ratio=0.5, bit_levels=[7, 3], bit_split=[0.4],
+                                  quantizer="absmax", seed=3),
+}
+FROZEN_SHA256 = {
+    "fp32-dense": "eceed3a01c00cff568e744bd3e2bbbca92e51c8d7f50f42745ef2b497cf33d2f",
+    "mag-842-weight-absmax": "ddefd5b68f58961731e0963458f1519f31f2b786f0a898a14b6685c3789958e3",
+    "mag-842-channel": "548662bad446d1f0413c7eceb552f78998e2368659c6dc2d288aace8d0e6bea2",
+    "mag-842-layer-absmax": "74e29be32e234c872c8efbd9751a8b18dbc4cbae6930217251fd7df3aebf165c",
+    "per-layer-scope": "ddb875cf0080af7faa6792af38b7a6fd993df44f751a9a671bfbad7126773c74",
+    "uniform-1bit": "d10a40b7ca1d2d75c2d904f537d102791cde3e5983dccb96af8a27724b05ac1f",
+    "uniform-8bit-protect": "4a794570f8c42e0c88f1fa77b76f7f41617c940c8f132fd752b0af1632d5b6c2",
+    "fp32-class-mixed": "cd90ca37b7027536f96eefaee77a30b1bdfc16b22d644bdefc059a9342bea91d",
+    "fp32-class-channel": "9b67e44d4792e020dd261fb56f86e457f9de15b6f87e3eece9224375d008ff6c",
+    "sparse": "f41223d8bc471926dd3755966d6de5a6cc5f6422ec0974df4f13c653b7f3471b",
+    "light": "d5f0348737b769e61ad4aeb88398c795f088b1e9415a435018e74c61fbbd0d7c",
+    "extreme-sparse": "a85019abf2cb0bdb66b4dcbae3d2d9077e93507217bbec4efc541bf233ebd458",
+    "random-7-3": "fb7b26d23e7dcccb48bfe0f9b798d93654b2521be381fa0ae3bf462d286f316a",
+    "channels-weight": "fa530e3ebb86904427515cab96a3e75be0654d08dbbba2844531fc708ff9d7c5",
+    "channels-channel": "612264d958dec18cbf5ce9f53bcf83767266b61c740bf6b388b52f717cbf9095",
+    "channels-layer": "1016f0126007332acb24207687e168ecfe852e52892af7942fa77f9035eeb4e7",
+}
+
+
+def frozen_digest(res) -> str:
+    data = res.data[res.header_bytes:] + json.dumps(res.header["tensors"], separators=(",", ":")).encode()
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize("name", list(FROZEN_SHA256))
+def test_packed_bytes_are_unchanged(lenet_session, name):
+    if name.startswith("channels-"):
+        # a third of every layer's output channels removed: the "channels" keep encoding everywhere
+        layout = lenet_session.layout
+        keep = torch.ones(layout.total, dtype=torch.bool)
+        for i in range(len(layout.names)):
+            per = layout.sizes[i] // layout.channels[i]
+            keep[layout.offsets[i]:layout.offsets[i] + per * (layout.channels[i] // 3)] = False
+        plan = CompressionPlan(criterion="magnitude", granularity=name.removeprefix("channels-"), quantizer="absmax",
+                               **P842)
+        cw = recompress(lenet_session, plan, keep)
+    else:
+        cw = compressed(lenet_session, FROZEN_PLANS[name])
+    res = pack(cw, state_of(lenet_session), lenet_session.info)
+    assert res.payload_bytes == cw.size.estimated_bytes
+    assert frozen_digest(res) == FROZEN_SHA256[name]
+
+
+def test_frozen_plans_use_every_keep_encoding(lenet_session):
+    seen = set()
+    for name in FROZEN_PLANS:
+        seen |= {t.keep_encoding for t in compressed(lenet_session, FROZEN_PLANS[name]).size.tensors
+                 if t.kind == "compressed"}
+    assert seen | {"channels"} == set(KEEP_ENCODINGS)  # "channels": the hand-made masks of the channels-* cases
+
+
+def test_a_registered_keep_codec_is_used_by_the_size_the_writer_and_the_reader(lenet_session):
+    """A new keep encoding is one registered class: the size accounting picks it where it is cheapest, the writer
+    writes it, the reader reads it; unregistered, its files are refused with a clear message."""
+
+    class PrefixKeep(KeepCodec):
+        """Masks that keep exactly the first ``kept`` weights: nothing stored (``kept`` is in the header)."""
+
+        name = "test-prefix"
+
+        def applies(self, s):
+            return s.mask is not None and s.kept < s.n and bool(s.mask[:s.kept].all()) and not s.mask[s.kept:].any()
+
+        def cost(self, s):
+            return 0
+
+        def encode(self, mask, channels, param):
+            return b"", {}
+
+        def decode(self, data, entry, n, channels, kept, name):
+            expect_length(data, 0, "keep", name)
+            return np.arange(n) < kept
+
+    layout = lenet_session.layout
+    i = 2
+    keep = torch.ones(layout.total, dtype=torch.bool)
+    keep[layout.offsets[i] + 1001:layout.offsets[i + 1]] = False  # not on a channel boundary
+    register_keep_codec(PrefixKeep)
+    try:
+        assert "test-prefix" in KEEP_ENCODINGS
+        cw = recompress(lenet_session, CompressionPlan.uniform(3), keep)
+        row = next(t for t in cw.size.tensors if t.name == layout.names[i])
+        assert (row.keep_encoding, row.keep_bytes, row.kept) == ("test-prefix", 0, 1001)
+        res, pm = check_round_trip(lenet_session, cw)
+        assert next(e for e in res.header["tensors"] if e["name"] == layout.names[i])["keep"] == "test-prefix"
+    finally:
+        KEEP_CODECS.unregister("test-prefix")
+    assert "test-prefix" not in KEEP_ENCODINGS
+    with pytest.raises(FormatError, match="unknown keep encoding 'test-prefix'"):
+        unpack(res.data)
 
 
 # ----------------------------------------------------------------------------------------------------------------

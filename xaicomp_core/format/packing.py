@@ -14,6 +14,10 @@ float32. Bit streams are LSB-first: bit ``k`` of the stream is bit ``k % 8`` of 
 integer occupies stream bits ``o .. o + w - 1`` with its least significant bit first. ``docs/FORMAT.md`` is the full
 specification.
 
+This module holds the file layout, the header and the payload; each section is written and read by its codec in
+:mod:`xaicomp_core.format.codecs` (the same objects the size accounting asks for the section's cost), the bit streams
+and the Rice code are in :mod:`xaicomp_core.format.bitstream` (re-exported here).
+
 The reader rebuilds the dequantized weights exactly as :func:`xaicomp_core.compress.quantize.dequantize_codes` computes
 them, so the reloaded weights equal the session's compressed weights bit for bit (a quantized zero may come back as
 +0.0 where the quantizer produced -0.0) and the reloaded model's logits are identical.
@@ -37,10 +41,29 @@ import torch
 from torch import nn
 
 from xaicomp_core.compress.layout import LayerLayout
-from xaicomp_core.compress.quantize import dequantize_codes
 from xaicomp_core.errors import FormatError, PlanError, XaicompError
-from xaicomp_core.format.size import SizeBreakdown, class_bits, compute_size, index_bits, is_float_entry
+from xaicomp_core.format.bitstream import (  # noqa: F401  (public: the bit streams and the Rice code)
+    pack_bits,
+    pack_mask,
+    rice_decode,
+    rice_encode,
+    unpack_bits,
+    unpack_mask,
+)
+from xaicomp_core.format.codecs import (
+    CLASS_LAYOUTS,
+    KEEP_CODECS,
+    SCALES,
+    VALUES,
+    class_layout,
+    keep_codec,
+    scale_groups,
+)
+from xaicomp_core.format.codecs import nonnegative as _nonneg
+from xaicomp_core.format.codecs import require as _req
+from xaicomp_core.format.size import SizeBreakdown, compute_size, is_float_entry
 from xaicomp_core.plan import FP32, CompressionPlan
+from xaicomp_core.registry import RegistryView
 
 if TYPE_CHECKING:
     from xaicomp_core.evaluate.session import CompressedWeights
@@ -52,140 +75,12 @@ FORMAT_NAME = "xaicomp-packed"
 PREAMBLE = struct.Struct("<8sIII")
 PREAMBLE_BYTES = PREAMBLE.size  # 20
 CODECS = ("none", "zlib", "lzma")
-KEEP_ENCODINGS = ("dense", "bitmask", "indices", "pruned-indices", "channels", "rice", "rice-pruned")
+#: the keep encodings by name, live ("dense", "bitmask", ..., "rice-pruned", then any a plugin registers)
+KEEP_ENCODINGS = RegistryView(KEEP_CODECS, lambda codec: codec)
 MAX_HEADER_BYTES = 64 * 2**20
 MAX_ELEMENTS = 2**31
 SECTION_KEYS = ("keep_bytes", "class_bytes", "scale_bytes", "value_bytes")
 SUFFIX = ".xcz"
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# bit streams
-# ----------------------------------------------------------------------------------------------------------------
-def _widths(widths: np.ndarray | int, n: int) -> np.ndarray:
-    if np.isscalar(widths):
-        return np.full(n, int(widths), dtype=np.int64)
-    w = np.asarray(widths, dtype=np.int64)
-    if w.shape != (n,):
-        raise ValueError(f"{n} values but {w.shape} widths")
-    return w
-
-
-def pack_bits(values: np.ndarray, widths: np.ndarray | int) -> bytes:
-    """Pack unsigned integers into an LSB-first bit stream, padded to whole bytes.
-
-    Parameters
-    ----------
-    values : numpy.ndarray
-        Non-negative integers, ``values[i] < 2 ** widths[i]``.
-    widths : int or numpy.ndarray
-        Bit width of every value (1-32), or one width for all.
-
-    Returns
-    -------
-    bytes
-        ``ceil(sum(widths) / 8)`` bytes; value ``i`` starts at stream bit ``sum(widths[:i])``.
-    """
-    v = np.asarray(values).astype(np.uint64).reshape(-1)
-    n = len(v)
-    w = _widths(widths, n)
-    if n == 0:
-        return b""
-    if int(w.min()) < 1 or int(w.max()) > 32:
-        raise ValueError("bit widths must lie in 1..32")
-    if bool((v >> w.astype(np.uint64)).any()):
-        raise ValueError("a value does not fit its bit width")
-    ends = np.cumsum(w)
-    total = int(ends[-1])
-    starts = ends - w
-    nbytes = (total + 7) // 8
-    first = starts >> 3
-    shifted = v << (starts & 7).astype(np.uint64)  # at most 39 significant bits
-    span = (int(w.max()) + 7 + 7) // 8
-    out = np.zeros(nbytes + span, dtype=np.float64)
-    for j in range(span):
-        part = (shifted >> np.uint64(8 * j)) & np.uint64(0xFF)
-        nz = part != 0
-        if nz.any():
-            # contributions to one byte occupy disjoint bits, so their sum is their OR (exact in float64)
-            out += np.bincount(first[nz] + j, weights=part[nz].astype(np.float64), minlength=len(out))
-    return out[:nbytes].astype(np.uint8).tobytes()
-
-
-def unpack_bits(data: bytes | np.ndarray, widths: np.ndarray | int, count: int) -> np.ndarray:
-    """Inverse of :func:`pack_bits`: ``count`` unsigned integers (uint64) from an LSB-first bit stream."""
-    w = _widths(widths, count)
-    if count == 0:
-        return np.zeros(0, dtype=np.uint64)
-    buf = np.frombuffer(bytes(data), dtype=np.uint8) if not isinstance(data, np.ndarray) else data
-    ends = np.cumsum(w)
-    starts = ends - w
-    need = (int(ends[-1]) + 7) // 8
-    if len(buf) < need:
-        raise FormatError(f"bit stream holds {len(buf)} bytes, {need} needed")
-    span = (int(w.max()) + 7 + 7) // 8
-    padded = np.concatenate([buf[:need], np.zeros(span, dtype=np.uint8)])
-    first = starts >> 3
-    acc = np.zeros(count, dtype=np.uint64)
-    for j in range(span):
-        acc |= padded[first + j].astype(np.uint64) << np.uint64(8 * j)
-    acc >>= (starts & 7).astype(np.uint64)
-    acc &= (np.uint64(1) << w.astype(np.uint64)) - np.uint64(1)
-    return acc
-
-
-def _bitmask(mask: np.ndarray) -> bytes:
-    return np.packbits(mask.astype(np.uint8), bitorder="little").tobytes()
-
-
-def _unbitmask(data: bytes, n: int) -> np.ndarray:
-    return np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=n, bitorder="little").astype(bool)
-
-
-def rice_encode(positions: np.ndarray, k: int) -> bytes:
-    """Rice code of strictly ascending ``positions``: the unary quotients of the gaps, then their ``k`` low bits.
-
-    Gap ``g_i = p_i - p_{i-1} - 1`` (``p_{-1} = -1``). Stream 1: for each gap, ``g >> k`` one-bits and a zero-bit,
-    LSB-first, padded to a byte. Stream 2: ``g & (2^k - 1)`` as ``k``-bit integers (:func:`pack_bits`).
-    """
-    p = np.asarray(positions, dtype=np.int64)
-    m = len(p)
-    if m == 0:
-        return b""
-    g = np.diff(p, prepend=-1) - 1
-    q = g >> k
-    starts = np.concatenate([[0], np.cumsum(q + 1)[:-1]])
-    total = int(q.sum()) + m
-    edges = np.zeros(total + 1, dtype=np.int32)
-    edges[starts] += 1
-    edges[starts + q] -= 1
-    ones = np.cumsum(edges[:total]) > 0
-    unary = np.packbits(ones, bitorder="little").tobytes()
-    rem = pack_bits(g & ((1 << k) - 1), k) if k else b""
-    return unary + rem
-
-
-def rice_decode(data: bytes, m: int, k: int, n: int, name: str = "tensor") -> np.ndarray:
-    """Inverse of :func:`rice_encode` for ``m`` positions below ``n``; raises :class:`FormatError` if malformed."""
-    if m == 0:
-        if data:
-            raise FormatError(f"{name}: a Rice section for no positions must be empty")
-        return np.zeros(0, dtype=np.int64)
-    rem_bytes = (m * k + 7) // 8
-    if len(data) < rem_bytes:
-        raise FormatError(f"{name}: Rice section too short")
-    unary = np.unpackbits(np.frombuffer(data[:len(data) - rem_bytes], dtype=np.uint8), bitorder="little")
-    zeros = np.flatnonzero(unary == 0)
-    if len(zeros) < m or (int(zeros[m - 1]) + 1 + 7) // 8 != len(data) - rem_bytes:
-        raise FormatError(f"{name}: malformed Rice-coded positions")
-    ends = zeros[:m]
-    q = np.diff(ends, prepend=-1) - 1
-    r = unpack_bits(data[len(data) - rem_bytes:], k, m).astype(np.int64) if k else np.zeros(m, dtype=np.int64)
-    g = (q << k) | r
-    pos = np.cumsum(g + 1) - 1
-    if int(pos[-1]) >= n:
-        raise FormatError(f"{name}: Rice-coded position out of range")
-    return pos
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -389,7 +284,9 @@ def _f32_bytes(t: torch.Tensor) -> bytes:
 def _compressed_sections(i: int, layout: LayerLayout, keep: np.ndarray, klass: np.ndarray, codes: np.ndarray,
                          values: np.ndarray, scales: np.ndarray, group_count: np.ndarray, levels: list[int],
                          granularity: str, encoding: str, keep_param: int = 0) -> tuple[list[bytes], dict[str, Any]]:
-    """The four sections of compressed layer ``i`` and its header fields."""
+    """The four sections of compressed layer ``i`` and its header fields, each written by its codec
+    (:mod:`xaicomp_core.format.codecs`)."""
+    name = layout.names[i]
     sl = layout.layer_slice(i)
     n, c = layout.sizes[i], layout.channels[i]
     per = n // c
@@ -397,60 +294,25 @@ def _compressed_sections(i: int, layout: LayerLayout, keep: np.ndarray, klass: n
     idx = np.flatnonzero(k)
     kept = len(idx)
     n_lv = len(levels)
-    cb = class_bits(n_lv)
-    extra: dict[str, Any] = {}
-
-    if encoding == "dense":
-        keep_sec = b""
-    elif encoding == "bitmask":
-        keep_sec = _bitmask(k)
-    elif encoding == "indices":
-        keep_sec = pack_bits(idx, index_bits(n))
-    elif encoding == "pruned-indices":
-        keep_sec = pack_bits(np.flatnonzero(~k), index_bits(n))
-    elif encoding == "channels":
-        m = k.reshape(c, per)
-        if not bool((m.all(1) | ~m.any(1)).all()):
-            raise RuntimeError(f"{layout.names[i]}: channel keep-encoding for a mask that is not channel-structured")
-        keep_sec = _bitmask(m.any(1))
-    elif encoding in ("rice", "rice-pruned"):
-        keep_sec = rice_encode(idx if encoding == "rice" else np.flatnonzero(~k), keep_param)
-        extra["rice_k"] = int(keep_param)
-    else:
+    if encoding not in KEEP_CODECS:
         raise RuntimeError(f"unknown keep encoding {encoding!r}")
+    try:
+        keep_sec, extra = keep_codec(encoding).encode(k, c, keep_param)
+    except RuntimeError as e:
+        raise RuntimeError(f"{name}: {e}") from None
 
     kc = klass[sl][idx].astype(np.int64)
     if kept and (int(kc.min()) < 0 or int(kc.max()) >= n_lv):
-        raise RuntimeError(f"{layout.names[i]}: kept weight without a bit class")
-    ch = idx // per
-    if granularity == "weight":
-        class_sec = pack_bits(kc, cb) if cb else b""
-    elif granularity == "channel":
-        ch_class = np.full(c, n_lv - 1, dtype=np.int64)
-        ch_class[ch] = kc
-        if not np.array_equal(ch_class[ch], kc):
-            raise RuntimeError(f"{layout.names[i]}: per-channel granularity with mixed classes in a channel")
-        class_sec = pack_bits(ch_class, cb) if cb else b""
-    else:
-        present = np.unique(kc)
-        if len(present) > 1:
-            raise RuntimeError(f"{layout.names[i]}: per-layer granularity with mixed classes in the layer")
-        extra["layer_class"] = int(present[0]) if len(present) else n_lv - 1
-        class_sec = b""
+        raise RuntimeError(f"{name}: kept weight without a bit class")
+    class_sec, more = class_layout(granularity).encode(kc, idx // per, c, n_lv, name)
 
     rows = slice(layout.channel_offsets[i], layout.channel_offsets[i + 1])
-    quant_cols = np.array([b != FP32 for b in levels])
-    used = (group_count[rows] > 0) & quant_cols
-    scale_sec = scales[rows][used].astype("<f4").tobytes()
-
+    scale_sec = SCALES.encode(scales[rows], scale_groups(group_count[rows], levels))
     bits = np.asarray(levels, dtype=np.int64)[kc]
-    vals = codes[sl][idx].astype(np.uint64)
-    fp = bits == FP32
-    if fp.any():
-        vals[fp] = values[sl][idx[fp]].astype("<f4").view("<u4").astype(np.uint64)
-    value_sec = pack_bits(vals, bits) if kept else b""
-    extra["kept"] = kept
-    return [keep_sec, class_sec, scale_sec, value_sec], extra
+    value_sec = VALUES.encode(codes[sl][idx], values[sl][idx], bits)
+    # header field order as in format version 1: kept, then layer_class, then rice_k
+    fields: dict[str, Any] = {"kept": kept, **more, **extra}
+    return [keep_sec, class_sec, scale_sec, value_sec], fields
 
 
 def pack(compressed: CompressedWeights, state: dict[str, torch.Tensor], info: ModelInfo, *, codec: str = "none",
@@ -529,18 +391,15 @@ def pack(compressed: CompressedWeights, state: dict[str, torch.Tensor], info: Mo
             got = [len(s) for s in secs]
             if got != expected:
                 raise RuntimeError(f"{name}: sections of {got} bytes written, {expected} estimated")
-            entry.update({"keep": row.keep_encoding, "kept": more["kept"], **dict(zip(SECTION_KEYS, got))})
-            if "layer_class" in more:
-                entry["layer_class"] = more["layer_class"]
-            if "rice_k" in more:
-                entry["rice_k"] = more["rice_k"]
+            entry.update({"keep": row.keep_encoding, "kept": more.pop("kept"), **dict(zip(SECTION_KEYS, got)),
+                          **more})
             chunks.extend(secs)
         entries.append(entry)
     payload = b"".join(chunks)
     if len(payload) != cw.size.estimated_bytes:
         raise RuntimeError(f"payload of {len(payload)} bytes, {cw.size.estimated_bytes} estimated")
     stored = encode_payload(payload, codec)
-    from xaicomp_core import __version__
+    from xaicomp_core.version import __version__
 
     header: dict[str, Any] = {
         "format": FORMAT_NAME,
@@ -582,21 +441,6 @@ def write_packed(path: str | pathlib.Path, compressed: CompressedWeights, state:
 # ----------------------------------------------------------------------------------------------------------------
 # reader
 # ----------------------------------------------------------------------------------------------------------------
-def _req(d: Any, key: str, typ: type | tuple[type, ...], where: str) -> Any:
-    if not isinstance(d, dict) or key not in d:
-        raise FormatError(f"the header lacks {where}{key!r}")
-    v = d[key]
-    if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
-        raise FormatError(f"the header field {where}{key!r} has the wrong type")
-    return v
-
-
-def _nonneg(v: int, what: str) -> int:
-    if v < 0:
-        raise FormatError(f"negative {what} in the header")
-    return v
-
-
 def read_header(data: bytes) -> tuple[dict[str, Any], int]:
     """Check the preamble and header CRC of a packed file; return the header and the header size in bytes.
 
@@ -640,7 +484,10 @@ def read_header(data: bytes) -> tuple[dict[str, Any], int]:
 
 def _decode_compressed(e: dict[str, Any], buf: bytes, n: int, c: int, levels: list[int], granularity: str,
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """keep, klass, codes and values of one compressed tensor (flat), and its kept weights per (channel, class)."""
+    """keep, klass, codes and values of one compressed tensor (flat), and its kept weights per (channel, class).
+
+    Each section is read and validated by its codec (:mod:`xaicomp_core.format.codecs`).
+    """
     name = e["name"]
     n_lv = len(levels)
     per = n // c
@@ -652,93 +499,22 @@ def _decode_compressed(e: dict[str, Any], buf: bytes, n: int, c: int, levels: li
     cuts = np.cumsum([0, *sizes])
     keep_sec, class_sec, scale_sec, value_sec = (buf[cuts[j]:cuts[j + 1]] for j in range(4))
 
-    def expect(sec: bytes, nbits: int, what: str) -> None:
-        if len(sec) != (nbits + 7) // 8:
-            raise FormatError(f"{name}: the {what} section has {len(sec)} bytes, {(nbits + 7) // 8} expected")
-
-    if enc == "dense":
-        if kept != n:
-            raise FormatError(f"{name}: dense keep-encoding with {kept} of {n} kept")
-        expect(keep_sec, 0, "keep")
-        keep = np.ones(n, dtype=bool)
-    elif enc == "bitmask":
-        expect(keep_sec, n, "keep")
-        keep = _unbitmask(keep_sec, n)
-    elif enc in ("indices", "pruned-indices"):
-        m = kept if enc == "indices" else n - kept
-        ib = index_bits(n)
-        expect(keep_sec, m * ib, "keep")
-        pos = unpack_bits(keep_sec, ib, m).astype(np.int64)
-        if m and (int(pos.max()) >= n or bool((np.diff(pos) <= 0).any())):
-            raise FormatError(f"{name}: weight indices out of range or not strictly ascending")
-        keep = np.zeros(n, dtype=bool) if enc == "indices" else np.ones(n, dtype=bool)
-        keep[pos] = enc == "indices"
-    elif enc == "channels":
-        expect(keep_sec, c, "keep")
-        keep = np.repeat(_unbitmask(keep_sec, c), per)
-    elif enc in ("rice", "rice-pruned"):
-        rk = _nonneg(_req(e, "rice_k", int, f"{name}: "), "Rice parameter")
-        if rk > 40:
-            raise FormatError(f"{name}: Rice parameter {rk} out of range")
-        m = kept if enc == "rice" else n - kept
-        pos = rice_decode(keep_sec, m, rk, n, name)
-        keep = np.zeros(n, dtype=bool) if enc == "rice" else np.ones(n, dtype=bool)
-        keep[pos] = enc == "rice"
-    else:
+    if enc not in KEEP_CODECS:
         raise FormatError(f"{name}: unknown keep encoding {enc!r}")
+    keep = keep_codec(enc).decode(keep_sec, e, n, c, kept, name)
     idx = np.flatnonzero(keep)
     if len(idx) != kept:
         raise FormatError(f"{name}: the keep section marks {len(idx)} weights, the header says {kept}")
 
-    cb = class_bits(n_lv)
     ch = idx // per
-    if granularity == "weight":
-        expect(class_sec, kept * cb, "classes")
-        kc = unpack_bits(class_sec, cb, kept).astype(np.int64) if cb else np.zeros(kept, dtype=np.int64)
-    elif granularity == "channel":
-        expect(class_sec, c * cb, "classes")
-        ch_class = unpack_bits(class_sec, cb, c).astype(np.int64) if cb else np.zeros(c, dtype=np.int64)
-        if c and int(ch_class.max()) >= n_lv:
-            raise FormatError(f"{name}: a channel class id is out of range")
-        kc = ch_class[ch]
-    else:
-        expect(class_sec, 0, "classes")
-        lc = _req(e, "layer_class", int, f"{name}: ")
-        if not 0 <= lc < n_lv:
-            raise FormatError(f"{name}: layer class {lc} out of range")
-        kc = np.full(kept, lc, dtype=np.int64)
+    kc = class_layout(granularity).decode(class_sec, e, kept, c, ch, n_lv, name)
     if kept and int(kc.max()) >= n_lv:
         raise FormatError(f"{name}: a class id is out of range")
 
     counts = np.bincount(ch * n_lv + kc, minlength=c * n_lv).reshape(c, n_lv)
-    quant_cols = np.array([b != FP32 for b in levels])
-    used = (counts > 0) & quant_cols
-    n_scales = int(used.sum())
-    if len(scale_sec) != 4 * n_scales:
-        raise FormatError(f"{name}: {len(scale_sec)} scale bytes for {n_scales} scale groups")
-    scale_grid = np.zeros((c, n_lv), dtype=np.float32)
-    scale_grid[used] = np.frombuffer(scale_sec, dtype="<f4")
-
+    scale_grid = SCALES.decode(scale_sec, scale_groups(counts, levels), name)
     bits = np.asarray(levels, dtype=np.int64)[kc]
-    expect(value_sec, int(bits.sum()), "values")
-    u = unpack_bits(value_sec, bits, kept) if kept else np.zeros(0, dtype=np.uint64)
-    vals = np.zeros(kept, dtype=np.float32)
-    codes = np.zeros(kept, dtype=np.int32)
-    s = scale_grid[ch, kc]
-    fp = bits == FP32
-    one = bits == 1
-    multi = ~fp & ~one
-    if fp.any():
-        vals[fp] = u[fp].astype("<u4").view("<f4")
-    if multi.any():
-        qmax = (2 ** (bits[multi] - 1) - 1).astype(np.int64)
-        if bool((u[multi].astype(np.int64) > 2 * qmax).any()):
-            raise FormatError(f"{name}: a quantized code is out of range")
-    q = ~fp
-    if q.any():
-        codes[q] = u[q].astype(np.int32)
-        vals[q] = dequantize_codes(torch.from_numpy(codes[q]), torch.from_numpy(bits[q]),
-                                   torch.from_numpy(s[q])).numpy()
+    vals, codes = VALUES.decode(value_sec, bits, scale_grid[ch, kc], name)
     full_vals = np.zeros(n, dtype=np.float32)
     full_vals[idx] = vals
     full_codes = np.zeros(n, dtype=np.int32)
@@ -789,7 +565,7 @@ def _unpack(data: bytes, header: dict[str, Any], start: int, t0: float) -> Packe
     if not levels or not all(isinstance(b, int) and (1 <= b <= 8 or b == FP32) for b in levels):
         raise FormatError(f"invalid bit levels {levels!r} in the header")
     granularity = _req(header, "granularity", str, "")
-    if granularity not in ("weight", "channel", "layer"):
+    if granularity not in CLASS_LAYOUTS:
         raise FormatError(f"unknown granularity {granularity!r} in the header")
     tensors = _req(header, "tensors", list, "")
 

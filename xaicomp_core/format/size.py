@@ -15,61 +15,28 @@ section, each padded to whole bytes:
 * **raw** — every other tensor (biases, normalisation parameters and statistics, protected layers) as float32.
 
 The reference is fp32 dense: 4 bytes per floating-point element of the state dict. The estimate equals the packed
-payload byte for byte; the file adds only its JSON header.
+payload byte for byte; the file adds only its JSON header: each section's bytes here are the ``cost`` of the codec
+in :mod:`xaicomp_core.format.codecs` that the writer then uses to write it.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import torch
 
 from xaicomp_core.compress.layout import LayerLayout
+from xaicomp_core.format.bitstream import class_bits, index_bits, rice_cost  # noqa: F401  (public)
+from xaicomp_core.format.codecs import (
+    SCALES,
+    VALUES,
+    KeepStats,
+    choose_keep,
+    class_layout,
+    rice_codes_kept,  # noqa: F401  (public)
+    rice_target,
+)
 from xaicomp_core.plan import FP32
-
-
-def _bytes(bits: int) -> int:
-    return (int(bits) + 7) // 8
-
-
-def index_bits(n: int) -> int:
-    """Bits per index into a tensor of ``n`` elements."""
-    return max(1, math.ceil(math.log2(max(n, 2))))
-
-
-def class_bits(n_levels: int) -> int:
-    """Bits per class id for ``n_levels`` levels (0 for a single level)."""
-    return 0 if n_levels <= 1 else math.ceil(math.log2(n_levels))
-
-
-def rice_cost(positions: torch.Tensor) -> tuple[int, int]:
-    """Cheapest Rice parameter for coding sorted ``positions``: (k, bytes).
-
-    Each position is coded as its gap ``g`` to the previous one (``g = p - previous - 1``, previous = -1 at first):
-    the quotient ``g >> k`` in unary (that many 1 bits, then a 0) in one stream, the ``k`` low bits of ``g`` in a
-    second, fixed-width stream. Bytes = ceil(unary bits / 8) + ceil(m k / 8).
-    """
-    m = len(positions)
-    if m == 0:
-        return 0, 0
-    p = positions.long()
-    gaps = torch.diff(p, prepend=p.new_tensor([-1])) - 1
-    mean = float(gaps.double().mean())
-    k0 = max(0, int(math.log2(mean + 1))) if mean > 0 else 0
-    best: tuple[int, int] | None = None
-    for k in range(max(0, k0 - 2), k0 + 3):
-        unary = int((gaps >> k).sum()) + m
-        cost = _bytes(unary) + _bytes(m * k)
-        if best is None or cost < best[1]:
-            best = (k, cost)
-    assert best is not None
-    return best
-
-
-def rice_codes_kept(n: int, kept: int) -> bool:
-    """Whether the Rice options code the kept positions (``rice``: at most half kept) or the pruned ones."""
-    return 2 * kept <= n
 
 
 def keep_encoding(n: int, kept: int, channels: int, structured: bool,
@@ -77,23 +44,16 @@ def keep_encoding(n: int, kept: int, channels: int, structured: bool,
     """Cheapest encoding of which of ``n`` weights are kept: (name, bytes).
 
     ``rice`` is :func:`rice_cost` of the sparser of the kept and the pruned positions (``rice`` codes the kept
-    positions when at most half are kept, ``rice-pruned`` the pruned ones otherwise).
+    positions when at most half are kept, ``rice-pruned`` the pruned ones otherwise); without it the Rice options
+    are not considered. The registered keep codecs (:data:`xaicomp_core.format.codecs.KEEP_CODECS`) decide.
     """
-    if kept == n:
-        return "dense", 0
-    options = [("bitmask", _bytes(n)), ("indices", _bytes(kept * index_bits(n))),
-               ("pruned-indices", _bytes((n - kept) * index_bits(n)))]
-    if structured:
-        options.append(("channels", _bytes(channels)))
-    if rice is not None:
-        options.append(("rice" if rice_codes_kept(n, kept) else "rice-pruned", rice[1]))
-    return min(options, key=lambda o: o[1])
+    name, cost, _ = choose_keep(KeepStats(n, kept, channels, structured, rice=rice))
+    return name, cost
 
 
 def rice_positions(mask: torch.Tensor) -> torch.Tensor:
     """The positions :func:`keep_encoding`'s Rice options code for a layer's keep-mask (the sparser set)."""
-    target = mask if rice_codes_kept(mask.numel(), int(mask.sum())) else ~mask
-    return torch.nonzero(target).squeeze(1)
+    return torch.from_numpy(rice_target(mask.detach().cpu().numpy()))
 
 
 @dataclass
@@ -193,7 +153,6 @@ def compute_size(layout: LayerLayout, keep: torch.Tensor, klass: torch.Tensor, g
     """
     index = {n: i for i, n in enumerate(layout.names)}
     lv = torch.tensor(levels, dtype=torch.long)
-    cb = class_bits(len(levels))
     gc = group_count.long()
     kept_ch = gc.sum(1)  # kept (non-protected) weights per output channel
     ch_size = torch.tensor([layout.sizes[i] // layout.channels[i] for i in range(len(layout.names))],
@@ -206,6 +165,8 @@ def compute_size(layout: LayerLayout, keep: torch.Tensor, klass: torch.Tensor, g
     ragged = torch.zeros(len(layout.names), dtype=torch.long).index_add_(
         0, layout.layer_of_channel, (~full_or_empty).long())
     structured_layer = ragged == 0
+    classes = class_layout(granularity)
+    keep_np = keep.detach().cpu().numpy().astype(bool, copy=False)
     rows = []
     for name, value in state.items():
         if not is_float_entry(value):
@@ -219,18 +180,11 @@ def compute_size(layout: LayerLayout, keep: torch.Tensor, klass: torch.Tensor, g
         counts = per_layer[i]
         kept = int(counts.sum())
         c = layout.channels[i]
-        structured = kept < numel and bool(structured_layer[i])
-        rice = rice_cost(rice_positions(keep[layout.layer_slice(i)])) if kept < numel else None
-        enc, kb = keep_encoding(numel, kept, c, structured, rice)
-        k_param = rice[0] if enc.startswith("rice") and rice is not None else 0
+        sl = layout.layer_slice(i)
+        stats = KeepStats(numel, kept, c, kept < numel and bool(structured_layer[i]), mask=keep_np[sl])
+        enc, kb, k_param = choose_keep(stats)
         value_bits = int((counts * lv).sum())
-        if granularity == "weight":
-            class_b = _bytes(kept * cb)
-        elif granularity == "channel":
-            class_b = _bytes(c * cb)
-        else:
-            class_b = 0
-        n_scales = int(scales_per_layer[i])
-        rows.append(TensorSize(name, "compressed", shape, numel, kept, 4 * numel, enc, k_param, kb, class_b,
-                               4 * n_scales, _bytes(value_bits), 0, value_bits / kept if kept else 0.0))
+        rows.append(TensorSize(name, "compressed", shape, numel, kept, 4 * numel, enc, k_param, kb,
+                               classes.cost(kept, c, len(levels)), SCALES.cost(int(scales_per_layer[i])),
+                               VALUES.cost(value_bits), 0, value_bits / kept if kept else 0.0))
     return SizeBreakdown(rows)
