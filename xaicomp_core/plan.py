@@ -12,10 +12,79 @@ from xaicomp_core.compress.quantize import QUANTIZER_REGISTRY, QUANTIZERS  # noq
 from xaicomp_core.errors import PlanError
 from xaicomp_core.relevance.composites import COMPOSITE_REGISTRY
 
-PLAN_VERSION = 1
+#: Version 2 added the per-layer fields ``layer_prune`` and ``layer_bits``; a plan without them is written as
+#: version 1 (readable by every xaicomp), and version 1 plans keep loading.
+PLAN_VERSION = 2
+#: Longest plan JSON read (a plan is a few hundred characters).
+MAX_PLAN_CHARS = 1_000_000
 SCOPES = ("global", "per-layer")
 GRANULARITIES = ("weight", "channel", "layer")
 PROTECT = ("none", "first-last")
+
+
+def _per_layer_problem(name: str, value: Any, kind: str) -> str | None:
+    """Why a per-layer mapping (layer name -> prune ratio or bit width) is invalid (None if it is fine)."""
+    import numbers
+
+    if not isinstance(value, dict):
+        return f"{name} must map layer names to values (a JSON object), got {type(value).__name__}"
+    for layer, v in value.items():
+        if not isinstance(layer, str) or not layer or any(c in layer for c in "=, "):
+            return f"{name}: invalid layer name {layer!r}"
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            return f"{name}[{layer!r}] must be a number, got {v!r}"
+        if kind == "ratio" and not (0.0 <= float(v) < 1.0):
+            return f"{name}[{layer!r}]: prune ratio must be in [0, 1), got {v}"
+        if kind == "bits" and (not isinstance(v, numbers.Integral) or not (MIN_BITS <= v <= MAX_BITS or v == FP32)):
+            return f"{name}[{layer!r}]: bit width must be an integer 1-8 or 32 (fp32), got {v}"
+    return None
+
+
+_STR_FIELDS = ("criterion", "scope", "protect", "bit_ranking", "granularity", "quantizer", "composite")
+_INT_FIELDS = ("seed", "finetune_epochs", "version")
+_REAL_FIELDS = ("prune_ratio", "finetune_lr")
+
+
+def _integral(x: Any) -> bool:
+    """An integer of any integer type (Python, numpy), not a bool."""
+    import numbers
+
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _real(x: Any) -> bool:
+    """A real number that is not a bool or a string."""
+    import numbers
+
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _short_repr(x: Any, limit: int = 40) -> str:
+    r = repr(x)
+    return r if len(r) <= limit else r[:limit] + "…"
+
+
+def _check_field_types(d: dict[str, Any]) -> None:
+    """Strict JSON types: strings are strings, integers are integers (not true/false, not 8.0), lists are lists."""
+    for name in _STR_FIELDS:
+        if name in d and not isinstance(d[name], str):
+            raise PlanError(f"plan field {name!r} must be a string, got {_short_repr(d[name])}")
+    for name in _INT_FIELDS:
+        if name in d and (not isinstance(d[name], int) or isinstance(d[name], bool)):
+            raise PlanError(f"plan field {name!r} must be an integer, got {_short_repr(d[name])}")
+    for name in _REAL_FIELDS:
+        if name in d and not _real(d[name]):
+            raise PlanError(f"plan field {name!r} must be a number, got {_short_repr(d[name])}")
+    if "bit_levels" in d:
+        v = d["bit_levels"]
+        if not isinstance(v, list) or not all(isinstance(b, int) and not isinstance(b, bool) for b in v):
+            raise PlanError(f"plan field 'bit_levels' must be a list of integers (e.g. [8, 4, 2]), got "
+                            f"{_short_repr(v)}")
+    if "bit_split" in d:
+        v = d["bit_split"]
+        if not isinstance(v, list) or not all(_real(f) for f in v):
+            raise PlanError(f"plan field 'bit_split' must be a list of numbers (e.g. [0.2, 0.5]), got "
+                            f"{_short_repr(v)}")
 
 
 @dataclass
@@ -52,6 +121,14 @@ class CompressionPlan:
         is in the loop (straight-through estimator), so the size is unchanged.
     finetune_lr : float
         Learning rate of the fine-tuning (SGD, momentum 0.9, cosine decay).
+    layer_prune : dict of str to float
+        Per-layer prune ratios by layer (module) name, e.g. ``{"features.0": 0.3, "classifier.1": 0.95}``: each named
+        layer loses exactly that fraction, the criterion choosing which weights inside it; the other layers share
+        ``prune_ratio`` as ``scope`` says. Needs a criterion with a prune ratio (not a rule, not structured).
+    layer_bits : dict of str to int
+        Per-layer bit width by layer name: every kept weight of a named layer gets it (each must be one of
+        ``bit_levels``); the other layers are allocated by ``bit_split`` as usual. Plans with per-layer fields are
+        written as version 2.
     """
 
     criterion: str = "lrp"
@@ -67,13 +144,34 @@ class CompressionPlan:
     seed: int = 0
     finetune_epochs: int = 0
     finetune_lr: float = 0.01
+    layer_prune: dict[str, float] = field(default_factory=dict)
+    layer_bits: dict[str, int] = field(default_factory=dict)
     version: int = PLAN_VERSION
 
     def __post_init__(self) -> None:
-        self.bit_levels = [int(b) for b in self.bit_levels]
-        self.bit_split = [float(f) for f in self.bit_split]
-        self.prune_ratio = float(self.prune_ratio)
-        self.finetune_lr = float(self.finetune_lr)
+        import numbers
+
+        for name, cast in (("layer_prune", float), ("layer_bits", int)):
+            value = getattr(self, name)
+            if isinstance(value, dict):  # numpy numbers become plain ones; anything else is left for validate()
+                ok = numbers.Integral if cast is int else numbers.Real
+                setattr(self, name, {k: cast(v) if isinstance(v, ok) and not isinstance(v, bool) else v
+                                     for k, v in value.items()})
+        # the version a plan is written with is the lowest that can hold it
+        if isinstance(self.version, int) and 1 <= self.version <= PLAN_VERSION:
+            self.version = self.needed_version()
+        # numbers of other numeric types (numpy, integral floats) become plain int/float; anything else stays as it
+        # is, so that validate() names it instead of a silent coercion ("842" -> [8, 4, 2], 8.9 -> 8)
+        if isinstance(self.bit_levels, (list, tuple)):
+            self.bit_levels = [int(b) if _integral(b) else b for b in self.bit_levels]
+        if isinstance(self.bit_split, (list, tuple)):
+            self.bit_split = [float(f) if _real(f) else f for f in self.bit_split]
+        for name in ("prune_ratio", "finetune_lr"):
+            if _real(getattr(self, name)):
+                setattr(self, name, float(getattr(self, name)))
+        for name in ("seed", "finetune_epochs", "version"):
+            if _integral(getattr(self, name)):
+                setattr(self, name, int(getattr(self, name)))
 
     # ------------------------------------------------------------------------------------------------------------
     @property
@@ -87,7 +185,9 @@ class CompressionPlan:
         return any(b != FP32 for b in self.bit_levels)
 
     def validate(self) -> CompressionPlan:
-        """Raise :class:`PlanError` with a readable message if anything is out of range; returns ``self``."""
+        """Raise :class:`PlanError` with a readable message if anything is mistyped or out of range; returns
+        ``self``."""
+        self._check_types()
         if self.version > PLAN_VERSION:
             raise PlanError(f"plan version {self.version} is newer than this xaicomp understands ({PLAN_VERSION}); "
                             "upgrade xaicomp")
@@ -115,19 +215,56 @@ class CompressionPlan:
                             f"got {len(self.bit_split)}")
         if any(not (0.0 <= f <= 1.0) or f != f for f in self.bit_split):
             raise PlanError(f"bit split fractions must lie in [0, 1], got {self.bit_split}")
+        if not 0 <= self.seed < 2**32:
+            raise PlanError(f"seed must be an integer in 0..{2**32 - 1}, got {self.seed}")
         if not isinstance(self.finetune_epochs, int) or not (0 <= self.finetune_epochs <= 100):
             raise PlanError(f"fine-tuning epochs must be an integer in 0..100, got {self.finetune_epochs}")
         if not (0.0 < self.finetune_lr <= 1.0):
             raise PlanError(f"fine-tuning learning rate must be in (0, 1], got {self.finetune_lr}")
+        self._validate_layers()
         if sum(self.bit_split) > 1.0 + 1e-9:
             raise PlanError(f"bit split fractions add up to {sum(self.bit_split):.3f}, more than 1 "
                             "(thresholds out of order)")
         return self
 
+    def _check_types(self) -> None:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["bit_levels"] = list(d["bit_levels"]) if isinstance(d["bit_levels"], (list, tuple)) else d["bit_levels"]
+        d["bit_split"] = list(d["bit_split"]) if isinstance(d["bit_split"], (list, tuple)) else d["bit_split"]
+        _check_field_types(d)
+        if isinstance(self.bit_levels, tuple):
+            self.bit_levels = list(self.bit_levels)
+        if isinstance(self.bit_split, tuple):
+            self.bit_split = list(self.bit_split)
+
     # ------------------------------------------------------------------------------------------------------------
+    def needed_version(self) -> int:
+        """The lowest plan version that holds this plan: 2 with per-layer fields, else 1."""
+        return 2 if (self.layer_prune or self.layer_bits) else 1
+
+    def _validate_layers(self) -> None:
+        for name, kind in (("layer_prune", "ratio"), ("layer_bits", "bits")):
+            problem = _per_layer_problem(name, getattr(self, name), kind)
+            if problem:
+                raise PlanError(problem)
+        if self.layer_prune:
+            crit = CRITERION_REGISTRY.get(self.criterion)
+            if not crit.uses_ratio or crit.structured:
+                raise PlanError(f"per-layer prune ratios need a criterion with a prune ratio; {self.criterion!r} "
+                                f"{'decides by a rule' if not crit.uses_ratio else 'removes whole channels'}")
+        missing = sorted({b for b in self.layer_bits.values()} - set(self.bit_levels))
+        if missing:
+            raise PlanError(f"layer_bits uses bit width(s) {missing} that are not among bit_levels {self.bit_levels}")
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable dict (includes ``version``)."""
-        return asdict(self)
+        """JSON-serialisable dict (includes ``version``; the per-layer fields only when used, and then version 2)."""
+        d = asdict(self)
+        for name in ("layer_prune", "layer_bits"):
+            if not d[name]:
+                del d[name]
+        if self.version <= PLAN_VERSION:
+            d["version"] = self.needed_version()
+        return d
 
     def to_json(self, indent: int | None = 2) -> str:
         """JSON text."""
@@ -139,15 +276,16 @@ class CompressionPlan:
         if not isinstance(d, dict):
             raise PlanError("a plan must be a JSON object")
         version = d.get("version", PLAN_VERSION)
-        if not isinstance(version, int):
-            raise PlanError(f"invalid plan version {version!r}")
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise PlanError(f"invalid plan version {_short_repr(version)} (an integer is needed)")
         if version > PLAN_VERSION:
             raise PlanError(f"plan version {version} is newer than this xaicomp understands ({PLAN_VERSION}); "
                             "upgrade xaicomp")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise PlanError(f"unknown plan field(s): {', '.join(unknown)}")
+            raise PlanError(f"unknown plan field(s): {', '.join(map(str, unknown))}")
+        _check_field_types(d)
         try:
             plan = cls(**d)
         except (TypeError, ValueError) as e:
@@ -157,10 +295,16 @@ class CompressionPlan:
     @classmethod
     def from_json(cls, text: str) -> CompressionPlan:
         """Parse JSON text (see :meth:`from_dict`)."""
+        if not isinstance(text, str):
+            raise PlanError("a plan must be JSON text")
+        if len(text) > MAX_PLAN_CHARS:
+            raise PlanError(f"a plan of {len(text):,} characters is too long (at most {MAX_PLAN_CHARS:,})")
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:
             raise PlanError(f"plan is not valid JSON ({e.msg} at line {e.lineno})") from None
+        except RecursionError:
+            raise PlanError("plan JSON is nested too deeply") from None
         return cls.from_dict(d)
 
     def replace(self, **changes: Any) -> CompressionPlan:
@@ -185,6 +329,11 @@ class CompressionPlan:
         else:
             shares = [*self.bit_split, max(0.0, 1 - sum(self.bit_split))]
             bits = " / ".join(f"{s:.0%} {lv}" for s, lv in zip(shares, levels)) + f" per {self.granularity}"
+        if self.layer_prune:
+            prune += "; per layer " + ", ".join(f"{k} {v:.0%}" for k, v in self.layer_prune.items())
+        if self.layer_bits:
+            bits += "; per layer " + ", ".join(f"{k} {'fp32' if v == FP32 else f'{v}b'}"
+                                               for k, v in self.layer_bits.items())
         ft = f"; fine-tuned {self.finetune_epochs} epoch(s)" if self.finetune_epochs else ""
         return f"{prune}; {bits}{ft}"
 
@@ -210,6 +359,10 @@ class CompressionPlan:
             value = getattr(self, name)
             if value != getattr(defaults, name):
                 words += [flag, num(value) if isinstance(value, float) else str(value)]
+        if self.layer_prune:
+            words += ["--layer-prune", ",".join(f"{k}={num(v)}" for k, v in self.layer_prune.items())]
+        if self.layer_bits:
+            words += ["--layer-bits", ",".join(f"{k}={v}" for k, v in self.layer_bits.items())]
         return words
 
     def cli_args(self) -> str:

@@ -1,0 +1,58 @@
+"""Plan JSON is typed strictly: nothing is coerced silently, every mistake is one readable PlanError."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from xaicomp_core import CompressionPlan, PlanError
+
+BAD = [
+    ({"bit_levels": "842"}, "'bit_levels' must be a list of integers"),
+    ({"bit_levels": [8.9]}, "'bit_levels' must be a list of integers"),
+    ({"bit_levels": [8.0]}, "'bit_levels' must be a list of integers"),
+    ({"bit_levels": [True]}, "'bit_levels' must be a list of integers"),
+    ({"bit_split": "0.2"}, "'bit_split' must be a list of numbers"),
+    ({"bit_levels": [8, 4], "bit_split": [None]}, "'bit_split' must be a list of numbers"),
+    ({"version": True}, "invalid plan version True"),
+    ({"version": "1"}, "invalid plan version '1'"),
+    ({"seed": True}, "'seed' must be an integer"),
+    ({"seed": 1.5}, "'seed' must be an integer"),
+    ({"seed": -1}, "seed must be an integer in 0.."),
+    ({"seed": 2**70}, "seed must be an integer in 0.."),
+    ({"finetune_epochs": 1.0}, "'finetune_epochs' must be an integer"),
+    ({"criterion": ["lrp"]}, "'criterion' must be a string"),
+    ({"criterion": {"a": 1}}, "'criterion' must be a string"),
+    ({"composite": 3}, "'composite' must be a string"),
+    ({"prune_ratio": "0.5"}, "'prune_ratio' must be a number"),
+    ({"prune_ratio": False}, "'prune_ratio' must be a number"),
+    ({"prune_ratio": float("nan")}, "prune ratio must be in"),
+    ({"finetune_lr": [0.1]}, "'finetune_lr' must be a number"),
+]
+
+
+@pytest.mark.parametrize("fields,message", BAD, ids=[json.dumps(f) for f, _ in BAD])
+def test_mistyped_fields_are_refused_with_one_line(fields, message):
+    with pytest.raises(PlanError, match=message.replace("(", r"\(").replace("[", r"\[")) as e:
+        CompressionPlan.from_dict({"criterion": "lrp", **fields})
+    assert "\n" not in str(e.value) and len(str(e.value)) < 200
+
+
+def test_deep_or_odd_json_is_one_line():
+    with pytest.raises(PlanError, match="must be a JSON object"):
+        CompressionPlan.from_json("[1, 2]")
+    with pytest.raises(PlanError):
+        CompressionPlan.from_json("[" * 100_000 + "]" * 100_000)
+
+
+def test_python_plans_are_checked_too_and_numpy_numbers_are_fine():
+    with pytest.raises(PlanError, match="'criterion' must be a string"):
+        CompressionPlan(criterion=["lrp"]).validate()
+    with pytest.raises(PlanError, match="'bit_levels' must be a list of integers"):
+        CompressionPlan(bit_levels="842").validate()
+    p = CompressionPlan(prune_ratio=np.float32(0.5), bit_levels=[np.int64(8), 4], bit_split=[np.float64(0.5)],
+                        seed=np.int32(3)).validate()
+    assert p.to_dict()["bit_levels"] == [8, 4] and type(p.seed) is int and type(p.prune_ratio) is float
+    assert CompressionPlan.from_json(p.to_json()) == p
