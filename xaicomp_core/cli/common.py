@@ -65,23 +65,38 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def add_plan_args(p: argparse.ArgumentParser) -> None:
     """Options describing a compression plan."""
+    # choices come from the registries (plugins included); names are checked by the plan, so an unknown one is one
+    # readable line naming the choices
+    from xaicomp_core.plan import (
+        BIT_RANKINGS,
+        COMPOSITE_REGISTRY,
+        CRITERION_REGISTRY,
+        GRANULARITIES,
+        PROTECT,
+        QUANTIZER_REGISTRY,
+        SCOPES,
+    )
+
     g = p.add_argument_group("plan")
     g.add_argument("--plan", default=None, help="plan JSON file (other plan options override its fields)")
-    g.add_argument("--criterion", default=None, help="paper, lrp, lrp-signed, lrp-zero, magnitude, random, lrp-filter")
+    g.add_argument("--criterion", default=None, help=", ".join(CRITERION_REGISTRY.names()))
     g.add_argument("--prune", type=float, default=None, help="prune ratio in [0, 1)")
     g.add_argument("--bits", default=None, help="bit levels, descending, e.g. 8,4,2 (32 or fp32 keeps fp32)")
     g.add_argument("--split", default=None, help="fractions of kept weights for all levels but the last, e.g. 0.2,0.5")
-    g.add_argument("--scope", default=None, choices=("global", "per-layer"))
-    g.add_argument("--granularity", default=None, choices=("weight", "channel", "layer"))
-    g.add_argument("--bit-ranking", default=None, choices=("criterion", "relevance", "magnitude"))
-    g.add_argument("--protect", default=None, choices=("none", "first-last"))
-    g.add_argument("--quantizer", default=None, choices=("mse", "absmax"))
-    g.add_argument("--composite", default=None,
-                   help="LRP composite: epsilon, epsilon-plus, alpha2beta1, epsilon-gamma, epsilon-gamma-box")
+    g.add_argument("--scope", default=None, choices=SCOPES)
+    g.add_argument("--granularity", default=None, choices=GRANULARITIES)
+    g.add_argument("--bit-ranking", default=None, choices=BIT_RANKINGS)
+    g.add_argument("--protect", default=None, choices=PROTECT)
+    g.add_argument("--quantizer", default=None, help=", ".join(QUANTIZER_REGISTRY.names()))
+    g.add_argument("--composite", default=None, help="LRP composite: " + ", ".join(COMPOSITE_REGISTRY.names()))
     g.add_argument("--seed", type=int, default=None, help="seed of the random criterion and of fine-tuning")
     g.add_argument("--finetune-epochs", type=int, default=None,
                    help="recovery fine-tuning epochs after compression (masks fixed, quantization in the loop)")
     g.add_argument("--finetune-lr", type=float, default=None, help="fine-tuning learning rate (default 0.01)")
+    g.add_argument("--layer-prune", default=None, metavar="LAYER=RATIO,...",
+                   help="per-layer prune ratios, e.g. features.0=0.3,classifier.1=0.95 (other layers: --prune)")
+    g.add_argument("--layer-bits", default=None, metavar="LAYER=BITS,...",
+                   help="per-layer bit widths, each one of --bits, e.g. features.0=8,classifier.1=2")
     g.add_argument("--save-plan", default=None, help="write the plan as JSON to this file")
 
 
@@ -123,10 +138,29 @@ def plan_from_args(args: argparse.Namespace) -> CompressionPlan:
                              ("finetune_lr", "finetune_lr")):
         if getattr(args, attr, None) is not None:
             changes[field_name] = getattr(args, attr)
+    for attr, field_name, cast in (("layer_prune", "layer_prune", float), ("layer_bits", "layer_bits", int)):
+        if getattr(args, attr, None) is not None:
+            changes[field_name] = parse_per_layer(getattr(args, attr), "--" + attr.replace("_", "-"), cast)
     plan = plan.replace(**changes).validate()
     if getattr(args, "save_plan", None):
         pathlib.Path(args.save_plan).write_text(plan.to_json() + "\n")
     return plan
+
+
+def parse_per_layer(text: str, flag: str, cast: Callable[[str], Any]) -> dict[str, Any]:
+    """``"features.0=0.3,classifier.1=0.95"`` -> ``{"features.0": 0.3, "classifier.1": 0.95}`` (empty text: {})."""
+    out: dict[str, Any] = {}
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        name, sep, value = item.partition("=")
+        try:
+            if not sep or not name.strip():
+                raise ValueError
+            out[name.strip()] = cast(value.strip())
+        except ValueError:
+            raise PlanError(f"cannot parse {flag} item {item!r}; use LAYER=VALUE, e.g. classifier.1=0.9") from None
+    return out
 
 
 def check_eval_samples(n: int | None) -> int | None:
