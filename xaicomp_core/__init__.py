@@ -5,6 +5,7 @@ per-weight LRP relevance, computed with zennit, decides which weights to prune a
 gets.
 """
 
+from xaicomp_core.compress import hybrid_criteria  # noqa: F401  (registers the hybrid and iterative criteria)
 from xaicomp_core.compress.compress import CompressedWeights, Compressor, compress
 from xaicomp_core.compress.criteria import Criterion, ScoreInputs, register_criterion
 from xaicomp_core.compress.quantize import Quantizer, register_quantizer

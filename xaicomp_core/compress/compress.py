@@ -24,7 +24,15 @@ from xaicomp_core.compress.criteria import (
     bit_scores,
     get_criterion,
 )
-from xaicomp_core.compress.layout import LayerLayout, SortedScores, channel_mask, ratio_mask, rule_mask
+from xaicomp_core.compress.layout import (
+    LayerLayout,
+    SortedScores,
+    channel_mask,
+    counts_mask,
+    prune_counts,
+    ratio_mask,
+    rule_mask,
+)
 from xaicomp_core.compress.quantize import Quantized, allocate_bits, quantize
 from xaicomp_core.errors import PlanError, XaicompError
 from xaicomp_core.format.size import SizeBreakdown, compute_size
@@ -78,6 +86,22 @@ def _relevance_parts(relevance) -> tuple[dict | None, dict | None, dict | None]:
     return relevance.weights, relevance.extra, relevance.abs_by_class
 
 
+def layer_indices(layout: LayerLayout, per_layer: Mapping[str, object], what: str) -> dict[int, object]:
+    """Layer index -> value for a plan's per-layer mapping keyed by layer (module) names such as ``features.0``
+    (``features.0.weight`` is accepted too); unknown or protected layers raise :class:`PlanError`."""
+    index = {n.removesuffix(".weight") if n != "weight" else "": i for i, n in enumerate(layout.names)}
+    out: dict[int, object] = {}
+    for name, value in per_layer.items():
+        key = name.removesuffix(".weight") if name != "weight" else ""
+        if key not in index:
+            choices = ", ".join(n or "(root)" for n in index)
+            raise PlanError(f"{what}: the model has no conv/linear layer {name!r}; its layers are {choices}")
+        if layout.protected[index[key]]:
+            raise PlanError(f"{what}: layer {name!r} is protected (kept dense and fp32) by the plan")
+        out[index[key]] = value
+    return out
+
+
 class Compressor:
     """What compressing needs from one model, computed once, with the sorted scores cached (thread-safe).
 
@@ -108,12 +132,16 @@ class Compressor:
                 self._layouts[protect] = self.layout.with_protect(protect)
             return self._layouts[protect]
 
-    @staticmethod
-    def needs_relevance(plan: CompressionPlan) -> bool:
-        """Whether compressing ``plan`` reads LRP relevance (its criterion, or its bit ranking with >1 level)."""
+    def needs_relevance(self, plan: CompressionPlan) -> bool:
+        """Whether compressing ``plan`` reads LRP relevance (its criterion, or its bit ranking with more than one
+        level and some layer whose bits are not fixed by ``plan.layer_bits``)."""
         crit = get_criterion(plan.criterion)
-        return crit.needs_relevance or (len(plan.bit_levels) > 1
-                                        and bit_ranking_needs_relevance(plan.bit_ranking, plan.criterion))
+        if crit.needs_relevance:
+            return True
+        if len(plan.bit_levels) < 2 or not bit_ranking_needs_relevance(plan.bit_ranking, plan.criterion):
+            return False
+        layout = self.layout_for(plan.protect)
+        return len(layer_indices(layout, plan.layer_bits, "layer_bits")) < len(layout.compressible)
 
     def _sorted_scores(self, key: tuple, layout: LayerLayout, make: Callable[[], dict[str, torch.Tensor]]
                        ) -> SortedScores:
@@ -122,7 +150,8 @@ class Compressor:
             self._sorted[full] = SortedScores.build(layout, layout.flat(make(), torch.float64))
         return self._sorted[full]
 
-    def compress(self, plan: CompressionPlan, relevance=None) -> CompressedWeights:
+    def compress(self, plan: CompressionPlan, relevance=None,
+                 relevance_of: Callable[[dict[str, torch.Tensor], str], object] | None = None) -> CompressedWeights:
         """Apply ``plan``: masks, bit classes, quantized values and the size breakdown.
 
         Parameters
@@ -130,6 +159,10 @@ class Compressor:
         plan : CompressionPlan
         relevance : RelevanceResult, dict or callable, optional
             Needed when :meth:`needs_relevance`; a callable is called with the plan's composite.
+        relevance_of : callable, optional
+            ``relevance_of(weights, composite) -> RelevanceResult``: relevance of the model with ``weights``
+            replaced, on the reference images (for criteria that recompute relevance, e.g. ``lrp-iterative``;
+            :attr:`ScoreInputs.relevance_of`).
         """
         plan.validate()
         with self._lock:
@@ -141,8 +174,13 @@ class Compressor:
                     raise PlanError(f"criterion {plan.criterion!r} with bit ranking {plan.bit_ranking!r} needs LRP "
                                     "relevance: pass relevance=weight_relevance(model, inputs, targets)")
             weights, extra, rel_abs = _relevance_parts(rel)
-            inp = ScoreInputs(self.weights, weights, extra, plan.seed, rel_abs)
+            composite = plan.composite
             layout = self.layout_for(plan.protect)
+            inp = ScoreInputs(self.weights, weights, extra, plan.seed, rel_abs,
+                              (lambda w: relevance_of(w, composite)) if relevance_of is not None else None,
+                              tuple(n for n, p in zip(layout.names, layout.protected) if p))
+            fixed_prune = layer_indices(layout, plan.layer_prune, "layer_prune")
+            fixed_bits = layer_indices(layout, plan.layer_bits, "layer_bits")
             overrides: dict[str, torch.Tensor] = {}
             rule = crit.rule_prune(inp)
             if rule is not None:
@@ -156,20 +194,38 @@ class Compressor:
                                     exclude_layers={len(layout.names) - 1})
                 overrides = self.structured_overrides(layout, keep)
             else:
-                scores = self._sorted_scores(("prune", *crit.cache_key(plan.composite, plan.seed)), layout,
-                                             lambda: crit.scores(inp))
-                keep = ratio_mask(layout, scores, plan.prune_ratio, plan.scope)
+                ck = crit.cache_key(plan.composite, plan.seed)
+                scores = self._sorted_scores(("prune", *ck), layout, lambda: crit.scores(inp))
+                budgeted = crit.budgeted and plan.scope == "global"
+                if not fixed_prune and not budgeted:
+                    keep = ratio_mask(layout, scores, plan.prune_ratio, plan.scope)
+                else:
+                    # per-layer counts from the plan and/or one ranking, the order inside each layer from another
+                    budget = (self._sorted_scores(("budget", *ck), layout, lambda: crit.budget_scores(inp))
+                              if budgeted else scores)
+                    counts = prune_counts(layout, budget, plan.prune_ratio, plan.scope,
+                                          {i: float(r) for i, r in fixed_prune.items()})
+                    keep = counts_mask(layout, scores, counts)
             levels = list(plan.bit_levels)
-            if len(levels) > 1:
+            free_keep = keep
+            if fixed_bits:
+                fixed_flat = torch.zeros(layout.total, dtype=torch.bool)
+                for i in fixed_bits:
+                    fixed_flat[layout.layer_slice(i)] = True
+                free_keep = keep & ~fixed_flat
+            if len(levels) > 1 and len(fixed_bits) < len(layout.compressible):
                 bkey = ("bits", *bit_cache_key(plan.bit_ranking, plan.criterion, plan.composite, plan.seed))
                 bs = self._sorted_scores(bkey, layout, lambda: bit_scores(plan.bit_ranking, plan.criterion, inp))
                 desc = bs.global_order.flip(0)
                 layer_desc = {i: o.flip(0) for i, o in bs.layer_orders.items()}
-                klass = allocate_bits(layout, keep, bs.flat, desc, layer_desc, levels, plan.bit_split,
+                klass = allocate_bits(layout, free_keep, bs.flat, desc, layer_desc, levels, plan.bit_split,
                                       plan.granularity, plan.scope)
             else:
-                klass = allocate_bits(layout, keep, self.weights_flat, torch.zeros(0, dtype=torch.long), {},
-                                      levels, [], plan.granularity, plan.scope)
+                klass = allocate_bits(layout, free_keep, self.weights_flat, torch.zeros(0, dtype=torch.long), {},
+                                      levels[:1], [], plan.granularity, plan.scope)
+            for i, bits in fixed_bits.items():
+                sl = layout.layer_slice(i)
+                klass[sl] = torch.where(keep[sl], levels.index(int(bits)), -1).to(torch.int8)
             quant = quantize(layout, self.weights_flat, keep, klass, levels, plan.quantizer)
             size = compute_size(layout, keep, klass, quant.group_count, levels, plan.granularity, self.state)
             return CompressedWeights(plan, layout, keep, quant, size, overrides)
@@ -198,7 +254,8 @@ class Compressor:
         return out
 
 
-def compress(model: nn.Module, plan: CompressionPlan, relevance=None) -> CompressedWeights:
+def compress(model: nn.Module, plan: CompressionPlan, relevance=None,
+             relevance_of: Callable[[dict[str, torch.Tensor], str], object] | None = None) -> CompressedWeights:
     """Apply a compression plan to a model's weights (pure: the model is read, never modified; nothing is cached).
 
     Parameters
@@ -208,6 +265,9 @@ def compress(model: nn.Module, plan: CompressionPlan, relevance=None) -> Compres
     relevance : RelevanceResult or dict of str to Tensor, optional
         LRP relevance of the weights (:func:`~xaicomp_core.weight_relevance` or
         :func:`~xaicomp_core.compute_relevance`); needed when the criterion or the bit ranking reads relevance.
+    relevance_of : callable, optional
+        ``relevance_of(weights, composite) -> RelevanceResult`` for criteria that recompute relevance on the
+        modified model (see :meth:`Compressor.compress`).
 
     Returns
     -------
@@ -215,4 +275,4 @@ def compress(model: nn.Module, plan: CompressionPlan, relevance=None) -> Compres
         Keep-mask, bit classes, quantized values, the size breakdown; ``.state_dict(model.state_dict())`` gives
         the compressed weights.
     """
-    return Compressor(model).compress(plan, relevance)
+    return Compressor(model).compress(plan, relevance, relevance_of)

@@ -7,7 +7,9 @@ Structured criteria (``lrp-filter``) give every weight of an output channel the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -31,6 +33,14 @@ class ScoreInputs:
         Seed for random scores.
     relevance_abs : dict of str to Tensor or None
         Per weight, the sum over classes of |relevance summed over the class's samples| (if computed).
+    relevance_of : callable or None
+        ``relevance_of(weights) -> RelevanceResult``: the relevance of the same model with some weights replaced
+        (``weights`` maps weight names to tensors of their shapes, e.g. the pruned ones), computed with
+        :func:`~xaicomp_core.relevance.lrp.compute_relevance` on the same reference images, composite and settings
+        as :attr:`relevance`. The session fills it (:meth:`CompressionSession.relevance_of`); None where nobody
+        can (then criteria that need it raise :class:`PlanError`). Iterative criteria call it.
+    protected : tuple of str
+        Weight names the plan keeps dense and fp32 (``protect="first-last"``): never pruned, whatever they score.
     """
 
     weights: dict[str, torch.Tensor]
@@ -38,12 +48,21 @@ class ScoreInputs:
     extra_relevance: dict[str, torch.Tensor] | None = None
     seed: int = 0
     relevance_abs: dict[str, torch.Tensor] | None = None
+    relevance_of: Callable[[dict[str, torch.Tensor]], Any] | None = None
+    protected: tuple[str, ...] = ()
 
     def rel(self, name: str) -> torch.Tensor:
         """Relevance of one weight tensor (raises if relevance is missing)."""
         if self.relevance is None or name not in self.relevance:
             raise PlanError("this criterion needs LRP relevance, which was not computed")
         return self.relevance[name]
+
+    def recompute(self, weights: dict[str, torch.Tensor]) -> Any:
+        """The relevance (a ``RelevanceResult``) of the model with ``weights`` replaced (see :attr:`relevance_of`)."""
+        if self.relevance_of is None:
+            raise PlanError("this criterion recomputes relevance on the modified model, which needs the model and "
+                            "the reference images: use a CompressionSession, or pass relevance_of to compress()")
+        return self.relevance_of(weights)
 
     def bias_rel(self, weight_name: str) -> torch.Tensor | None:
         """Relevance of the bias belonging to ``weight_name`` (or the merged BatchNorm bias), if any."""
@@ -83,6 +102,9 @@ class Criterion:
         Colour of the criterion in every figure.
     rule_text : str
         For criteria without a ratio: how plan summaries describe what is pruned.
+    budgeted : bool
+        Whether :meth:`budget_scores` sets how many weights each layer loses (then :meth:`scores` only orders the
+        weights inside each layer).
     """
 
     name: str = ""
@@ -95,10 +117,17 @@ class Criterion:
     bit_ranking_needs_relevance: bool = True
     colour: str = "#616161"
     rule_text: str = ""
+    budgeted: bool = False
 
     def scores(self, inp: ScoreInputs) -> dict[str, torch.Tensor]:
         """Per-weight importance, same shapes as the weights (higher = keep)."""
         raise NotImplementedError
+
+    def budget_scores(self, inp: ScoreInputs) -> dict[str, torch.Tensor]:
+        """For budgeted criteria (``budgeted = True``): scores whose *global* ranking decides how many weights each
+        layer loses at a prune ratio; :meth:`scores` then chooses which ones inside the layer. With
+        ``scope="per-layer"`` every layer loses the same fraction and these scores are not read."""
+        raise NotImplementedError(f"criterion {self.name!r} is not budgeted")
 
     def rule_prune(self, inp: ScoreInputs) -> dict[str, torch.Tensor] | None:
         """For rule criteria: boolean tensors marking exactly the weights to prune; else None."""

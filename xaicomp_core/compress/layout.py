@@ -126,6 +126,46 @@ def ratio_mask(layout: LayerLayout, scores: SortedScores, ratio: float, scope: s
     return keep
 
 
+def prune_counts(layout: LayerLayout, budget: SortedScores | None, ratio: float, scope: str,
+                 fixed: dict[int, float] | None = None) -> dict[int, int]:
+    """How many weights each compressible layer loses.
+
+    Layers in ``fixed`` (layer index -> prune ratio) lose ``round(ratio_i * size_i)``. The others share ``ratio``:
+    with ``scope="global"`` the lowest ``round(ratio * n)`` of their ``n`` weights in the global order of ``budget``
+    decide how many each loses (``budget`` is required then), with ``"per-layer"`` each loses
+    ``round(ratio * size)``.
+    """
+    fixed = fixed or {}
+    counts = {i: int(round(fixed[i] * layout.sizes[i])) for i in layout.compressible if i in fixed}
+    free = [i for i in layout.compressible if i not in fixed]
+    if not free:
+        return counts
+    if scope != "global":
+        counts.update({i: int(round(ratio * layout.sizes[i])) for i in free})
+        return counts
+    if budget is None:
+        raise ValueError("a global prune ratio needs the scores whose ranking sets the layer budgets")
+    order = budget.global_order
+    if fixed:
+        is_free = torch.zeros(len(layout.names), dtype=torch.bool)
+        is_free[free] = True
+        order = order[is_free[layout.layer_of[order]]]
+    k = int(round(ratio * sum(layout.sizes[i] for i in free)))
+    per = torch.bincount(layout.layer_of[order[:k]], minlength=len(layout.names))
+    counts.update({i: int(per[i]) for i in free})
+    return counts
+
+
+def counts_mask(layout: LayerLayout, scores: SortedScores, counts: dict[int, int]) -> torch.Tensor:
+    """Keep-mask pruning, in every layer ``i`` of ``counts``, its ``counts[i]`` lowest-scoring weights (the order
+    inside each layer comes from ``scores``; which layers lose how many from :func:`prune_counts`)."""
+    keep = torch.ones(layout.total, dtype=torch.bool)
+    for i, k in counts.items():
+        if k > 0:
+            keep[scores.layer_orders[i][:k]] = False
+    return keep
+
+
 def rule_mask(layout: LayerLayout, prune_flat: torch.Tensor) -> torch.Tensor:
     """Keep-mask from a boolean "prune this" vector (protected layers are always kept)."""
     return ~(prune_flat.bool() & ~layout.protected_flat)

@@ -276,6 +276,22 @@ class CompressionSession:
                     batch_size=self.relevance_batch_size, progress=progress or self.progress, by_class=True)
             return self._relevance[composite]
 
+    def relevance_of(self, weights: dict[str, torch.Tensor], composite: str | None = None) -> RelevanceResult:
+        """Per-weight relevance of the model with ``weights`` (name -> tensor) replaced, e.g. pruned, over the same
+        reference images and with the same settings as :meth:`relevance` (not cached here: the criteria that call
+        it, through :attr:`ScoreInputs.relevance_of`, have their scores cached)."""
+        composite = composite or self.composite
+        model = copy.deepcopy(self.model).eval()
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in weights.items():
+                if name not in params or params[name].shape != value.shape:
+                    raise XaicompError(f"relevance_of: the model has no parameter {name!r} of shape "
+                                       f"{tuple(value.shape)}")
+                params[name].copy_(value)
+        return compute_relevance(model, self.x_ref, self.y_ref, composite, epsilon=self.epsilon, target=self.target,
+                                 batch_size=self.relevance_batch_size, by_class=True)
+
     def has_relevance(self, composite: str | None = None) -> bool:
         """Whether relevance for ``composite`` is already cached."""
         return (composite or self.composite) in self._relevance
@@ -340,7 +356,7 @@ class CompressionSession:
         return bool(plan.finetune_epochs) and plan.key() not in self._finetuned
 
     def _compress(self, plan: CompressionPlan) -> CompressedWeights:
-        return self.compressor.compress(plan, self.relevance)
+        return self.compressor.compress(plan, self.relevance, self.relevance_of)
 
     def _forward(self, x: torch.Tensor | None = None) -> torch.Tensor:
         return forward_logits(self._work, self.x_eval if x is None else x, self.eval_batch_size)
