@@ -33,12 +33,9 @@ from xaicomp_core import (
     ImageDataset,
     WeightsError,
     XaicompError,
-    load_builtin_dataset,
-    load_model,
-    load_torchvision_folder,
 )
-from xaicomp_core.io.data import load_image_zip, split_reference_eval, split_reference_train
-from xaicomp_core.io.models import BUILTIN_MODELS, MODELS_DIR, TORCHVISION_ARCHS, load_torchvision_model
+from xaicomp_core.io.models import BUILTIN_MODELS, MODELS_DIR, TORCHVISION_ARCHS
+from xaicomp_core.io.sources import DataSource, ModelSource, Sources, reference_subset, resolve_data
 from xaicomp_core.relevance.lrp import COMPOSITES, DEFAULT_COMPOSITE
 from xaicomp_core.viz.figures import fmt_bytes, fmt_pct, fmt_pp  # noqa: F401  (re-exported for the pages)
 
@@ -176,59 +173,80 @@ def model_choices() -> dict[str, list[str]]:
 # ----------------------------------------------------------------------------------------------------------------
 # Cached loading (shared by all browser sessions; never mutated)
 # ----------------------------------------------------------------------------------------------------------------
+def model_source(spec: ModelSpec, weights: bytes | None = None) -> ModelSource:
+    """The engine's :class:`~xaicomp_core.io.sources.ModelSource` for the sidebar's model choice (the app never
+    downloads anything; an upload without its bytes renders as a placeholder file)."""
+    if spec.source == "builtin":
+        return ModelSource(spec.arch)
+    if spec.source == "torchvision":
+        return ModelSource(spec.arch, random_weights=spec.random_weights, download=False)
+    if spec.source == "upload":
+        return ModelSource(spec.arch, weights=b"" if weights is None else weights, weights_name=spec.weights_name)
+    raise XaicompError(f"unknown model source {spec.source!r}")
+
+
+def data_source(spec: DataSpec, data: bytes | None = None,
+                reference_samples: int | None = DEFAULT_REFERENCE_SAMPLES) -> DataSource:
+    """The engine's :class:`~xaicomp_core.io.sources.DataSource` for the sidebar's data choice (split by
+    :func:`~xaicomp_core.io.sources.resolve_data`, exactly as the CLI splits it)."""
+    if spec.source == "builtin":
+        return DataSource("builtin", spec.name, eval_samples=spec.eval_samples, reference_samples=reference_samples)
+    if spec.source == "zip":
+        return DataSource("images", spec.name or "upload.zip", data=b"" if data is None else data,
+                          eval_samples=spec.eval_samples, reference_samples=reference_samples)
+    if spec.source == "torchvision":
+        return DataSource("torchvision", spec.name, spec.root.strip(), eval_samples=spec.eval_samples,
+                          reference_samples=reference_samples)
+    raise XaicompError(f"unknown data source {spec.source!r}")
+
+
+def sources_for(settings: Settings, uploads: dict[str, bytes] | None = None) -> Sources:
+    """The model and data sources of ``settings``: what :func:`session_for` loads, and what renders the
+    equivalent command line (``sources_for(settings).command("report", plan, output=...)``)."""
+    uploads = uploads or {}
+    return Sources(model_source(settings.model, uploads.get("weights")),
+                   data_source(settings.data, uploads.get("data"), settings.reference_samples))
+
+
 @st.cache_resource(show_spinner="Loading the model…", max_entries=6)
 def _cached_model(key: str, _spec: ModelSpec, _weights: bytes | None) -> nn.Module:
     spec = _spec
-    if spec.source == "builtin":
-        return load_model(spec.arch)
-    if spec.source == "torchvision":
-        if not spec.random_weights:
-            raise XaicompError(f"{spec.arch}: pretrained weights are never downloaded by this app; tick "
-                               "'random weights' or choose 'Upload weights' to load your own file")
-        return load_torchvision_model(spec.arch, pretrained=False, allow_random=True, num_classes=10)
+    if spec.source == "torchvision" and not spec.random_weights:
+        raise XaicompError(f"{spec.arch}: pretrained weights are never downloaded by this app; tick "
+                           "'random weights' or choose 'Upload weights' to load your own file")
     if spec.source == "upload":
         if not _weights:
             raise XaicompError("upload a weights file (.safetensors, .pt or .pth) in the sidebar")
         name = spec.weights_name or "uploaded weights"
         try:
-            return load_model(spec.arch, weights=_weights, weights_name=name)
+            return model_source(spec, _weights).load()
         except XaicompError:
             raise
         except Exception as e:  # a corrupt file can break the unpickler in many ways
             raise WeightsError(f"{name} is corrupt or not a PyTorch weights file ({type(e).__name__}: "
                                f"{str(e)[:100]})") from None
-    raise XaicompError(f"unknown model source {spec.source!r}")
+    return model_source(spec, _weights).load()
 
 
 @st.cache_resource(show_spinner="Loading the images…", max_entries=6)
 def _cached_data(key: str, _spec: DataSpec, _data: bytes | None, image_size: tuple[int, int], channels: int,
                  class_names: tuple[str, ...]) -> tuple[ImageDataset, ImageDataset, ImageDataset | None]:
-    """(reference, evaluation, training or None) images for the data spec."""
+    """(reference, evaluation, training or None) images for the data spec: the engine's one split policy
+    (:func:`~xaicomp_core.io.sources.resolve_data`); all the reference images, :func:`_cached_session` takes its
+    share."""
     spec = _spec
-    if spec.source == "builtin":
-        ref = load_builtin_dataset(spec.name, "reference")
-        ev = load_builtin_dataset(spec.name, "eval")
-        train = load_builtin_dataset(spec.name, "train")
-        return ref, ev.balanced_subset(spec.eval_samples), train
-    if spec.source == "zip":
-        if not _data:
-            raise XaicompError("upload a .zip with one folder of images per class in the sidebar")
-        ds = load_image_zip(_data, spec.name or "upload.zip", image_size, channels, list(class_names))
-        return (*split_reference_eval(ds, spec.eval_samples), None)
-    if spec.source == "torchvision":
-        if not spec.root.strip():
-            raise XaicompError("enter the folder holding the torchvision data set (the 'root' you gave torchvision)")
-        train = load_torchvision_folder(spec.root.strip(), spec.name, train=True)
-        test = load_torchvision_folder(spec.root.strip(), spec.name, train=False)
-        ref, tune = split_reference_train(train, FOLDER_REFERENCE_IMAGES, FOLDER_TRAIN_IMAGES)
-        return ref, test.balanced_subset(spec.eval_samples), tune
-    raise XaicompError(f"unknown data source {spec.source!r}")
+    if spec.source == "zip" and not _data:
+        raise XaicompError("upload a .zip with one folder of images per class in the sidebar")
+    if spec.source == "torchvision" and not spec.root.strip():
+        raise XaicompError("enter the folder holding the torchvision data set (the 'root' you gave torchvision)")
+    return resolve_data(data_source(spec, _data, reference_samples=None), image_size, channels, class_names)
 
 
 @st.cache_resource(show_spinner="Preparing the model: measuring baseline accuracy…", max_entries=4)
 def _cached_session(key: str, _model: nn.Module, _ref: ImageDataset, _eval: ImageDataset,
                     _train: ImageDataset | None, reference_samples: int) -> CompressionSession:
-    return CompressionSession(_model, _ref, _eval, reference_samples=reference_samples, train_data=_train)
+    return CompressionSession(_model, reference_subset(_ref, reference_samples), _eval,
+                              reference_samples=reference_samples, train_data=_train)
 
 
 def session_for(settings: Settings, uploads: dict[str, bytes] | None = None) -> CompressionSession:
