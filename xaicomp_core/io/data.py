@@ -12,20 +12,26 @@ Rebuild the shipped subsets with::
 from __future__ import annotations
 
 import argparse
-import gzip
 import io
 import json
+import math
+import os
 import pathlib
 import pickle
+import re
+import warnings
 import zipfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from struct import error as struct_error
 from typing import Any
 
 import numpy as np
 import torch
 
 from xaicomp_core.errors import DataError
+from xaicomp_core.io.safe import fmt_limit, read_regular, regular_size, show_path
 
 ASSETS_DIR = pathlib.Path(__file__).resolve().parents[2] / "assets"
 DATA_DIR = ASSETS_DIR / "data"
@@ -49,16 +55,47 @@ BUILTIN_DATASETS: dict[str, dict[str, tuple[str, str]]] = {
 #: Debian's dataset-fashion-mnist package installs here.
 DEBIAN_FASHION_MNIST = pathlib.Path("/usr/share/datasets/fashion-mnist")
 
-# Limits for user uploads (zip / ImageFolder).
+# Limits for user data (zip / ImageFolder directories / raw data set files); README "Limits and safety" lists them.
 MAX_IMAGES = 50_000
+#: Bytes of image files read from one directory, and unpacked bytes of one zip (declared sizes, which zipfile enforces).
 MAX_UNCOMPRESSED_BYTES = 512 * 1024 * 1024
+#: A zip file itself, and its central directory (which bounds the number of entries parsed).
+MAX_ZIP_BYTES = MAX_UNCOMPRESSED_BYTES
+MAX_ZIP_DIRECTORY_BYTES = 16 * 2**20
 MAX_COMPRESSION_RATIO = 200
+#: Pixels of one image, checked from its header before it is decoded (PIL's own warning limit is ~89 megapixels).
+MAX_IMAGE_PIXELS = 25_000_000
+#: Pixels decoded for one data set in all (bounds the time a set of many large but small-on-disk images takes).
+MAX_TOTAL_PIXELS = 4_000_000_000
+#: Bytes of the decoded data set at the model's input size (N x H x W x C uint8).
+MAX_DATASET_BYTES = 2 * 2**30
+#: Raw data set files (IDX, CIFAR-10 batches), before and after gzip.
+MAX_RAW_FILE_BYTES = 512 * 2**20
+#: Files and folders visited in one ImageFolder directory (images or not).
+MAX_DIRECTORY_ENTRIES = 4 * MAX_IMAGES
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
+#: The only image formats PIL may use (by content, whatever the suffix): no EPS (Ghostscript), no plugins.
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Preprocessing
 # --------------------------------------------------------------------------------------------------------------
+#: Largest model input side and input size accepted from a model card or a packed file.
+MAX_INPUT_SIDE = 4096
+MAX_INPUT_PIXELS = 1024 * 1024
+#: Largest batch of model inputs :meth:`Preprocessing.apply` builds (float32 N x C x H x W).
+MAX_INPUT_TENSOR_BYTES = 4 * 2**30
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """How raw uint8 images become model inputs.
@@ -85,9 +122,35 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
-        """Inverse of :meth:`to_dict`."""
-        return cls(tuple(int(v) for v in d["input_size"]), int(d["channels"]),
-                   tuple(float(v) for v in d["mean"]), tuple(float(v) for v in d["std"]))
+        """Inverse of :meth:`to_dict`, strictly typed (no coercion) and within :data:`MAX_INPUT_SIDE` /
+        :data:`MAX_INPUT_PIXELS` (the dict may come from an untrusted file).
+
+        Raises
+        ------
+        DataError
+            For a missing field, a wrong type (``true`` is not a number, ``"28"`` is not an integer), a size out of
+            range, a channel count other than 1 or 3, or a mean / std that is not one finite number per channel
+            (std > 0).
+        """
+        if not isinstance(d, dict):
+            raise DataError("preprocessing must be an object")
+        unknown = set(d) - {"input_size", "channels", "mean", "std"}
+        if unknown:
+            raise DataError(f"unknown preprocessing field(s) {', '.join(sorted(map(repr, unknown))[:5])}")
+        size, ch, mean, std = (d.get(k) for k in ("input_size", "channels", "mean", "std"))
+        if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) for v in size)):
+            raise DataError("preprocessing input_size must be two integers [height, width]")
+        if not all(1 <= v <= MAX_INPUT_SIDE for v in size) or size[0] * size[1] > MAX_INPUT_PIXELS:
+            raise DataError(f"preprocessing input_size {size[0]}x{size[1]} is out of range (each side 1.."
+                            f"{MAX_INPUT_SIDE}, at most {MAX_INPUT_PIXELS:,} pixels)")
+        if not _is_int(ch) or ch not in (1, 3):
+            raise DataError("preprocessing channels must be 1 or 3")
+        for label, vals in (("mean", mean), ("std", std)):
+            if not (isinstance(vals, list) and len(vals) == ch and all(_is_number(v) for v in vals)):
+                raise DataError(f"preprocessing {label} must be {ch} finite number(s)")
+        if not all(v > 0 for v in std):  # type: ignore[union-attr]
+            raise DataError("preprocessing std must be positive")
+        return cls((size[0], size[1]), ch, tuple(float(v) for v in mean), tuple(float(v) for v in std))
 
     def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Lowest and highest possible normalised pixel value per channel, shaped (1, C, 1, 1)."""
@@ -104,6 +167,12 @@ class Preprocessing:
             x = x.unsqueeze(-1)
         if x.ndim != 4:
             raise DataError(f"images must have shape (N, H, W) or (N, H, W, C), got {tuple(x.shape)}")
+        n, c_in = int(x.shape[0]), int(x.shape[3])
+        need = 4 * n * max(c_in, self.channels) * max(int(x.shape[1]) * int(x.shape[2]), math.prod(self.input_size))
+        if need > MAX_INPUT_TENSOR_BYTES:
+            raise DataError(f"{n} images at {self.input_size[0]}x{self.input_size[1]} pixels would take "
+                            f"{fmt_limit(need)} as model inputs, over the {fmt_limit(MAX_INPUT_TENSOR_BYTES)} limit; "
+                            "use fewer images")
         x = x.permute(0, 3, 1, 2).float().div_(255.0)
         c = x.shape[1]
         if c == 4:
@@ -274,17 +343,33 @@ def load_builtin_dataset(name: str = "fashion-mnist", split: str = "eval") -> Im
 # --------------------------------------------------------------------------------------------------------------
 # Raw formats on disk
 # --------------------------------------------------------------------------------------------------------------
+def _gunzip(raw: bytes, label: str) -> bytes:
+    """gzip-decompress at most :data:`MAX_RAW_FILE_BYTES` (a larger or broken stream raises DataError)."""
+    d = zlib.decompressobj(wbits=31)
+    try:
+        out = d.decompress(raw, MAX_RAW_FILE_BYTES + 1)
+    except zlib.error:
+        raise DataError(f"{label}: broken gzip data") from None
+    if len(out) > MAX_RAW_FILE_BYTES:
+        raise DataError(f"{label}: unpacks to more than {fmt_limit(MAX_RAW_FILE_BYTES)}")
+    if not d.eof:
+        raise DataError(f"{label}: the gzip data is truncated")
+    return out
+
+
 def read_idx(path: str | pathlib.Path) -> np.ndarray:
-    """Read an IDX file (MNIST format), gzip-compressed or not."""
+    """Read an IDX file (MNIST format), gzip-compressed or not (at most :data:`MAX_RAW_FILE_BYTES` either way)."""
     path = pathlib.Path(path)
-    raw = path.read_bytes()
+    raw = read_regular(path, MAX_RAW_FILE_BYTES, "IDX file", DataError)
     if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
+        raw = _gunzip(raw, path.name)
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise DataError(f"{path.name}: not an unsigned-byte IDX file")
     ndim = raw[3]
-    dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4).astype(np.int64)
-    expected = 4 + 4 * ndim + int(np.prod(dims))
+    if len(raw) < 4 + 4 * ndim:
+        raise DataError(f"{path.name}: IDX header is truncated")
+    dims = [int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4)]
+    expected = 4 + 4 * ndim + math.prod(dims)  # exact integers: a crafted header cannot overflow it
     if len(raw) != expected:
         raise DataError(f"{path.name}: IDX file has {len(raw)} bytes, expected {expected}")
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(tuple(dims)).copy()
@@ -335,26 +420,40 @@ class _SafeUnpickler(pickle.Unpickler):
         raise DataError(f"refusing to load {module}.{name} from a pickled data file")
 
 
+def _exists(p: pathlib.Path) -> bool:
+    return os.path.lexists(p)
+
+
 def load_cifar10(folder: str | pathlib.Path, train: bool = False) -> ImageDataset:
     """Read CIFAR-10 from ``cifar-10-batches-bin`` (binary) or ``cifar-10-batches-py`` (restricted unpickling)."""
     folder = pathlib.Path(folder)
+    split = "train" if train else "test"
     for sub in (folder, folder / "cifar-10-batches-bin", folder / "cifar-10-batches-py"):
         names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
-        if all((sub / f"{n}.bin").exists() for n in names):
-            chunks = [np.fromfile(sub / f"{n}.bin", dtype=np.uint8).reshape(-1, 3073) for n in names]
+        if all(_exists(sub / f"{n}.bin") for n in names):
+            chunks = []
+            for n in names:
+                raw = read_regular(sub / f"{n}.bin", MAX_RAW_FILE_BYTES, "CIFAR-10 batch", DataError)
+                if len(raw) % 3073:
+                    raise DataError(f"{n}.bin: {len(raw)} bytes is not a whole number of 3,073-byte CIFAR-10 records")
+                chunks.append(np.frombuffer(raw, dtype=np.uint8).reshape(-1, 3073))
             arr = np.concatenate(chunks)
             images = arr[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-            return ImageDataset(images, arr[:, 0], CIFAR10_CLASSES, "cifar10/" + ("train" if train else "test"),
-                                source=str(sub))
-        if all((sub / n).exists() for n in names):
+            return ImageDataset(images, arr[:, 0], CIFAR10_CLASSES, f"cifar10/{split}", source=str(sub))
+        if all(_exists(sub / n) for n in names):
             imgs, labs = [], []
             for n in names:
-                with open(sub / n, "rb") as f:
-                    d = _SafeUnpickler(f, encoding="bytes").load()
-                imgs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-                labs.append(np.asarray(d[b"labels"]))
-            return ImageDataset(np.concatenate(imgs), np.concatenate(labs), CIFAR10_CLASSES,
-                                "cifar10/" + ("train" if train else "test"), source=str(sub))
+                raw = read_regular(sub / n, MAX_RAW_FILE_BYTES, "CIFAR-10 batch", DataError)
+                try:
+                    d = _SafeUnpickler(io.BytesIO(raw), encoding="bytes").load()
+                    imgs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+                    labs.append(np.asarray(d[b"labels"], dtype=np.int64).reshape(-1))
+                except DataError:
+                    raise
+                except Exception as e:  # a broken pickle raises many types
+                    raise DataError(f"{n}: not a CIFAR-10 python batch ({e.__class__.__name__})") from None
+            return ImageDataset(np.concatenate(imgs), np.concatenate(labs), CIFAR10_CLASSES, f"cifar10/{split}",
+                                source=str(sub))
     raise DataError(f"no CIFAR-10 batches found under {folder}")
 
 
@@ -391,20 +490,92 @@ def load_torchvision_folder(root: str | pathlib.Path, name: str, train: bool = F
 # --------------------------------------------------------------------------------------------------------------
 # ImageFolder directories and zips
 # --------------------------------------------------------------------------------------------------------------
-def _decode_image(data: bytes, label: str, size: tuple[int, int] | None, channels: int) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+def _to_uint8(im: Any, label: str) -> Any:
+    """An image in an 8-bit mode PIL can convert: high bit depths are scaled (not clipped) to 0..255.
 
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            mode = "L" if channels == 1 else "RGB"
-            im = im.convert(mode)
-            if size is not None and (im.height, im.width) != tuple(size):
-                im = im.resize((size[1], size[0]), Image.BILINEAR)
-            arr = np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise DataError(f"cannot read image {label}: {e.__class__.__name__}") from None
-    return arr
+    16-bit integer images (``I;16*``, and ``I`` holding 0..65535) are divided by 257, so 65535 becomes 255; float
+    images (``F``) holding 0..1 are multiplied by 255, holding 0..255 are rounded; anything else (negative or larger
+    integers, floats outside those ranges, NaN) is refused rather than silently damaged.
+    """
+    from PIL import Image
+
+    mode = im.mode
+    if not (mode.startswith("I") or mode == "F"):
+        return im
+    a = np.asarray(im)
+    if a.size == 0:
+        raise DataError(f"image {label} has no pixels")
+    if mode == "F":
+        a = a.astype(np.float64)
+        if not np.isfinite(a).all():
+            raise DataError(f"image {label}: a floating-point image with NaN or infinite pixels")
+        lo, hi = float(a.min()), float(a.max())
+        if lo >= 0 and hi <= 1:
+            a = a * 255.0
+        elif not (lo >= 0 and hi <= 255):
+            raise DataError(f"image {label}: floating-point pixels range from {lo:g} to {hi:g}; expected 0..1 or "
+                            "0..255")
+        out = np.rint(a).astype(np.uint8)
+    else:
+        a = a.astype(np.int64)
+        lo, hi = int(a.min()), int(a.max())
+        if lo < 0 or hi > 65535:
+            raise DataError(f"image {label}: integer pixels range from {lo} to {hi}; only 8-bit and 16-bit images "
+                            "(0..65535) are supported")
+        out = ((a * 255 + 32767) // 65535).astype(np.uint8)  # = round(a / 257)
+    return Image.fromarray(out, mode="L")
+
+
+class _Decoder:
+    """Decodes images with the pixel limits: one image at most :data:`MAX_IMAGE_PIXELS`, the set at most
+    :data:`MAX_TOTAL_PIXELS`, both checked from the image header before any pixel is decoded."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.pixels = 0
+
+    def __call__(self, data: bytes, label: str, size: tuple[int, int] | None, channels: int) -> np.ndarray:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with warnings.catch_warnings():  # PIL warns from ~89 megapixels; our limit is far lower
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                opened = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+        except Image.DecompressionBombError:
+            raise DataError(f"image {label} is over the limit of {MAX_IMAGE_PIXELS:,} pixels per image (refused "
+                            "before decoding)") from None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError,
+                KeyError, struct_error, MemoryError) as e:
+            raise DataError(f"cannot read image {label}: {e.__class__.__name__}") from None
+        try:
+            with opened as im:
+                w, h = im.size
+                if w < 1 or h < 1:
+                    raise DataError(f"image {label} is empty ({w}x{h} pixels)")
+                if w * h > MAX_IMAGE_PIXELS:
+                    raise DataError(f"image {label} is {w}x{h} pixels, over the limit of {MAX_IMAGE_PIXELS:,} "
+                                    "pixels per image (refused before decoding)")
+                self.pixels += w * h
+                if self.pixels > MAX_TOTAL_PIXELS:
+                    raise DataError(f"{self.name}: the images hold more than {MAX_TOTAL_PIXELS:,} pixels in all; use "
+                                    "fewer or smaller images")
+                im.load()
+                im = _to_uint8(im, label)
+                im = im.convert("L" if channels == 1 else "RGB")
+                if size is not None and (im.height, im.width) != tuple(size):
+                    im = im.resize((size[1], size[0]), Image.BILINEAR)
+                arr = np.asarray(im, dtype=np.uint8)
+        except DataError:
+            raise
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError,
+                KeyError, struct_error, Image.DecompressionBombError, MemoryError) as e:
+            raise DataError(f"cannot read image {label}: {e.__class__.__name__}") from None
+        return arr
+
+
+def _decode_image(data: bytes, label: str, size: tuple[int, int] | None, channels: int) -> np.ndarray:
+    """One image as uint8 pixels (H, W) or (H, W, 3), with the pixel limit of :class:`_Decoder`."""
+    return _Decoder(label)(data, label, size, channels)
 
 
 def _assemble(entries: list[tuple[str, str, bytes]], name: str, source: str,
@@ -414,32 +585,65 @@ def _assemble(entries: list[tuple[str, str, bytes]], name: str, source: str,
         raise DataError(f"{name}: no images found (expected one sub-folder per class holding image files)")
     folders = sorted({c for c, _, _ in entries})
     if len(folders) < 2:
-        raise DataError(f"{name}: only one class folder ({folders[0]!r}); an image classification set needs at "
-                        "least two")
+        raise DataError(f"{name}: only one class folder ({_show_name(folders[0])}); an image classification set "
+                        "needs at least two")
     mapping = _map_classes(folders, class_names, name)
-    if size is None:
-        first = _decode_image(entries[0][2], entries[0][1], None, channels)
-        size = (first.shape[0], first.shape[1])
-    images = np.stack([_decode_image(data, label, size, channels) for _, label, data in entries])
+    decode = _Decoder(name)
+    first = decode(entries[0][2], entries[0][1], size, channels)
+    size = (first.shape[0], first.shape[1])
+    shape = (len(entries), *first.shape)
+    nbytes = math.prod(shape)
+    if nbytes > MAX_DATASET_BYTES:
+        raise DataError(f"{name}: {len(entries)} images of {size[0]}x{size[1]} pixels take {fmt_limit(nbytes)}, over "
+                        f"the {fmt_limit(MAX_DATASET_BYTES)} limit; use fewer images")
+    images = np.empty(shape, dtype=np.uint8)
+    images[0] = first
+    for j, (_, label, data) in enumerate(entries[1:], start=1):
+        images[j] = decode(data, label, size, channels)
     labels = np.asarray([mapping[c] for c, _, _ in entries], dtype=np.int64)
     names = list(class_names) if class_names is not None else folders
     return ImageDataset(images, labels, names, name, source=source, meta={"folders": folders})
 
 
+_NUMBER = re.compile(r"[0-9]+")
+
+
+def _show_name(folder: str, n: int = 60) -> str:
+    """A folder name for a message: quoted, control characters escaped, long names cut."""
+    s = folder if len(folder) <= n else folder[:n] + "..."
+    return repr(s) if s.isprintable() else ascii(s)
+
+
 def _map_classes(folders: list[str], class_names: Sequence[str] | None, name: str) -> dict[str, int]:
-    """Map class folder names to label indices of a model with ``class_names``."""
+    """Map class folder names to label indices of a model with ``class_names``.
+
+    Folders match the model's classes by name (case-insensitive, ``/`` written as ``-``), else by number (ASCII
+    digits only: ``3``, ``03``), else by sorted order when the counts agree. Two folders for one class are refused.
+    """
     if class_names is None:
         return {f: i for i, f in enumerate(folders)}
     lowered = {c.lower().replace("/", "-"): i for i, c in enumerate(class_names)}
     by_name = {f: lowered.get(f.lower().replace("/", "-")) for f in folders}
+    out: dict[str, int] | None = None
     if all(v is not None for v in by_name.values()):
-        return {f: int(v) for f, v in by_name.items()}
-    if all(f.isdigit() for f in folders):
+        out = {f: int(v) for f, v in by_name.items()}  # type: ignore[arg-type]
+    elif all(_NUMBER.fullmatch(f) for f in folders):
         out = {f: int(f) for f in folders}
         bad = [f for f, v in out.items() if v >= len(class_names)]
         if bad:
-            raise DataError(f"{name}: class folder(s) {', '.join(bad)} out of range for a model with "
-                            f"{len(class_names)} classes")
+            raise DataError(f"{name}: class folder(s) {', '.join(_show_name(f) for f in bad[:5])} out of range for "
+                            f"a model with {len(class_names)} classes")
+    elif any(f.isdigit() or f.isnumeric() for f in folders) and all(f.isnumeric() for f in folders):
+        odd = [f for f in folders if not _NUMBER.fullmatch(f)]
+        raise DataError(f"{name}: class folder(s) {', '.join(_show_name(f) for f in odd[:5])} are not plain numbers "
+                        "(use the ASCII digits 0-9, or the class names)")
+    if out is not None:
+        seen: dict[int, str] = {}
+        for f, v in out.items():
+            if v in seen:
+                raise DataError(f"{name}: class folders {_show_name(seen[v])} and {_show_name(f)} both name class "
+                                f"{v} ({_show_name(class_names[v])}); merge them")
+            seen[v] = f
         return out
     if len(folders) > len(class_names):
         raise DataError(f"{name}: {len(folders)} class folders but the model has only {len(class_names)} classes")
@@ -453,12 +657,50 @@ def _is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_SUFFIXES) and not pathlib.PurePosixPath(name).name.startswith(".")
 
 
+def _hidden(parts: Sequence[str]) -> bool:
+    return any(p.startswith(".") or p == "__MACOSX" for p in parts)
+
+
+def _directory_entries(path: pathlib.Path, max_images: int) -> list[tuple[str, str, bytes]]:
+    """(class, label, bytes) of the images under ``path``: the class is the folder right under ``path``, images in
+    deeper sub-folders belong to it; hidden files and folders are skipped, symlinked folders are not followed, and
+    only regular files are read (at most :data:`MAX_UNCOMPRESSED_BYTES` in all)."""
+    entries: list[tuple[str, str, bytes]] = []
+    visited = 0
+    budget = MAX_UNCOMPRESSED_BYTES
+    classes = sorted(e.name for e in os.scandir(path) if e.is_dir(follow_symlinks=True) and not _hidden([e.name]))
+    for cls in classes:
+        for root, dirs, files in os.walk(path / cls, followlinks=False):
+            dirs[:] = sorted(d for d in dirs if not _hidden([d]))
+            visited += len(dirs) + len(files)
+            if visited > MAX_DIRECTORY_ENTRIES:
+                raise DataError(f"{path.name}: more than {MAX_DIRECTORY_ENTRIES:,} files and folders; point at a "
+                                "smaller folder")
+            rel = pathlib.Path(root).relative_to(path)
+            for fname in sorted(files):
+                if not _is_image_name(fname):
+                    continue
+                f = pathlib.Path(root) / fname
+                label = (rel / fname).as_posix()
+                if regular_size(f, "image", DataError) > budget:
+                    raise DataError(f"{path.name}: the image files hold more than {fmt_limit(MAX_UNCOMPRESSED_BYTES)}")
+                blob = read_regular(f, budget, "image", DataError)
+                budget -= len(blob)
+                entries.append((cls, label, blob))
+                if len(entries) > max_images:
+                    raise DataError(f"{path.name}: more than {max_images} images")
+    return entries
+
+
 def load_image_folder(path: str | pathlib.Path, image_size: tuple[int, int] | None = None, channels: int = 1,
                       class_names: Sequence[str] | None = None, max_images: int = MAX_IMAGES) -> ImageDataset:
     """Read an ImageFolder directory (``root/<class>/<image>``) or a ``.zip`` with the same layout.
 
+    The class of an image is the folder right under the root, in a directory and in a zip alike (images in deeper
+    sub-folders belong to that class; a zip whose images all lie in one top folder has that folder as its root).
     Images are decoded in memory (nothing is extracted), converted to ``channels`` and resized to ``image_size``
-    (default: the first image's size). Zips are checked for path traversal, zip bombs and size limits first.
+    (default: the first image's size). Zips are checked for path traversal, zip bombs and size limits first; every
+    image's pixel count is checked before it is decoded (:data:`MAX_IMAGE_PIXELS`); only regular files are read.
 
     Parameters
     ----------
@@ -474,34 +716,55 @@ def load_image_folder(path: str | pathlib.Path, image_size: tuple[int, int] | No
         Refuse sets larger than this.
     """
     path = pathlib.Path(path)
-    if not path.exists():
-        raise DataError(f"{path} does not exist")
+    if not os.path.lexists(path):
+        raise DataError(f"{show_path(path)} does not exist")
     if path.is_dir():
-        entries = []
-        for cls_dir in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            for f in sorted(cls_dir.rglob("*")):
-                if f.is_file() and _is_image_name(f.name):
-                    entries.append((cls_dir.name, f"{cls_dir.name}/{f.name}", f.read_bytes()))
-                    if len(entries) > max_images:
-                        raise DataError(f"{path.name}: more than {max_images} images")
+        entries = _directory_entries(path, max_images)
         return _assemble(entries, path.name, str(path), image_size, channels, class_names)
-    return load_image_zip(path.read_bytes(), path.name, image_size, channels, class_names, max_images)
+    data = read_regular(path, MAX_ZIP_BYTES, "data file", DataError)
+    return load_image_zip(data, path.name, image_size, channels, class_names, max_images)
+
+
+def _zip_directory_bytes(data: bytes) -> int | None:
+    """Size of a zip's central directory as its end record states it (what :mod:`zipfile` parses), or None."""
+    end_rec = getattr(zipfile, "_EndRecData", None)
+    if end_rec is None:
+        return None
+    try:
+        rec = end_rec(io.BytesIO(data))
+    except (OSError, ValueError, struct_error):
+        return None
+    return None if not rec else int(rec[zipfile._ECD_SIZE])  # type: ignore[attr-defined]
+
+
+def _zip_class(parts: tuple[str, ...], wrapper: bool) -> str | None:
+    """The class folder of a zip member (the folder right under the root), None for a file at the root."""
+    parts = parts[1:] if wrapper else parts
+    return parts[0] if len(parts) >= 2 else None
 
 
 def load_image_zip(data: bytes, name: str = "upload.zip", image_size: tuple[int, int] | None = None,
                    channels: int = 1, class_names: Sequence[str] | None = None,
                    max_images: int = MAX_IMAGES) -> ImageDataset:
     """Read an ImageFolder laid out inside a zip given as bytes (see :func:`load_image_folder`)."""
+    if len(data) > MAX_ZIP_BYTES:
+        raise DataError(f"{name} is {fmt_limit(len(data))}, over the {fmt_limit(MAX_ZIP_BYTES)} limit")
+    cd = _zip_directory_bytes(data)
+    if cd is not None and cd > MAX_ZIP_DIRECTORY_BYTES:
+        raise DataError(f"{name}: its directory of files is {fmt_limit(cd)}, over the "
+                        f"{fmt_limit(MAX_ZIP_DIRECTORY_BYTES)} limit (too many files)")
     try:
         zf = zipfile.ZipFile(io.BytesIO(data))
-    except (zipfile.BadZipFile, OSError, ValueError):
+    except (zipfile.BadZipFile, OSError, ValueError, struct_error, EOFError, NotImplementedError):
         raise DataError(f"{name} is not a valid zip file") from None
     with zf:
         infos = [i for i in zf.infolist() if not i.is_dir()]
+        if len(infos) > MAX_DIRECTORY_ENTRIES:
+            raise DataError(f"{name}: {len(infos):,} files, more than the limit of {MAX_DIRECTORY_ENTRIES:,}")
         for info in infos:
             p = pathlib.PurePosixPath(info.filename.replace("\\", "/"))
             if p.is_absolute() or ".." in p.parts or (p.parts and ":" in p.parts[0]):
-                raise DataError(f"{name}: refusing unsafe path {info.filename!r} in zip")
+                raise DataError(f"{name}: refusing unsafe path {_show_name(info.filename)} in zip")
         total = sum(i.file_size for i in infos)
         packed = sum(i.compress_size for i in infos)
         if total > MAX_UNCOMPRESSED_BYTES:
@@ -509,22 +772,29 @@ def load_image_zip(data: bytes, name: str = "upload.zip", image_size: tuple[int,
                             f"{MAX_UNCOMPRESSED_BYTES / 2**20:.0f} MiB limit")
         if packed and total / max(packed, 1) > MAX_COMPRESSION_RATIO and total > 10 * 2**20:
             raise DataError(f"{name}: compression ratio {total / packed:.0f}:1 looks like a zip bomb")
-        images = [i for i in infos if _is_image_name(i.filename) and "__MACOSX" not in i.filename]
+        images = []
+        for info in infos:
+            parts = pathlib.PurePosixPath(info.filename.replace("\\", "/")).parts
+            if _is_image_name(info.filename) and not _hidden(parts):
+                images.append((parts, info))
         if len(images) > max_images:
             raise DataError(f"{name}: {len(images)} images, more than the limit of {max_images}")
+        # one top folder holding everything (a zipped ImageFolder directory) is the root, not a class
+        tops = {parts[0] for parts, _ in images}
+        wrapper = len(tops) == 1 and all(len(parts) >= 3 for parts, _ in images)
         entries = []
-        for info in images:
-            parts = pathlib.PurePosixPath(info.filename.replace("\\", "/")).parts
-            if len(parts) < 2:
+        for parts, info in images:
+            cls = _zip_class(parts, wrapper)
+            if cls is None:
                 continue
-            # class = the folder right above the file; a single top-level wrapper folder is allowed.
-            cls = parts[-2]
             try:
                 blob = zf.read(info)
-            except (zipfile.BadZipFile, OSError, RuntimeError, NotImplementedError) as e:
-                raise DataError(f"{name}: cannot read {info.filename!r} from zip ({e.__class__.__name__})") from None
+            except (zipfile.BadZipFile, OSError, RuntimeError, NotImplementedError, ValueError, EOFError,
+                    zlib.error, struct_error) as e:
+                raise DataError(f"{name}: cannot read {_show_name(info.filename)} from zip "
+                                f"({e.__class__.__name__})") from None
             if len(blob) != info.file_size:
-                raise DataError(f"{name}: {info.filename!r} is not the size the zip declares")
+                raise DataError(f"{name}: {_show_name(info.filename)} is not the size the zip declares")
             entries.append((cls, info.filename, blob))
     return _assemble(entries, name, name, image_size, channels, class_names)
 
@@ -608,19 +878,25 @@ def build_assets(source: str | pathlib.Path | None = None, out_dir: str | pathli
     raw = find_fashion_mnist_raw(source)
     train = load_mnist_like(raw, True, FASHION_MNIST_CLASSES, "fashion-mnist/train")
     test = load_mnist_like(raw, False, FASHION_MNIST_CLASSES, "fashion-mnist/test")
+    from xaicomp_core.io.atomic import OutputGroup
+
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     eval_idx = balanced_indices(test.labels, 2000, 10, seed)
     train_idx = balanced_indices(train.labels, 6000, 10, seed + 1)
     ref_idx, ft_idx = train_idx[:1000], train_idx[1000:6000]
     summary = {}
+    group = OutputGroup()  # the three files land together (atomically), or none of them
     for split, ds, idx in (("eval", test, eval_idx), ("reference", train, ref_idx), ("train", train, ft_idx)):
         fname = BUILTIN_DATASETS["fashion-mnist"][split][0]
-        path = out_dir / fname
-        np.savez_compressed(path, images=ds.images[idx], labels=ds.labels[idx].astype(np.uint8),
+        buf = io.BytesIO()
+        np.savez_compressed(buf, images=ds.images[idx], labels=ds.labels[idx].astype(np.uint8),
                             class_names=np.asarray(FASHION_MNIST_CLASSES), source_indices=idx.astype(np.int32))
+        data = buf.getvalue()
+        group.add(out_dir / fname, data, f"asset {fname}")
         summary[split] = {"file": fname, "images": len(idx), "per_class": np.bincount(ds.labels[idx]).tolist(),
-                          "bytes": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+                          "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    group.commit()
     return summary
 
 

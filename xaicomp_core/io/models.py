@@ -9,9 +9,11 @@ to load is refused, never executed.
 
 from __future__ import annotations
 
+import io
 import json
 import pathlib
 import pickle
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +29,8 @@ MODELS_DIR = ASSETS_DIR / "models"
 FASHION_PREPROCESSING = Preprocessing((28, 28), 1, (0.2860,), (0.3530,))
 IMAGENET_PREPROCESSING = Preprocessing((224, 224), 3, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 MAX_WEIGHTS_BYTES = 1024 * 1024 * 1024
+#: Records (tensors) in one PyTorch zip weights file.
+MAX_WEIGHTS_RECORDS = 100_000
 
 
 @dataclass
@@ -214,12 +218,17 @@ def load_weights_file(path: str | pathlib.Path) -> dict[str, torch.Tensor]:
     WeightsError
         For missing, oversized, corrupt or unsafe files, and for NaN/inf values.
     """
+    from xaicomp_core.io.safe import read_regular
+
     path = pathlib.Path(path)
-    if not path.exists():
-        raise WeightsError(f"weights file {path} does not exist")
-    if path.stat().st_size > MAX_WEIGHTS_BYTES:
-        _too_big(path.name, path.stat().st_size)
-    return load_weights_bytes(path.read_bytes(), path.name)
+    # only a regular file (never a FIFO, device or directory, also behind a symlink), at most MAX_WEIGHTS_BYTES
+    return load_weights_bytes(read_regular(path, MAX_WEIGHTS_BYTES, "weights file", WeightsError), path.name)
+
+
+def _line(e: BaseException, n: int) -> str:
+    """The first non-empty line of an exception's message, at most ``n`` characters."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0][:n] if lines else e.__class__.__name__
 
 
 def _too_big(name: str, size: int) -> None:
@@ -228,8 +237,6 @@ def _too_big(name: str, size: int) -> None:
 
 def load_weights_bytes(data: bytes, name: str = "weights") -> dict[str, torch.Tensor]:
     """Like :func:`load_weights_file` for bytes already in memory (an upload)."""
-    import io
-
     if len(data) > MAX_WEIGHTS_BYTES:
         _too_big(name, len(data))
     if len(data) == 0:
@@ -242,22 +249,51 @@ def load_weights_bytes(data: bytes, name: str = "weights") -> dict[str, torch.Te
         try:
             state = st_load(data)
         except Exception as e:
-            raise WeightsError(f"{name} is not a valid safetensors file ({str(e)[:100]})") from None
+            raise WeightsError(f"{name} is not a valid safetensors file ({_line(e, 100)})") from None
     else:
+        _check_torch_zip(data, name)
         try:
             obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            msg = str(e).split("\n")[0] if "Unsupported" not in str(e) else "it contains Python objects"
+            msg = _line(e, 160) if "Unsupported" not in str(e) else "it contains Python objects"
             raise WeightsError(f"refusing to load {name}: it is not a plain tensor file ({msg[:160]}); only "
                                "state dicts of tensors are accepted, code in pickles is never run") from None
         except Exception as e:  # torch.load raises many types on garbage (IndexError, KeyError, RuntimeError, ...)
             raise WeightsError(f"{name} is corrupt or not a PyTorch weights file ({e.__class__.__name__}: "
-                               f"{str(e)[:100]})") from None
+                               f"{_line(e, 100)})") from None
         state = _extract_state_dict(obj, name)
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise WeightsError(f"{name}: tensor(s) {', '.join(bad[:5])} contain NaN or infinite values")
     return state
+
+
+def _check_torch_zip(data: bytes, name: str) -> None:
+    """Refuse a ``.pt``/``.pth`` file that is not torch's zip format with uncompressed records of at most
+    :data:`MAX_WEIGHTS_BYTES` in all.
+
+    torch.save has written that format since PyTorch 1.6; what it stores is then bounded by the file's own size. The
+    legacy format (and a plain pickle) allocates storages from sizes the file declares before reading them, and a
+    compressed record could unpack far beyond the file, so neither is read.
+    """
+    import zipfile
+
+    if not data.startswith(b"PK"):
+        raise WeightsError(f"refusing to load {name}: it is neither safetensors nor a PyTorch zip file (torch.save "
+                           "since PyTorch 1.6), so it is corrupt, a legacy file or a plain pickle; code in pickles is "
+                           "never run -- re-save the state dict with a current torch.save or as safetensors")
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            infos = zf.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, struct.error):
+        raise WeightsError(f"{name} is corrupt or not a PyTorch weights file (a broken zip)") from None
+    if len(infos) > MAX_WEIGHTS_RECORDS:
+        raise WeightsError(f"{name} holds {len(infos):,} records, more than the limit of {MAX_WEIGHTS_RECORDS:,}")
+    if any(i.compress_type != zipfile.ZIP_STORED for i in infos):
+        raise WeightsError(f"{name} has compressed records; torch.save never writes those (refused: they could "
+                           "unpack far beyond the file)")
+    if sum(i.file_size for i in infos) > MAX_WEIGHTS_BYTES:
+        _too_big(name, sum(i.file_size for i in infos))
 
 
 def _extract_state_dict(obj: Any, name: str) -> dict[str, torch.Tensor]:
@@ -290,9 +326,30 @@ def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], na
         if shapes:
             parts.append(f"shape mismatches (file vs model): {_short(shapes)}")
         raise WeightsError(f"{name} do not fit {type(model).__name__}: " + "; ".join(parts))
+    kinds = [f"{k} ({str(state[k].dtype).removeprefix('torch.')} for a "
+             f"{str(own[k].dtype).removeprefix('torch.')} entry)"
+             for k in state if not _dtype_fits(state[k], own[k])]
+    if kinds:
+        raise WeightsError(f"{name}: tensor(s) of the wrong kind, refused rather than converted: {_short(kinds)}; "
+                           "weights must be floating-point tensors")
     full = dict(own)
     full.update({k: v.to(own[k].dtype) for k, v in state.items()})
     model.load_state_dict(full, strict=True)
+
+
+def _dtype_fits(value: torch.Tensor, own: torch.Tensor) -> bool:
+    """Whether ``value`` may be converted to ``own``'s dtype without changing what it means: any float to a float
+    parameter (fp16/bf16/fp64 -> fp32), an integer to an integer buffer (``num_batches_tracked``), or a float holding
+    whole numbers to an integer buffer. Integer, boolean or complex tensors for float parameters are refused."""
+    if own.is_floating_point():
+        return value.is_floating_point()
+    if own.dtype == torch.bool:
+        return value.dtype == torch.bool
+    if value.is_complex() or value.dtype == torch.bool:
+        return False
+    if value.is_floating_point():
+        return bool(torch.isfinite(value).all()) and bool((value == value.round()).all())
+    return True
 
 
 def _short(items: list[str], n: int = 6) -> str:
@@ -306,15 +363,29 @@ def infer_num_classes(state: dict[str, torch.Tensor]) -> int | None:
     return int(mats[-1].shape[0]) if mats else None
 
 
+#: Loaders of model kinds defined in their own modules, consulted first by :func:`load_model`: each is
+#: ``(accepts(arch, weights, weights_name), load(arch, weights, weights_name, declared))``.
+#: :mod:`xaicomp_core.io.onnx_import` (``.onnx`` files) and :mod:`xaicomp_core.io.user_code` (``file.py:factory``)
+#: register theirs when imported (``import xaicomp_core`` imports both).
+MODEL_LOADERS: list[tuple[Callable[..., bool], Callable[..., nn.Module]]] = []
+
+
 def load_model(arch: str = DEFAULT_MODEL, weights: str | pathlib.Path | bytes | None = None,
                weights_name: str | None = None, pretrained: bool = True, allow_random: bool = False,
-               class_names: list[str] | None = None, preprocessing: Preprocessing | None = None) -> nn.Module:
-    """The front door: a built-in model, a torchvision architecture, or an architecture with user weights.
+               class_names: list[str] | None = None, preprocessing: Preprocessing | None = None,
+               declared: Any = None) -> nn.Module:
+    """The front door: a built-in model, a torchvision architecture, an architecture with user weights, an ONNX
+    file or a Python factory.
 
     Parameters
     ----------
     arch : str
-        Built-in name (``fashion-vgg``...) or torchvision name (``resnet18``...).
+        Built-in name (``fashion-vgg``...), torchvision name (``resnet18``...), the path of an ``.onnx`` file (or
+        ``"onnx"`` with its bytes as ``weights``), or ``path/to/file.py:factory`` (runs that file: an explicit
+        opt-in).
+    declared : InputSpec, optional
+        For ONNX files and Python factories: declared input size, mean/std, pixel range and class names
+        (:class:`~xaicomp_core.io.onnx_import.InputSpec`).
     weights : path or bytes, optional
         A ``.safetensors`` / ``.pt`` / ``.pth`` state dict to load into ``arch``.
     weights_name : str, optional
@@ -324,7 +395,10 @@ def load_model(arch: str = DEFAULT_MODEL, weights: str | pathlib.Path | bytes | 
     class_names, preprocessing : optional
         Override what is inferred.
     """
-    if weights is None:
+    loader = next((load for accepts, load in MODEL_LOADERS if accepts(arch, weights, weights_name)), None)
+    if loader is not None:
+        model = loader(arch, weights, weights_name, declared)
+    elif weights is None:
         if arch in BUILTIN_MODELS:
             model = load_builtin_model(arch)
         else:
