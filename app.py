@@ -24,6 +24,7 @@ from pages.common import (
     digest,
     leave_pages_directory_mode,
     model_choices,
+    set_data_note,
     set_settings,
 )
 
@@ -85,7 +86,6 @@ def _sidebar() -> Settings:
                            label_visibility="collapsed")
         if dsource == "builtin":
             data = DataSpec("builtin", "fashion-mnist")
-            st.caption("2,000 test images for accuracy, 1,000 training images as LRP reference (100 per class).")
         elif dsource == "zip":
             f = st.file_uploader("Zip with one folder of images per class", type=["zip"], key="sb_data_zip")
             st.caption("Folders named after the model's classes (or 0…N-1). Half of the images (balanced) score "
@@ -102,6 +102,8 @@ def _sidebar() -> Settings:
             root = st.text_input("Folder (torchvision root)", key="sb_tv_root", persist_state="session",
                                  placeholder="/data/torchvision")
             data = DataSpec("torchvision", tv_name, root=root)
+        # The counts in use: the page replaces this note once the data is loaded (pages.common.show_data_note).
+        data_note = st.empty()
         eval_samples = int(st.number_input("Evaluation images", min_value=50, max_value=20_000,
                                            value=DEFAULT_EVAL_SAMPLES, step=50, key="sb_eval_samples",
                                            help="A class-balanced subset of the evaluation data."))
@@ -119,6 +121,8 @@ def _sidebar() -> Settings:
                                          "per setting and cached."))
     settings = Settings(model, data, comp, n_ref)
     set_settings(settings, uploads)
+    set_data_note(data_note, f"Up to {eval_samples:,} images measure accuracy and {n_ref:,} are the LRP reference "
+                             "(class-balanced).")
     return settings
 
 

@@ -6,19 +6,25 @@ Pages then call:
 * :func:`get_session` -- the shared, cached :class:`~xaicomp_core.CompressionSession` for those settings, with the
   relevance of the chosen LRP composite computed (once, with a progress bar) and cached; :func:`page_session`
   starts a page with its title and caption and stops it when there is no session;
-* :func:`get_plan` / :func:`set_plan` -- this browser session's current :class:`~xaicomp_core.CompressionPlan`;
+* :func:`get_plan` / :func:`set_plan` -- this browser session's current :class:`~xaicomp_core.CompressionPlan`
+  (``get_plan(session)``: fitted to the loaded model and data, see :func:`fit_plan`);
+* :func:`control` / :func:`set_control` -- the value of every page control (widget), owned here so that it survives
+  errors, reruns, page switches and model or data changes;
 * :func:`evaluate` -- ``session.evaluate(plan)`` with plan errors shown as a readable message;
 * :func:`model_label` -- a one-line description of what is loaded.
 
 Cached objects (models, data sets, sessions) are shared by all browser sessions and never mutated here: the session
 caches relevance and results internally and is thread-safe. Each browser session has its own plan, sweep results
-and widget state in ``st.session_state``.
+and control values in ``st.session_state``.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -151,7 +157,7 @@ def composite() -> str:
 
 def pixel_composite() -> str:
     """The LRP composite for pixel heatmaps: the user's choice on the Relevance page, else :data:`PIXEL_COMPOSITE`."""
-    chosen = st.session_state.get("_pixel_composite")
+    chosen = control_value("rel_pixel_composite")
     return chosen if chosen in COMPOSITES else (PIXEL_COMPOSITE if PIXEL_COMPOSITE in COMPOSITES else composite())
 
 
@@ -284,6 +290,31 @@ def ensure_relevance(session: CompressionSession, composite_name: str) -> None:
         bar.empty()
 
 
+def awaiting_input(settings: Settings) -> str | None:
+    """What the sidebar still needs from the user before anything can load (Markdown), or None.
+
+    These are not errors -- nothing went wrong yet -- so the pages show them as an explanation: a torchvision
+    architecture without weights, the weights or zip upload not made yet, a torchvision folder not named yet.
+    """
+    m, d = settings.model, settings.data
+    uploads = st.session_state.get(UPLOADS_KEY) or {}
+    if m.source == "torchvision" and not m.random_weights:
+        return (f"**{m.arch} needs weights.** This app never downloads pretrained weights. Tick **random weights** "
+                "in the sidebar to explore the mechanics on an untrained network (its accuracy is chance, about "
+                "one class in ten), or choose **Upload your weights** to load your own trained file.")
+    if m.source == "upload" and not uploads.get("weights"):
+        return (f"**Upload the weights** of your {m.arch} in the sidebar: a state dict as .safetensors, .pt or .pth "
+                "(read safely: a pickle that would run code is refused).")
+    if d.source == "zip" and not uploads.get("data"):
+        return ("**Upload a .zip** in the sidebar with one folder of images per class (named after the model's "
+                "classes, or 0…N-1). Half of the images (class-balanced) score the weights, the other half measure "
+                "accuracy; a few hundred images or more give meaningful numbers.")
+    if d.source == "torchvision" and not d.root.strip():
+        return (f"**Enter the folder** that holds the torchvision {d.name} data (the `root` you gave torchvision): "
+                "nothing is downloaded.")
+    return None
+
+
 def get_session() -> CompressionSession | None:
     """The shared, cached session for the sidebar's settings, with relevance for the chosen composite ensured.
 
@@ -312,23 +343,84 @@ def get_session() -> CompressionSession | None:
 def page_session(title: str, caption: str) -> CompressionSession:
     """Start a page: its title and caption, then the shared session from :func:`get_session`.
 
-    Stops the page (below the readable error that :func:`get_session` shows) when there is no session.
+    Stops the page below an explanation when the sidebar still awaits input (:func:`awaiting_input`), or below the
+    readable error that :func:`get_session` shows when there is no session. With a session, the sidebar's data note
+    shows the image counts really used, and a warning says when there are too few evaluation images to mean much.
     """
     st.title(title)
     st.caption(caption)
+    waiting = awaiting_input(get_settings())
+    if waiting:
+        st.info(waiting, icon=":material/info:")
+        st.stop()
     session = get_session()
     if session is None:
         st.stop()
+    show_data_note(session)
+    few = few_images_warning(session)
+    if few:
+        st.warning(few, icon=":material/warning:")
     return session
+
+
+#: Below this many evaluation images an accuracy is mostly noise (the pages say so).
+FEW_EVAL_IMAGES = 100
+DATA_NOTE_KEY = "_data_note"
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95 % Wilson score interval of a proportion ``correct / n`` (sensible also at 0 % and 100 %)."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = correct / n
+    den = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def few_images_warning(session: CompressionSession) -> str | None:
+    """A warning (Markdown) when the evaluation set is too small for its accuracy to mean much, else None."""
+    n = len(session.y_eval)
+    if n >= FEW_EVAL_IMAGES:
+        return None
+    lo, hi = wilson_interval(session.baseline_correct, n)
+    return (f"**Only {n} evaluation images: the accuracies here say little.** One image is {100 / n:.1f} points; "
+            f"the original model's {fmt_pct(session.baseline_accuracy)} ({session.baseline_correct} of {n}) means "
+            f"anything from {fmt_pct(lo, 0)} to {fmt_pct(hi, 0)} (95 % binomial interval), and plans a few points "
+            f"apart cannot be told apart. Use at least {FEW_EVAL_IMAGES} (better a few hundred) evaluation images.")
+
+
+def set_data_note(slot: Any, text: str) -> None:
+    """Show ``text`` in the sidebar's data note ``slot`` (an ``st.empty``) and keep the slot for this run, so that
+    :func:`show_data_note` can replace it with the counts really used once the data is loaded."""
+    slot.caption(text)
+    st.session_state[DATA_NOTE_KEY] = slot
+
+
+def show_data_note(session: CompressionSession) -> None:
+    """Write the image counts of ``session`` into the sidebar's data note (drawn by ``app.py`` this run)."""
+    slot = st.session_state.get(DATA_NOTE_KEY)
+    if slot is None:
+        return
+    s = get_settings()
+    n_eval, n_ref = len(session.y_eval), len(session.x_ref)
+    asked = ""
+    if n_eval < s.data.eval_samples or n_ref < s.reference_samples:
+        asked = f" (all the data has; {s.data.eval_samples:,} and {s.reference_samples:,} asked)"
+    tune = "; training images for fine-tuning" if session.can_finetune else "; no training images (no fine-tuning)"
+    slot.caption(f"In use: {n_eval:,} images measure accuracy, {n_ref:,} are the LRP reference{asked}, "
+                 f"class-balanced{tune}.")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Plan of this browser session
 # ----------------------------------------------------------------------------------------------------------------
-def get_plan() -> CompressionPlan:
+def get_plan(session: CompressionSession | None = None) -> CompressionPlan:
     """This browser session's current plan (its ``composite`` always follows the sidebar's LRP setting).
 
-    New sessions start from :func:`default_plan`.
+    New sessions start from :func:`default_plan`. With ``session``, the plan fitted to what is loaded
+    (:func:`fit_plan`); the stored plan itself is never changed by a model or data change.
     """
     plan = st.session_state.get(PLAN_KEY)
     if not isinstance(plan, CompressionPlan):
@@ -337,28 +429,123 @@ def get_plan() -> CompressionPlan:
     if plan.composite != composite():
         plan = plan.replace(composite=composite())
         st.session_state[PLAN_KEY] = plan
-    return plan
+    return plan if session is None else fit_plan(plan, session)[0]
+
+
+def fit_plan(plan: CompressionPlan, session: CompressionSession) -> tuple[CompressionPlan, list[str]]:
+    """``plan`` adapted to the loaded model and data, and one sentence (Markdown) per adaptation.
+
+    The stored plan keeps the user's choices, so they apply again when a model or data set that fits them comes
+    back: today the only adaptation is fine-tuning, switched off for data without training images.
+    """
+    notes = []
+    if plan.finetune_epochs and not session.can_finetune:
+        notes.append(f"**Fine-tuning is off for this data**: it has no training images (built-in data and "
+                     f"torchvision folders have). The plan's {plan.finetune_epochs} epoch(s) apply again there.")
+        plan = plan.replace(finetune_epochs=0)
+    return plan, notes
 
 
 def set_plan(plan: CompressionPlan) -> None:
     """Make ``plan`` this browser session's current plan.
 
     The plan is validated first (a :class:`~xaicomp_core.PlanError` propagates). If its composite differs from the
-    sidebar's, the sidebar switches to it on the next rerun. Widgets of the Compress page are re-initialised from
-    the plan.
+    sidebar's, the sidebar switches to it on the next rerun. The Compress page's controls (``cp_*``) are redrawn
+    from the plan.
     """
     plan = plan.validate()
     st.session_state[PLAN_KEY] = plan
     if plan.composite != composite():
         st.session_state[PENDING_COMPOSITE_KEY] = plan.composite
-    for key in list(st.session_state.keys()):
-        if isinstance(key, str) and key.startswith("cp_"):
-            del st.session_state[key]
+    reset_controls("cp_")
 
 
 def remember_plan(plan: CompressionPlan) -> None:
-    """Store ``plan`` as the current plan without touching any widget (used by the Compress page's own controls)."""
+    """Store ``plan`` as the current plan without touching any control (the Compress page's controls describe it)."""
     st.session_state[PLAN_KEY] = plan
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Controls: the value of every widget of the pages lives here, not in Streamlit's widget state
+# ----------------------------------------------------------------------------------------------------------------
+#: ``{"values": {name: value}, "generation": {name: int}}`` in ``st.session_state``.
+CONTROLS_KEY = "_controls"
+
+
+@dataclass(frozen=True)
+class Control:
+    """How to draw one page control: its widget ``key`` and the ``value`` to pass as the widget's default.
+
+    Streamlit forgets a widget's value whenever a run ends without drawing it (an error and ``st.stop()`` above
+    it, another page, a condition that hides it), and a value written back with ``st.session_state[key] = ...``
+    before the widget is drawn is not always shown by the browser: the widget appears at its default while the
+    script reads the stored value. So a control's value is kept here (:func:`control`) and always handed to the
+    widget as its default (``value=``, ``index=``, ``default=``); the widget writes changes back through
+    :meth:`commit` (``on_change``) and :meth:`keep` (what it returned). The key is the control's name until code
+    changes the value (:func:`set_control`): then a new key makes the browser draw a new widget with the new value.
+    """
+
+    name: str
+    key: str
+    value: Any
+
+    def commit(self) -> None:
+        """``on_change`` callback: store the widget's new value."""
+        if self.key in st.session_state:
+            _controls()["values"][self.name] = copy.deepcopy(st.session_state[self.key])
+
+    def keep(self, value: Any) -> Any:
+        """Store what the widget returned (call it on the widget's return value) and return it."""
+        _controls()["values"][self.name] = copy.deepcopy(value)
+        return value
+
+    def index_in(self, options: list[Any], fallback: int = 0) -> int:
+        """The value's position in ``options`` (for ``index=``); ``fallback`` if it is not one of them."""
+        return options.index(self.value) if self.value in options else fallback
+
+
+def _controls() -> dict[str, dict[str, Any]]:
+    store = st.session_state.get(CONTROLS_KEY)
+    if not isinstance(store, dict):
+        store = {"values": {}, "generation": {}}
+        st.session_state[CONTROLS_KEY] = store
+    return store
+
+
+def control_key(name: str) -> str:
+    """The widget key of control ``name`` now (its name, or ``name~N`` after code changed its value N times)."""
+    gen = _controls()["generation"].get(name, 0)
+    return name if gen == 0 else f"{name}~{gen}"
+
+
+def control(name: str, default: Any) -> Control:
+    """The control ``name``: its stored value, or ``default`` if it has none yet (first visit, after a reset)."""
+    values = _controls()["values"]
+    return Control(name, control_key(name), copy.deepcopy(values[name]) if name in values else default)
+
+
+def control_value(name: str, default: Any = None) -> Any:
+    """The stored value of control ``name`` (``default`` if none)."""
+    return copy.deepcopy(_controls()["values"].get(name, default))
+
+
+def set_control(name: str, value: Any) -> None:
+    """Change a control's value from code; its widget is redrawn with it (under a new key if it was drawn before) on
+    this or the next run (call it before the widget is drawn, or from a callback)."""
+    store = _controls()
+    if name in store["values"]:  # its widget was drawn with the old value: a new key draws a new one
+        store["generation"][name] = store["generation"].get(name, 0) + 1
+    store["values"][name] = copy.deepcopy(value)
+
+
+def reset_controls(prefix: str) -> None:
+    """Forget the values of the controls whose names start with ``prefix`` (they return to the defaults their page
+    passes, e.g. the current plan); their widgets are redrawn under new keys."""
+    store = _controls()
+    names = {n for n in [*store["values"], *store["generation"]] if n.startswith(prefix)}
+    for name in names:
+        store["values"].pop(name, None)
+        store["generation"][name] = store["generation"].get(name, 0) + 1
 
 
 def comparison_plan(plan: CompressionPlan, result: EvaluationResult) -> CompressionPlan:
@@ -416,11 +603,20 @@ def evaluate(session: CompressionSession, plan: CompressionPlan) -> EvaluationRe
 # ----------------------------------------------------------------------------------------------------------------
 # Labels and small shared widgets
 # ----------------------------------------------------------------------------------------------------------------
+def pp_delta(dx: float) -> dict[str, Any]:
+    """``st.metric`` keyword arguments for an accuracy change ``dx``: ``+1.25 pp`` green and up, ``-1.25 pp`` red
+    and down, and a change that rounds to zero (``+0.00 pp``) grey without an arrow."""
+    text = fmt_pp(dx)
+    if text == fmt_pp(0.0):
+        return {"delta": text, "delta_color": "off", "delta_arrow": "off"}
+    return {"delta": text}
+
+
 def result_metrics(result: EvaluationResult) -> None:
     """Three tiles in a row: accuracy (and its change), size (and the reduction against fp32), compression ratio."""
     size = result.size
     c1, c2, c3 = st.columns(3)
-    c1.metric("Accuracy", fmt_pct(result.accuracy), fmt_pp(result.accuracy_change), border=True,
+    c1.metric("Accuracy", fmt_pct(result.accuracy), **pp_delta(result.accuracy_change), border=True,
               help=f"{result.correct} of {result.images} evaluation images correct "
                    f"(original: {result.baseline_correct}).")
     c2.metric("Size", fmt_bytes(size.estimated_bytes), f"{-100 * size.reduction:.1f}% vs fp32",
@@ -428,6 +624,43 @@ def result_metrics(result: EvaluationResult) -> None:
               help=f"{size.estimated_bytes:,} bytes estimated for the packed file vs {size.fp32_bytes:,} fp32 bytes.")
     c3.metric("Compression ratio", f"{result.compression_ratio:.2f}×", border=True,
               help="fp32 dense bytes / compressed bytes")
+
+
+#: An accuracy at most this far above chance (1 / number of classes) is called "close to chance".
+NEAR_CHANCE = 0.10
+#: A drop of the paper rule larger than this gets the explanation of what the rule removes.
+PAPER_DROP = 0.05
+
+
+def explain_collapse(plan: CompressionPlan, result: EvaluationResult) -> str | None:
+    """Why the accuracy fell the way it did (Markdown), from the result's own numbers; None if nothing to explain.
+
+    Near chance (one in the number of classes) it says so and which class the model now answers for most images;
+    for the paper rule it says what the rule removes -- each neuron's inhibitory inputs -- and how much of each layer
+    that is (the per-layer sparsity of the result).
+    """
+    k = len(result.class_names)
+    chance = 1 / max(k, 1)
+    parts = []
+    if result.accuracy <= chance + NEAR_CHANCE < result.baseline_accuracy:
+        preds = result.predictions.tolist()
+        top, count = Counter(preds).most_common(1)[0] if preds else (0, 0)
+        near = "" if abs(result.accuracy - chance) < 0.01 else "close to "
+        parts.append(f"**{fmt_pct(result.accuracy)} is {near}chance for {k} classes** ({fmt_pct(chance, 0)}, one "
+                     f"image in {k}): the compressed model no longer tells the classes apart — it answers "
+                     f"*{result.class_names[int(top)]}* for {count / max(len(preds), 1):.0%} of the images.")
+    if plan.criterion == "paper" and result.accuracy_change < -PAPER_DROP:
+        per_layer = ", ".join(f"{s.name.removesuffix('.weight')} {s.sparsity:.0%}" for s in result.layers)
+        parts.append("The paper rule prunes every weight whose relevance is ≤ 0: the unused ones (zero) and the "
+                     "**inhibitory inputs** of each neuron (negative relevance: mostly negative weights on active "
+                     "inputs, evidence against the class). They are what hold each neuron's output in check; "
+                     "without them the remaining excitatory weights drive the same few outputs up for every image. "
+                     f"Here the rule removes {fmt_pct(result.sparsity, 1)} of the weights — per layer: "
+                     f"{per_layer}.")
+    elif parts:
+        parts.append(f"{plan.criterion} removed {fmt_pct(result.sparsity, 1)} of the weights; try a lower prune "
+                     "ratio or more bits.")
+    return " ".join(parts) or None
 
 
 def model_label(session: CompressionSession | None = None) -> str:
@@ -469,11 +702,12 @@ def run_with_progress(label: str, work: Callable[[Callable[[int, int], None]], A
 
 
 __all__ = [
-    "COMPOSITES", "DEFAULT_MODEL", "PIXEL_COMPOSITE", "DataSpec", "ModelSpec", "Settings", "builtin_available",
-    "comparison_plan", "composite", "cuts_to_split", "default_plan", "digest", "ensure_relevance", "evaluate",
+    "COMPOSITES", "Control", "DEFAULT_MODEL", "DataSpec", "ModelSpec", "PIXEL_COMPOSITE", "Settings", "awaiting_input",
+    "builtin_available", "comparison_plan", "composite", "control", "control_key", "control_value", "cuts_to_split",
+    "default_plan", "digest", "ensure_relevance", "evaluate", "explain_collapse", "few_images_warning", "fit_plan",
     "fmt_bytes", "fmt_pct", "fmt_pp", "get_plan", "get_session", "get_settings", "leave_pages_directory_mode",
-    "model_choices", "model_label", "page_session", "per_session_cache", "pixel_composite", "remember_plan",
-    "result_metrics",
-    "run_with_progress", "session_for", "session_scope_key", "set_plan", "set_settings", "split_to_cuts",
+    "model_choices", "model_label", "page_session", "per_session_cache", "pixel_composite", "pp_delta",
+    "remember_plan", "reset_controls", "result_metrics", "run_with_progress", "session_for", "session_scope_key",
+    "set_control", "set_data_note", "set_plan", "set_settings", "show_data_note", "split_to_cuts", "wilson_interval",
     "with_finetuning",
 ]

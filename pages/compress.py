@@ -1,8 +1,11 @@
 """Compress: choose a criterion, prune ratio and bit widths; see accuracy and size at once.
 
-The controls and everything that depends on them live in one ``st.fragment``: moving a slider reruns only this
-panel (never the sidebar or the relevance), and the engine answers from cached relevance and sorted scores with one
-forward pass over the evaluation set.
+The panel has three parts, each a function: :func:`plan_controls` (the plan's widgets; their values live in
+``pages.common``'s control store, so an error elsewhere, a page switch or a model change never resets them),
+:func:`show_result` (the engine's evaluation of the plan) and :func:`show_comparison` (the same plan with the classic
+criterion). They run in one ``st.fragment``: moving a slider reruns only this panel (never the sidebar or the
+relevance), and the engine answers from cached relevance and sorted scores with one forward pass over the
+evaluation set.
 """
 
 from __future__ import annotations
@@ -11,31 +14,27 @@ import streamlit as st
 
 from pages.common import (
     comparison_plan,
+    control,
     cuts_to_split,
     evaluate,
+    explain_collapse,
+    fit_plan,
     fmt_bytes,
     fmt_pct,
     fmt_pp,
     get_plan,
     model_label,
     page_session,
+    pp_delta,
     remember_plan,
     result_metrics,
     split_to_cuts,
 )
-from xaicomp_core import CRITERIA, CompressionPlan, CompressionSession, PlanError
+from xaicomp_core import CRITERIA, CompressionPlan, CompressionSession, EvaluationResult, PlanError
 from xaicomp_core.plan import BIT_RANKINGS, FP32, GRANULARITIES, QUANTIZERS, SCOPES
 from xaicomp_core.viz import figures
+from xaicomp_core.viz.style import criterion_option
 
-CRITERION_LABELS = {
-    "paper": "paper rule — prune relevance ≤ 0",
-    "lrp": "lrp — lowest |relevance| first",
-    "lrp-signed": "lrp-signed — negative relevance first",
-    "lrp-zero": "lrp-zero — only zero relevance (free)",
-    "magnitude": "magnitude — smallest |weight| first",
-    "random": "random — seeded baseline",
-    "lrp-filter": "lrp-filter — whole filters by relevance",
-}
 LEVEL_OPTIONS = [FP32, 8, 7, 6, 5, 4, 3, 2, 1]
 MAX_LEVELS = 4
 
@@ -44,90 +43,97 @@ def _bits_label(b: int) -> str:
     return "fp32" if b == FP32 else f"{b} bits"
 
 
-def _init_widgets(plan: CompressionPlan) -> None:
-    """Put the plan's values into the widgets' state (only for widgets not yet in the session state)."""
-    cuts = split_to_cuts(plan.bit_split)
-    defaults = {
-        "cp_criterion": plan.criterion,
-        "cp_ratio": int(round(100 * plan.prune_ratio)),
-        "cp_levels": list(plan.bit_levels),
-        "cp_granularity": plan.granularity,
-        "cp_scope": plan.scope,
-        "cp_protect": plan.protect == "first-last",
-        "cp_ranking": plan.bit_ranking,
-        "cp_quantizer": plan.quantizer,
-        "cp_seed": plan.seed,
-        "cp_ft_epochs": plan.finetune_epochs,
-    }
-    n = len(plan.bit_levels)
-    if n == 2:
-        defaults["cp_cut2"] = cuts[0]
-    elif n == 3:
-        defaults["cp_cut3"] = (cuts[0], cuts[1])
-    elif n >= 4:
-        for i, c in enumerate(cuts):
-            defaults[f"cp_cut{n}_{i}"] = c
-    for k, v in defaults.items():
-        if k not in st.session_state:
-            st.session_state[k] = v
+def _cut_defaults(plan: CompressionPlan, n: int) -> list[int]:
+    """Cumulative thresholds (percent) for ``n`` bit levels: the plan's if it has ``n`` levels, else even-ish ones."""
+    if len(plan.bit_levels) == n:
+        return split_to_cuts(plan.bit_split)
+    return {2: [50], 3: [20, 70]}.get(n, [min(100, 25 * (i + 1)) for i in range(n - 1)])
 
 
-def _controls(plan: CompressionPlan, session: CompressionSession) -> CompressionPlan | None:
-    """Draw the plan controls; return the plan they describe (None, with a message, if it is invalid)."""
-    criterion = st.selectbox("Criterion", list(CRITERIA), format_func=lambda c: CRITERION_LABELS.get(c, c),
-                             key="cp_criterion", help="\n".join(f"- **{k}**: {v[0]}" for k, v in CRITERIA.items()))
+def plan_controls(plan: CompressionPlan, session: CompressionSession) -> CompressionPlan | None:
+    """Draw the plan's controls; return the plan they describe (None, with a message, if it is invalid).
+
+    Each control starts from its stored value, or from ``plan`` (the current plan) the first time.
+    """
+    names = list(CRITERIA)
+    c = control("cp_criterion", plan.criterion)
+    criterion = c.keep(st.selectbox(
+        "Criterion", names, index=c.index_in(names, names.index("lrp") if "lrp" in names else 0),
+        format_func=criterion_option, key=c.key, on_change=c.commit,
+        help="\n".join(f"- **{k}**: {v[0]}" for k, v in CRITERIA.items())))
     uses_ratio = CRITERIA[criterion][1]
-    ratio = st.slider("Prune ratio (% of weights removed)", 0, 95, step=5, key="cp_ratio", disabled=not uses_ratio,
-                      format="%d%%")
+    c = control("cp_ratio", int(round(100 * plan.prune_ratio)))
+    ratio = c.keep(st.slider("Prune ratio (% of weights removed)", 0, 95, value=c.value, step=5, key=c.key,
+                             on_change=c.commit, disabled=not uses_ratio, format="%d%%"))
     if not uses_ratio:
-        st.caption(f"**{criterion}** decides by itself which weights to prune: {CRITERIA[criterion][0]}.")
+        st.caption(f"**{criterion}** decides by itself which weights to prune ({CRITERIA[criterion][0]}); the "
+                   "result shows the share it removed.")
 
     st.markdown("**Bit widths of the kept weights**")
-    levels = st.multiselect("Bit levels", LEVEL_OPTIONS, key="cp_levels", format_func=_bits_label,
-                            max_selections=MAX_LEVELS,
-                            help="Higher-ranked kept weights get the first level, the rest the next ones.")
+    c = control("cp_levels", list(plan.bit_levels))
+    levels = c.keep(st.multiselect(
+        "Bit levels", LEVEL_OPTIONS, default=[b for b in c.value if b in LEVEL_OPTIONS][:MAX_LEVELS], key=c.key,
+        on_change=c.commit, format_func=_bits_label, max_selections=MAX_LEVELS,
+        help="Higher-ranked kept weights get the first level, the rest the next ones."))
     levels = sorted(set(levels), reverse=True)
-    cuts: list[int] = []
     n = len(levels)
+    defaults = _cut_defaults(plan, n)
+    cuts: list[int] = []
     if n == 2:
-        st.session_state.setdefault("cp_cut2", 50)
-        cuts = [st.slider(f"Share at {_bits_label(levels[0])} (the rest {_bits_label(levels[1])})", 0, 100, step=5,
-                          key="cp_cut2", format="%d%%")]
+        c = control("cp_cut2", defaults[0])
+        cuts = [c.keep(st.slider(f"Share at {_bits_label(levels[0])} (the rest {_bits_label(levels[1])})", 0, 100,
+                                 value=c.value, step=5, key=c.key, on_change=c.commit, format="%d%%"))]
     elif n == 3:
-        st.session_state.setdefault("cp_cut3", (20, 70))
-        a, b = st.slider(f"Thresholds: top → {_bits_label(levels[0])} | middle → {_bits_label(levels[1])} | "
-                         f"rest → {_bits_label(levels[2])}", 0, 100, step=5, key="cp_cut3", format="%d%%")
+        c = control("cp_cut3", tuple(defaults))
+        a, b = c.keep(st.slider(f"Thresholds: top → {_bits_label(levels[0])} | middle → {_bits_label(levels[1])} | "
+                                f"rest → {_bits_label(levels[2])}", 0, 100, value=tuple(c.value), step=5, key=c.key,
+                                on_change=c.commit, format="%d%%"))
         cuts = [a, b]
     elif n >= 4:
         for i in range(n - 1):
-            k = f"cp_cut{n}_{i}"
-            st.session_state.setdefault(k, min(100, 25 * (i + 1)))
-            cuts.append(st.slider(f"Top share up to {_bits_label(levels[i])} (cumulative)", 0, 100, step=5,
-                                  key=k, format="%d%%"))
+            c = control(f"cp_cut{n}_{i}", defaults[i])
+            cuts.append(c.keep(st.slider(f"Top share up to {_bits_label(levels[i])} (cumulative)", 0, 100,
+                                         value=c.value, step=5, key=c.key, on_change=c.commit, format="%d%%")))
     if n >= 2:
         shares = [*cuts_to_split(cuts), 1 - cuts[-1] / 100]
         st.caption(" · ".join(f"{max(s, 0):.0%} at {_bits_label(b)}" for s, b in zip(shares, levels))
                    + " of the kept weights, ranked by the bit ranking below.")
-    granularity = st.radio("Bit width chosen per", list(GRANULARITIES), key="cp_granularity", horizontal=True,
-                           help="weight: each kept weight gets its own width (the paper; costs a class id per "
-                                "weight); channel: one width per output channel; layer: one per layer.")
+    c = control("cp_granularity", plan.granularity)
+    granularity = c.keep(st.radio(
+        "Bit width chosen per", list(GRANULARITIES), index=c.index_in(list(GRANULARITIES)), key=c.key,
+        on_change=c.commit, horizontal=True,
+        help="weight: each kept weight gets its own width (the paper; costs a class id per weight); channel: one "
+             "width per output channel; layer: one per layer."))
     with st.expander("More settings"):
-        scope = st.radio("Scope", list(SCOPES), key="cp_scope", horizontal=True,
-                         help="global: rank all weights together; per-layer: the same share in every layer.")
-        protect = st.checkbox("Keep first and last layer dense fp32", key="cp_protect")
-        ranking = st.selectbox("Bit ranking", list(BIT_RANKINGS), key="cp_ranking",
-                               help="What ranks kept weights for bits: the criterion's score, |relevance| or "
-                                    "|weight|.")
-        quantizer = st.selectbox("Quantizer", list(QUANTIZERS), key="cp_quantizer",
-                                 help="mse: clipping with least squared error per channel; absmax: scale = max|w|.")
-        seed = int(st.number_input("Seed (random criterion)", 0, 10_000, key="cp_seed"))
-        epochs = int(st.number_input(
-            "Recovery fine-tuning (epochs)", 0, 20, key="cp_ft_epochs", disabled=not session.can_finetune,
+        c = control("cp_scope", plan.scope)
+        scope = c.keep(st.radio("Scope", list(SCOPES), index=c.index_in(list(SCOPES)), key=c.key,
+                                on_change=c.commit, horizontal=True,
+                                help="global: rank all weights together; per-layer: the same share in every layer."))
+        c = control("cp_protect", plan.protect == "first-last")
+        protect = c.keep(st.checkbox("Keep first and last layer dense fp32", value=c.value, key=c.key,
+                                     on_change=c.commit))
+        c = control("cp_ranking", plan.bit_ranking)
+        ranking = c.keep(st.selectbox("Bit ranking", list(BIT_RANKINGS), index=c.index_in(list(BIT_RANKINGS)),
+                                      key=c.key, on_change=c.commit,
+                                      help="What ranks kept weights for bits: the criterion's score, |relevance| "
+                                           "or |weight|."))
+        c = control("cp_quantizer", plan.quantizer)
+        quantizer = c.keep(st.selectbox("Quantizer", list(QUANTIZERS), index=c.index_in(list(QUANTIZERS)),
+                                        key=c.key, on_change=c.commit,
+                                        help="mse: clipping with least squared error per channel; absmax: scale = "
+                                             "max|w|."))
+        c = control("cp_seed", plan.seed)
+        seed = int(c.keep(st.number_input("Seed (random criterion)", 0, 10_000, value=int(c.value), key=c.key,
+                                          on_change=c.commit)))
+        c = control("cp_ft_epochs", plan.finetune_epochs)
+        epochs = int(c.keep(st.number_input(
+            "Recovery fine-tuning (epochs)", 0, 20, value=int(c.value), key=c.key, on_change=c.commit,
+            disabled=not session.can_finetune,
             help="Train the kept weights on the training images with masks and bit widths fixed and quantization "
-                 "in the loop; the size does not change. Takes seconds to minutes per plan (cached)."))
+                 "in the loop; the size does not change. Takes seconds to minutes per plan (cached).")))
         if not session.can_finetune:
-            st.caption("Fine-tuning needs training images (built-in data or a torchvision folder).")
-            epochs = 0
+            st.caption("Fine-tuning needs training images (built-in data or a torchvision folder); this data has "
+                       "none, so the plan is evaluated without it.")
     if not levels:
         st.error("Choose at least one bit level (fp32 keeps the kept weights unquantized).", icon=":material/warning:")
         return None
@@ -142,53 +148,49 @@ def _controls(plan: CompressionPlan, session: CompressionSession) -> Compression
         return None
 
 
-@st.fragment
-def compress_panel(session: CompressionSession) -> None:
-    """Controls, live metrics and charts (rerun alone when a control changes)."""
-    plan0 = get_plan()
-    _init_widgets(plan0)
-    left, right = st.columns([1, 2.2], gap="large")
-    with left:
-        st.subheader("Plan")
-        plan = _controls(plan0, session)
-    if plan is None:
-        return
-    remember_plan(plan)
-    with right:
-        st.subheader("Result")
-        result = evaluate(session, plan)
-        if result is None:
-            return
-        size = result.size
-        result_metrics(result)
-        c4, c5, c6 = st.columns(3)
-        c4.metric("Weights pruned", fmt_pct(result.sparsity, 1), border=True,
-                  help="Share of the compressible conv/linear weights set to zero and not stored.")
-        c5.metric("Mean bits (kept)", f"{result.mean_bits:.2f}", border=True,
-                  help="Average bit width of the kept weights (32 = fp32).")
-        c6.metric("Original accuracy", fmt_pct(result.baseline_accuracy), border=True)
-        st.caption(f"**{plan.describe()}** — {result.correct:,} / {result.images:,} images correct; "
-                   f"{size.estimated_bytes:,} bytes vs {size.fp32_bytes:,} bytes fp32 "
-                   f"(evaluated in {result.seconds:.2f} s).")
+def show_result(session: CompressionSession, plan: CompressionPlan, notes: list[str]) -> EvaluationResult | None:
+    """The engine's evaluation of ``plan``: tiles, a one-line summary, per-layer / per-class / bytes charts."""
+    for note in notes:
+        st.info(note, icon=":material/info:")
+    result = evaluate(session, plan)
+    if result is None:
+        return None
+    size = result.size
+    result_metrics(result)
+    c4, c5, c6 = st.columns(3)
+    c4.metric("Weights pruned", fmt_pct(result.sparsity, 1), border=True,
+              help="Share of the compressible conv/linear weights set to zero and not stored.")
+    c5.metric("Mean bits (kept)", f"{result.mean_bits:.2f}", border=True,
+              help="Average bit width of the kept weights (32 = fp32).")
+    c6.metric("Original accuracy", fmt_pct(result.baseline_accuracy), border=True)
+    st.caption(f"**{plan.describe()}** — {result.correct:,} / {result.images:,} images correct; "
+               f"{size.estimated_bytes:,} bytes vs {size.fp32_bytes:,} bytes fp32 "
+               f"(evaluated in {result.seconds:.2f} s).")
+    why = explain_collapse(plan, result)
+    if why:
+        st.warning(why, icon=":material/psychology_alt:")
 
-        t1, t2, t3 = st.tabs(["Per layer", "Per class", "Where the bytes go"])
-        with t1:
-            st.caption("Bars: share of each layer's weights pruned. Dots: mean bit width of the weights it keeps.")
-            st.plotly_chart(figures.layer_stats_figure(result.layers), width="stretch", key="cp_layers")
-        with t2:
-            st.caption("Top-1 accuracy per class, original vs compressed.")
-            st.plotly_chart(figures.per_class_figure(result.class_names, [
-                ("original", result.baseline_per_class_accuracy), ("compressed", result.per_class_accuracy)]),
-                width="stretch", key="cp_classes")
-        with t3:
-            st.caption("Everything a real file must hold: kept values at their widths, which weights are kept, the "
-                       "width of each weight, scales, and fp32 biases and norms.")
-            st.plotly_chart(figures.size_sections_figure(size.section_totals(), size.fp32_bytes), width="stretch",
-                            key="cp_sections")
-        with st.expander("Reproduce on the command line"):
-            st.code(f"xaicomp compress --model <model> {plan.cli_args()}", language="bash")
+    t1, t2, t3 = st.tabs(["Per layer", "Per class", "Where the bytes go"])
+    with t1:
+        st.caption("Bars: share of each layer's weights pruned. Dots: mean bit width of the weights it keeps.")
+        st.plotly_chart(figures.layer_stats_figure(result.layers), width="stretch", key="cp_layers")
+    with t2:
+        st.caption("Top-1 accuracy per class, original vs compressed.")
+        st.plotly_chart(figures.per_class_figure(result.class_names, [
+            ("original", result.baseline_per_class_accuracy), ("compressed", result.per_class_accuracy)]),
+            width="stretch", key="cp_classes")
+    with t3:
+        st.caption("Everything a real file must hold: kept values at their widths, which weights are kept, the "
+                   "width of each weight, scales, and fp32 biases and norms.")
+        st.plotly_chart(figures.size_sections_figure(size.section_totals(), size.fp32_bytes), width="stretch",
+                        key="cp_sections")
+    with st.expander("Reproduce on the command line"):
+        st.code(f"xaicomp compress --model <model> {plan.cli_args()}", language="bash")
+    return result
 
-    st.divider()
+
+def show_comparison(session: CompressionSession, plan: CompressionPlan, result: EvaluationResult) -> None:
+    """The same pruning budget and bit widths chosen by the other criterion (magnitude, or lrp for magnitude)."""
     other = comparison_plan(plan, result)
     st.subheader(f"Does the explanation help? The same plan with **{other.criterion}**")
     st.caption(f"{other.describe()} — the same share of weights pruned and the same bit widths, chosen by "
@@ -198,7 +200,8 @@ def compress_panel(session: CompressionSession) -> None:
     if ref is None:
         return
     d1, d2, d3 = st.columns(3)
-    d1.metric(f"Accuracy with {other.criterion}", fmt_pct(ref.accuracy), fmt_pp(ref.accuracy_change), border=True)
+    d1.metric(f"Accuracy with {other.criterion}", fmt_pct(ref.accuracy), **pp_delta(ref.accuracy_change),
+              border=True)
     d2.metric(f"Size with {other.criterion}", fmt_bytes(ref.size.estimated_bytes),
               f"{-100 * ref.size.reduction:.1f}% vs fp32", delta_color="inverse", border=True)
     gain = result.accuracy - ref.accuracy
@@ -213,6 +216,32 @@ def compress_panel(session: CompressionSession) -> None:
                 "(the sizes differ when the criteria keep weights that are cheaper or dearer to encode).")
     st.dataframe(figures.comparison_rows([(f"{plan.criterion} (this plan)", result), (other.criterion, ref)]),
                  hide_index=True, width="stretch")
+
+
+@st.fragment
+def compress_panel(session: CompressionSession) -> None:
+    """Controls, live metrics and charts (rerun alone when a control changes)."""
+    stored = get_plan()
+    left, right = st.columns([1, 2.2], gap="large")
+    with left:
+        st.subheader("Plan")
+        plan = plan_controls(stored, session)
+    pending = []
+    if plan is None:
+        plan = stored
+        pending = [f"The controls do not describe a valid plan yet; the result is the last valid plan's "
+                   f"(**{plan.describe()}**)."]
+    else:
+        remember_plan(plan)
+    plan, notes = fit_plan(plan, session)
+    notes = pending + notes
+    with right:
+        st.subheader("Result")
+        result = show_result(session, plan, notes)
+    if result is None:
+        return
+    st.divider()
+    show_comparison(session, plan, result)
 
 
 session = page_session(

@@ -15,6 +15,7 @@ import streamlit as st
 from pages.common import (
     DEFAULT_EVAL_SAMPLES,
     DEFAULT_REFERENCE_SAMPLES,
+    control,
     fmt_bytes,
     fmt_pct,
     get_plan,
@@ -86,14 +87,16 @@ session = page_session(
     "The current plan as files you can download, reload and run. The packed file stores only what the plan "
     "keeps, at the bits it gives; its payload is exactly the size the engine estimates, and the file adds only "
     "a small JSON header.")
-plan = get_plan()
+plan = get_plan(session)
 st.markdown(f"**{model_label(session)}**  \nPlan: {plan.describe()}")
 st.page_link("pages/compress.py", label="Change the plan on the Compress page", icon=":material/tune:")
 
-codec = st.radio("Lossless entropy coding of the payload", list(CODECS), format_func=CODEC_LABELS.get,
-                 horizontal=True, key="ex_codec",
-                 help="zlib or lzma from the Python standard library squeeze the packed payload further; the reader "
-                      "decodes it before unpacking. 'none' keeps the file = estimate + header.")
+codec_control = control("ex_codec", list(CODECS)[0])
+codec = codec_control.keep(st.radio(
+    "Lossless entropy coding of the payload", list(CODECS), index=codec_control.index_in(list(CODECS)),
+    format_func=CODEC_LABELS.get, horizontal=True, key=codec_control.key, on_change=codec_control.commit,
+    help="zlib or lzma from the Python standard library squeeze the packed payload further; the reader decodes it "
+         "before unpacking. 'none' keeps the file = estimate + header."))
 
 cache = per_session_cache("export")
 key = (session_scope_key(session), plan.key(), codec)

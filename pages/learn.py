@@ -11,7 +11,10 @@ import streamlit as st
 from pages.common import (
     comparison_plan,
     composite,
+    control,
+    control_value,
     evaluate,
+    explain_collapse,
     fmt_bytes,
     fmt_pct,
     fmt_pp,
@@ -19,7 +22,9 @@ from pages.common import (
     model_label,
     page_session,
     pixel_composite,
+    pp_delta,
     result_metrics,
+    set_control,
 )
 from xaicomp_core import CompressionPlan, CompressionSession, XaicompError
 from xaicomp_core.viz import figures
@@ -33,16 +38,18 @@ session = page_session(
     "Six short steps, each illustrated with the model loaded in the sidebar. Use the buttons to move on.")
 st.markdown(f"**{model_label(session)}**")
 
-st.session_state.setdefault("ln_step", STEPS[0])
+step_control = control("ln_step", STEPS[0])
 
 
 def _next() -> None:
-    i = STEPS.index(st.session_state.get("ln_step") or STEPS[0])
-    st.session_state["ln_step"] = STEPS[min(i + 1, len(STEPS) - 1)]
+    current = control_value("ln_step", STEPS[0])
+    current = current if current in STEPS else STEPS[0]
+    set_control("ln_step", STEPS[min(STEPS.index(current) + 1, len(STEPS) - 1)])
 
 
-step = (st.segmented_control("Step", STEPS, key="ln_step", required=True, label_visibility="collapsed")
-        or STEPS[0])
+step = step_control.keep(st.segmented_control(
+    "Step", STEPS, default=step_control.value if step_control.value in STEPS else STEPS[0], key=step_control.key,
+    on_change=step_control.commit, required=True, label_visibility="collapsed") or STEPS[0])
 st.divider()
 comp = composite()
 rel = session.relevance(comp)
@@ -55,7 +62,9 @@ def step_model(session: CompressionSession) -> None:
     st.markdown("A classifier turns an image into one score per class; the highest score wins. Compression will "
                 "change the weights, so we need to know **which weights matter for these decisions**.")
     n = len(session.y_eval)
-    i = int(st.columns(3)[0].number_input("Evaluation image (index)", 0, n - 1, 0, key="ln_sample"))
+    c = control("ln_sample", 0)
+    i = int(c.keep(st.columns(3)[0].number_input("Evaluation image (index)", 0, n - 1, value=min(int(c.value), n - 1),
+                                                 key=c.key, on_change=c.commit)))
     pix = pixel_composite()
     orig, logits = session.input_relevance([i], composite=pix)
     pre = session.info.preprocessing
@@ -116,8 +125,9 @@ def step_signs() -> None:
         "- **Positive**: the weight carried evidence for the right class.")
     most_zero = max(shares[:-1], key=lambda r: r["zero"])
     default = names.index(most_zero["layer"] + ".weight") if most_zero["layer"] + ".weight" in names else 0
-    layer = st.selectbox("Layer", names, index=default, key="ln_layer",
-                         format_func=lambda n: n.removesuffix(".weight"))
+    c = control("ln_layer", names[default])
+    layer = c.keep(st.selectbox("Layer", names, index=c.index_in(names, default), key=c.key, on_change=c.commit,
+                                format_func=lambda n: n.removesuffix(".weight")))
     st.plotly_chart(figures.relevance_histogram(rel.weights[layer], f"Weight relevance in {layer}"),
                     width="stretch", key="ln_hist")
     row = shares[names.index(layer)]
@@ -139,11 +149,11 @@ def step_pruning(session: CompressionSession) -> None:
     if mag is None:
         return
     c1, c2, c3 = st.columns(3)
-    c1.metric("Zero relevance pruned", fmt_pct(zero.accuracy), fmt_pp(zero.accuracy_change), border=True,
+    c1.metric("Zero relevance pruned", fmt_pct(zero.accuracy), **pp_delta(zero.accuracy_change), border=True,
               help=f"{fmt_pct(zero.sparsity, 1)} of the weights removed")
-    c2.metric("Paper rule (relevance ≤ 0)", fmt_pct(paper.accuracy), fmt_pp(paper.accuracy_change), border=True,
+    c2.metric("Paper rule (relevance ≤ 0)", fmt_pct(paper.accuracy), **pp_delta(paper.accuracy_change), border=True,
               help=f"{fmt_pct(paper.sparsity, 1)} of the weights removed")
-    c3.metric("Smallest |weight|, same amount", fmt_pct(mag.accuracy), fmt_pp(mag.accuracy_change), border=True,
+    c3.metric("Smallest |weight|, same amount", fmt_pct(mag.accuracy), **pp_delta(mag.accuracy_change), border=True,
               help=f"{fmt_pct(mag.sparsity, 1)} of the weights removed")
     st.markdown(
         f"- Removing the **{fmt_pct(zero.sparsity, 1)}** weights with zero relevance changes accuracy by "
@@ -152,6 +162,9 @@ def step_pruning(session: CompressionSession) -> None:
         f"{fmt_pct(paper.accuracy)} ({fmt_pp(paper.accuracy_change)}).\n"
         f"- The classic **magnitude** criterion at the same amount reaches {fmt_pct(mag.accuracy)} "
         f"({fmt_pp(mag.accuracy - paper.accuracy)} against the paper rule).")
+    why = explain_collapse(paper_plan, paper)
+    if why:
+        st.warning(why, icon=":material/psychology_alt:")
     st.caption("Baseline accuracy: " + fmt_pct(session.baseline_accuracy) + ". Try other ratios on the Compress "
                "page; the Trade-offs page draws the whole curve.")
 
@@ -170,11 +183,16 @@ def step_quantization(session: CompressionSession) -> None:
     cols = st.columns(len(results))
     for col, (label, r) in zip(cols, results):
         if r is not None:
-            col.metric(label, fmt_pct(r.accuracy), fmt_pp(r.accuracy_change), border=True,
+            col.metric(label, fmt_pct(r.accuracy), **pp_delta(r.accuracy_change), border=True,
                        help=f"{fmt_bytes(r.size.estimated_bytes)} ({r.compression_ratio:.1f}× smaller)")
             col.caption(f"{fmt_bytes(r.size.estimated_bytes)} · {r.compression_ratio:.1f}× smaller")
-    layer = st.selectbox("Layer to look at", names, key="ln_qlayer", format_func=lambda n: n.removesuffix(".weight"))
-    choice = st.radio("Plan", [label for label, _ in plans], index=1, horizontal=True, key="ln_qplan")
+    c = control("ln_qlayer", names[0])
+    layer = c.keep(st.selectbox("Layer to look at", names, index=c.index_in(names), key=c.key, on_change=c.commit,
+                                format_func=lambda n: n.removesuffix(".weight")))
+    labels = [label for label, _ in plans]
+    c = control("ln_qplan", labels[1])
+    choice = c.keep(st.radio("Plan", labels, index=c.index_in(labels, 1), horizontal=True, key=c.key,
+                             on_change=c.commit))
     plan = dict(plans)[choice]
     try:
         compressed = session.compress(plan).weights()[layer]
@@ -191,7 +209,7 @@ def step_quantization(session: CompressionSession) -> None:
 
 def step_together(session: CompressionSession) -> None:
     st.header("6 · Putting it together")
-    plan = get_plan()
+    plan = get_plan(session)
     r = evaluate(session, plan)
     if r is None:
         return

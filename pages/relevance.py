@@ -8,12 +8,15 @@ import streamlit as st
 
 from pages.common import (
     composite,
+    control,
+    control_value,
     get_plan,
     model_label,
     page_session,
     per_session_cache,
     pixel_composite,
     session_scope_key,
+    set_control,
 )
 from xaicomp_core import COMPOSITES, CompressionSession, RelevanceResult, XaicompError
 from xaicomp_core.viz import figures
@@ -59,8 +62,10 @@ def layer_detail(session: CompressionSession, rel: RelevanceResult, names: list[
     """Heatmap of one layer's weight relevance and a drill-down into one filter (reruns alone)."""
     st.divider()
     st.subheader("Weight relevance of one layer")
-    layer = st.selectbox("Layer", names, format_func=lambda n: f"{n.removesuffix('.weight')}  "
-                         f"({' × '.join(map(str, session.layout.shapes[names.index(n)]))})", key="rel_layer")
+    c = control("rel_layer", names[0])
+    layer = c.keep(st.selectbox("Layer", names, index=c.index_in(names), key=c.key, on_change=c.commit,
+                                format_func=lambda n: f"{n.removesuffix('.weight')}  "
+                                f"({' × '.join(map(str, session.layout.shapes[names.index(n)]))})"))
     r = rel.weights[layer]
     is_conv = r.ndim > 2
     mat = figures.weight_matrix(r)
@@ -84,11 +89,12 @@ def layer_detail(session: CompressionSession, rel: RelevanceResult, names: list[
         n_out = int(r.shape[0])
         order = np.argsort(-row_sum)
         default = int(order[0])
-        if "rel_filter" not in st.session_state or st.session_state.get("_rel_filter_layer") != layer:
-            st.session_state["rel_filter"] = default
-            st.session_state["_rel_filter_layer"] = layer
-        f = int(st.number_input(f"Filter (output channel 0…{n_out - 1}; the most relevant is {default})", 0, n_out - 1,
-                                key="rel_filter"))
+        if control_value("rel_filter_layer") != layer:  # another layer: start at its most relevant filter
+            set_control("rel_filter", default)
+            set_control("rel_filter_layer", layer)
+        c = control("rel_filter", default)
+        f = int(c.keep(st.number_input(f"Filter (output channel 0…{n_out - 1}; the most relevant is {default})", 0,
+                                       n_out - 1, value=min(int(c.value), n_out - 1), key=c.key, on_change=c.commit)))
         weights = dict(session.model.named_parameters())[layer].detach()
         st.caption(f"Filter {f}: one tile per input channel, relevance (left) and the weights themselves (right). "
                    f"Summed relevance {float(row_sum[f]):.4g}; rank {int(np.where(order == f)[0][0]) + 1} of {n_out}.")
@@ -103,21 +109,24 @@ layer_detail(session, rel, names)
 def input_heatmaps(session: CompressionSession) -> None:
     """Pixel relevance of chosen samples, original and compressed model side by side."""
     st.subheader("Which pixels does the model use?")
-    plan = get_plan()
+    plan = get_plan(session)
     st.caption("Pixel relevance for the true class: red pixels speak for it, blue against it. The right column "
                f"uses the compressed model of the current plan (**{plan.describe()}**, set on the Compress page).")
     n = len(session.y_eval)
     names = session.class_names
-    st.session_state.setdefault("rel_samples", list(range(min(4, n))))
-    chosen = st.multiselect("Evaluation images", list(range(n)), key="rel_samples", max_selections=6,
-                            format_func=lambda i: f"#{i} {names[int(session.y_eval[i])]}")
+    c = control("rel_samples", list(range(min(4, n))))
+    chosen = c.keep(st.multiselect("Evaluation images", list(range(n)), default=[i for i in c.value if i < n][:6],
+                                   key=c.key, on_change=c.commit, max_selections=6,
+                                   format_func=lambda i: f"#{i} {names[int(session.y_eval[i])]}"))
     c1, c2 = st.columns([2, 1])
-    st.session_state.setdefault("rel_pixel_composite", pixel_composite())
-    pix = c1.selectbox("LRP rules for the pixel heatmaps", list(COMPOSITES), key="rel_pixel_composite",
-                       help="The weights are scored with the sidebar's rules. Pixel maps are easier to read with "
-                            "epsilon-gamma-box (z-box on the first layer, gamma on the other convs).")
-    st.session_state["_pixel_composite"] = pix
-    compare = c2.toggle("Also show the compressed model", value=True, key="rel_compare")
+    comps = list(COMPOSITES)
+    c = control("rel_pixel_composite", pixel_composite())
+    pix = c.keep(c1.selectbox("LRP rules for the pixel heatmaps", comps, index=c.index_in(comps), key=c.key,
+                              on_change=c.commit,
+                              help="The weights are scored with the sidebar's rules. Pixel maps are easier to read "
+                                   "with epsilon-gamma-box (z-box on the first layer, gamma on the other convs)."))
+    c = control("rel_compare", True)
+    compare = c.keep(c2.toggle("Also show the compressed model", value=c.value, key=c.key, on_change=c.commit))
     if not chosen:
         st.info("Choose at least one image.")
         return

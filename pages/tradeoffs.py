@@ -5,6 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from pages.common import (
+    control,
     evaluate,
     fmt_bytes,
     fmt_pct,
@@ -31,16 +32,21 @@ session = page_session(
     "Pareto-optimal for their criterion (no other plan of that criterion is both smaller and more accurate). "
     "The star is the current plan from the Compress page.")
 st.markdown(f"**{model_label(session)}**")
-plan = get_plan()
+plan = get_plan(session)
+BITS_CHOICES = ["as in the current plan", "fp32 (pruning only)", "both"]
 
+# Widgets in a form take no on_change: their values are kept when the form is submitted (the run that draws them).
 with st.form("sweep_form", border=True):
     c1, c2, c3 = st.columns([2, 2, 2])
-    criteria = c1.multiselect("Criteria", list(CRITERIA), default=["paper", "lrp", "magnitude"],
-                              key="tr_criteria")
-    ratio_set = c2.selectbox("Prune ratios", list(RATIO_SETS), key="tr_ratios",
-                             help="Rule criteria (paper, lrp-zero) give one point per bit setting.")
-    bits_choice = c3.selectbox("Bit widths", ["as in the current plan", "fp32 (pruning only)", "both"],
-                               key="tr_bits")
+    names = list(CRITERIA)
+    c = control("tr_criteria", [n for n in ("paper", "lrp", "magnitude") if n in names])
+    criteria = c.keep(c1.multiselect("Criteria", names, default=[n for n in c.value if n in names], key=c.key))
+    c = control("tr_ratios", next(iter(RATIO_SETS)))
+    ratio_set = c.keep(c2.selectbox("Prune ratios", list(RATIO_SETS), index=c.index_in(list(RATIO_SETS)), key=c.key,
+                                    help="Rule criteria (paper, lrp-zero) decide by themselves what to prune: one "
+                                         "point per bit setting, at the share they prune."))
+    c = control("tr_bits", BITS_CHOICES[0])
+    bits_choice = c.keep(c3.selectbox("Bit widths", BITS_CHOICES, index=c.index_in(BITS_CHOICES), key=c.key))
     # A callback (not the button's return value) so that the request survives any rerun before it is handled.
     st.form_submit_button("Run sweep", type="primary", on_click=lambda: st.session_state.update(tr_requested=True))
 
@@ -87,16 +93,23 @@ m1.metric("Plans evaluated", len(rows))
 if best is not None:
     m2.metric("Smallest within 1 pp of the original", fmt_bytes(best["estimated_bytes"]),
               f"{best['compression_ratio']:.1f}× smaller", delta_color="off", border=True,
-              help=f"{best['criterion']}, prune {best['prune_ratio']:.0%}, bits {best['bits']}: accuracy "
-                   f"{fmt_pct(best['accuracy'])}")
-    m3.metric("…found by", best["criterion"], f"prune {best['prune_ratio']:.0%} · {best['bits']}",
-              delta_color="off", border=True)
+              help=f"{best['criterion']}, {fmt_pct(best['sparsity'], 1)} of the weights pruned, bits "
+                   f"{best['bits']}: accuracy {fmt_pct(best['accuracy'])}")
+    m3.metric("…found by", best["criterion"], f"pruned {fmt_pct(best['sparsity'], 1)} · {best['bits']}",
+              delta_color="off", delta_arrow="off", border=True)
 else:
     m2.metric("Smallest within 1 pp of the original", "none")
 
 st.subheader("Best plans per criterion")
-st.caption("Pareto-optimal plans of each criterion, smallest first.")
-table = [{"criterion": r["criterion"], "prune": f"{r['prune_ratio']:.0%}", "bits": r["bits"],
+st.caption("Pareto-optimal plans of each criterion, smallest first. **asked**: the prune ratio of the plan (rule "
+           "criteria such as the paper rule decide by themselves); **pruned**: the share of weights really removed.")
+
+
+def _asked(r: dict) -> str:
+    return f"{r['prune_ratio']:.0%}" if CRITERIA[r["criterion"]][1] else "rule"
+
+
+table = [{"criterion": r["criterion"], "asked": _asked(r), "pruned": fmt_pct(r["sparsity"], 1), "bits": r["bits"],
           "accuracy": fmt_pct(r["accuracy"]), "change": fmt_pp(r["accuracy"] - r["baseline_accuracy"]),
           "size": fmt_bytes(r["estimated_bytes"]), "ratio": f"{r['compression_ratio']:.1f}×"}
          for r in sorted((r for r in rows if r.get("pareto")), key=lambda r: (r["criterion"], r["estimated_bytes"]))]

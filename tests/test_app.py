@@ -65,6 +65,29 @@ def errors(at: AppTest) -> str:
     return " | ".join(str(e.value) for e in at.error)
 
 
+def infos(at: AppTest) -> str:
+    return " | ".join(str(e.value) for e in at.info)
+
+
+def warnings(at: AppTest) -> str:
+    return " | ".join(str(e.value) for e in at.warning)
+
+
+def key(at: AppTest, name: str) -> str:
+    """The widget key of the app's control ``name`` now (``pages.common.control_key``: the name, or ``name~N`` after
+    the app changed its value from code)."""
+    store = at.session_state["_controls"] if "_controls" in at.session_state else {"generation": {}}  # noqa: SIM401
+    gen = store["generation"].get(name, 0)
+    return name if gen == 0 else f"{name}~{gen}"
+
+
+def controls(at: AppTest) -> dict:
+    """What the Compress page's main controls show."""
+    return {"criterion": at.selectbox(key=key(at, "cp_criterion")).value,
+            "ratio": at.slider(key=key(at, "cp_ratio")).value,
+            "levels": list(at.multiselect(key=key(at, "cp_levels")).value)}
+
+
 def assert_shows(at: AppTest, res, prefix: str = "") -> None:
     """The Compress page's metric cards show exactly the engine's result ``res``."""
     m, d = metrics(at), deltas(at)
@@ -168,14 +191,22 @@ def test_learn_walkthrough_every_step(lenet_engine):
     steps = list(app.button_group(key="ln_step").options)
     assert len(steps) == 6
     for step in steps:
-        app.button_group(key="ln_step").set_value(step).run()
+        app.button_group(key=key(app, "ln_step")).set_value(step).run()
         ok(app)
         assert any(h.value.startswith(step.split(" ")[0]) for h in app.header), step
     assert not any(b.key == "ln_next" for b in app.button)  # the last step has no "next"
-    app.button_group(key="ln_step").set_value(steps[0]).run()
+    app.button_group(key=key(app, "ln_step")).set_value(steps[0]).run()
     app.button(key="ln_next").click().run()
     ok(app)
-    assert app.button_group(key="ln_step").value == steps[1]
+    assert key(app, "ln_step") != "ln_step"  # a step set by code is drawn by a new widget
+    assert app.button_group(key=key(app, "ln_step")).value == steps[1]
+    assert any(h.value.startswith(steps[1].split(" ")[0]) for h in app.header)
+    # the step survives a visit to another page
+    app.button_group(key=key(app, "ln_step")).set_value(steps[2]).run()
+    goto(goto(app, "overview"), "learn")
+    ok(app)
+    assert app.button_group(key=key(app, "ln_step")).value == steps[2]
+    assert any(h.value.startswith(steps[2].split(" ")[0]) for h in app.header)
 
 
 # ------------------------------------------------------------------------------------------------------- compress
@@ -291,11 +322,11 @@ def test_sweep_on_tradeoffs(lenet_engine):
     from xaicomp_core.evaluate.sweep import smallest_within
 
     at = goto(new_app("fashion-lenet"), "tradeoffs")
-    at.multiselect(key="tr_criteria").set_value(["lrp", "magnitude"])
+    at.multiselect(key="tr_criteria").set_value(["paper", "lrp", "magnitude"])
     next(b for b in at.button if b.label == "Run sweep").click()
     at.run()
     ok(at)
-    assert metrics(at)["Plans evaluated"] == "10"
+    assert metrics(at)["Plans evaluated"] == "11"  # 5 ratios each for lrp and magnitude, one plan for the rule
     assert len(at.get("plotly_chart")) == 1
     assert len(at.get("download_button")) == 2
     rows = next(iter(at.session_state["_cache"]["sweeps"].values()))
@@ -305,6 +336,19 @@ def test_sweep_on_tradeoffs(lenet_engine):
     best = smallest_within(rows, 0.01)
     shown = metrics(at)["Smallest within 1 pp of the original"]
     assert shown == (fmt_bytes(best["estimated_bytes"]) if best else "none")
+    # the table says what the rule really pruned, not the (unused) prune ratio
+    table = at.dataframe[0].value
+    paper_row = table[table["criterion"] == "paper"].iloc[0]
+    paper = lenet_engine.evaluate(DEFAULT_PLAN.replace(criterion="paper"))
+    assert paper_row["asked"] == "rule"
+    assert paper_row["pruned"] == fmt_pct(paper.sparsity, 1) != "0.0%"
+    lrp_rows = table[table["criterion"] == "lrp"]
+    assert all(a.endswith("%") for a in lrp_rows["asked"])
+    # the form's choices survive a visit to another page (the sweep shown still matches them)
+    goto(goto(at, "overview"), "tradeoffs")
+    ok(at)
+    assert at.multiselect(key=key(at, "tr_criteria")).value == ["paper", "lrp", "magnitude"]
+    assert "settings differ" not in infos(at)
 
 
 def _state_dict_bytes(model: torch.nn.Module) -> bytes:
@@ -316,8 +360,8 @@ def _state_dict_bytes(model: torch.nn.Module) -> bytes:
 def test_bad_uploads_show_errors_and_app_keeps_working():
     at = new_app("fashion-lenet")
     at.sidebar.radio(key="sb_model_source").set_value("upload").run()
-    assert not at.exception
-    assert "upload a weights file" in errors(at)
+    ok(at)  # nothing went wrong yet: an explanation, not an error
+    assert "Upload the weights" in infos(at)
     # not a weights file at all
     junk = ("junk.pt", b"this is not torch", "application/octet-stream")
     at.sidebar.file_uploader(key="sb_up_weights").set_value(junk)
@@ -339,21 +383,22 @@ def test_bad_uploads_show_errors_and_app_keeps_working():
     ok(goto(at, "compress"))
     # a torchvision architecture without weights: never downloaded, a readable message
     at.sidebar.radio(key="sb_model_source").set_value("torchvision").run()
-    assert not at.exception
-    assert "never downloaded" in errors(at)
+    ok(at)  # an explanation of what to do, not an error
+    assert "never downloads" in infos(at) and "random weights" in infos(at)
     # back to a built-in model: the page works again
     at.sidebar.radio(key="sb_model_source").set_value("builtin").run()
     ok(at)
     assert "Accuracy" in metrics(at)
 
 
-def _zip_of_eval_images(n_per_class: int = 4) -> bytes:
+def _zip_of_eval_images(n_per_class: int = 4, classes: int = 10) -> bytes:
+    """An ImageFolder zip of shipped evaluation images (PNG files written with PIL), ``n_per_class`` per class."""
     ds = load_builtin_dataset("fashion-mnist", "eval")
     from PIL import Image
 
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:
-        for c in range(10):
+        for c in range(classes):
             for k, i in enumerate(np.flatnonzero(ds.labels == c)[:n_per_class]):
                 png = io.BytesIO()
                 Image.fromarray(ds.images[i]).save(png, format="PNG")
@@ -364,8 +409,8 @@ def _zip_of_eval_images(n_per_class: int = 4) -> bytes:
 def test_data_uploads():
     at = new_app("fashion-lenet")
     at.sidebar.radio(key="sb_data_source").set_value("zip").run()
-    assert not at.exception
-    assert "upload a .zip" in errors(at)
+    ok(at)
+    assert "Upload a .zip" in infos(at)
     at.sidebar.file_uploader(key="sb_data_zip").set_value(("broken.zip", b"PK not really", "application/zip"))
     at.run()
     assert not at.exception
@@ -381,3 +426,205 @@ def test_data_uploads():
     at.sidebar.text_input(key="sb_tv_root").input("/nonexistent/torchvision").run()
     assert not at.exception
     assert "/nonexistent/torchvision" in errors(at)
+
+
+# --------------------------------------------------- the plan's controls survive errors, uploads, pages and models
+def _change_plan(at: AppTest) -> CompressionPlan:
+    """Move three Compress controls away from the default plan; return the plan they then describe."""
+    at.slider(key=key(at, "cp_ratio")).set_value(70).run()
+    at.multiselect(key=key(at, "cp_levels")).set_value([8, 4]).run()
+    at.radio(key=key(at, "cp_granularity")).set_value("channel").run()
+    ok(at)
+    return DEFAULT_PLAN.replace(prune_ratio=0.7, bit_levels=[8, 4], bit_split=[0.5], granularity="channel")
+
+
+def assert_controls_show(at: AppTest, plan: CompressionPlan) -> None:
+    """The controls show ``plan``, the page's current plan is ``plan`` and the result caption describes it."""
+    assert controls(at) == {"criterion": plan.criterion, "ratio": round(100 * plan.prune_ratio),
+                            "levels": plan.bit_levels}
+    assert at.radio(key=key(at, "cp_granularity")).value == plan.granularity
+    assert at.session_state["plan"] == plan
+    assert plan.describe() in " ".join(c.value for c in at.caption)
+
+
+def test_plan_survives_data_error_and_upload(lenet_engine):
+    """Zip data chosen (the page stops above the controls), a broken zip (an error), then a valid one: the controls
+    still show the plan, the next touch changes only that control, and the built-in data gives the engine's numbers
+    for the plan."""
+    at = goto(new_app("fashion-lenet"), "compress")
+    plan = _change_plan(at)
+    assert_shows(at, lenet_engine.evaluate(plan))
+    at.sidebar.radio(key="sb_data_source").set_value("zip").run()
+    ok(at)
+    assert "Upload a .zip" in infos(at) and not at.slider  # stopped before the controls were drawn
+    at.sidebar.file_uploader(key="sb_data_zip").set_value(("broken.zip", b"PK not really", "application/zip"))
+    at.run()
+    assert "broken.zip is not a valid zip file" in errors(at) and not at.slider
+    at.sidebar.file_uploader(key="sb_data_zip").set_value(("mine.zip", _zip_of_eval_images(6), "application/zip"))
+    at.run()
+    ok(at)
+    assert_controls_show(at, plan)
+    at.slider(key=key(at, "cp_ratio")).set_value(75).run()
+    ok(at)
+    plan = plan.replace(prune_ratio=0.75)
+    assert_controls_show(at, plan)
+    at.sidebar.radio(key="sb_data_source").set_value("builtin").run()
+    ok(at)
+    assert_controls_show(at, plan)
+    assert_shows(at, lenet_engine.evaluate(plan))
+
+
+def test_plan_survives_failed_weight_uploads(lenet_engine):
+    at = goto(new_app("fashion-lenet"), "compress")
+    plan = _change_plan(at)
+    at.sidebar.radio(key="sb_model_source").set_value("upload").run()
+    assert "Upload the weights" in infos(at) and not at.slider
+    junk = ("junk.pt", b"this is not torch", "application/octet-stream")
+    at.sidebar.file_uploader(key="sb_up_weights").set_value(junk)
+    at.run()
+    assert "junk.pt" in errors(at) and not at.slider
+    at.sidebar.radio(key="sb_model_source").set_value("builtin").run()
+    ok(at)
+    assert_controls_show(at, plan)
+    assert_shows(at, lenet_engine.evaluate(plan))
+    at.multiselect(key=key(at, "cp_levels")).set_value([8, 4, 2]).run()  # a third level: the default thresholds
+    ok(at)
+    assert at.slider(key=key(at, "cp_cut3")).value == (20, 70)
+    assert_shows(at, lenet_engine.evaluate(plan.replace(bit_levels=[8, 4, 2], bit_split=[0.2, 0.5])))
+
+
+def test_plan_survives_page_switch_and_model_change(lenet_engine, engine):
+    at = goto(new_app("fashion-lenet"), "compress")
+    plan = _change_plan(at)
+    at.selectbox(key=key(at, "cp_criterion")).select("magnitude").run()
+    plan = plan.replace(criterion="magnitude")
+    goto(goto(at, "overview"), "compress")
+    ok(at)
+    assert_controls_show(at, plan)
+    assert_shows(at, lenet_engine.evaluate(plan))
+    at.sidebar.selectbox(key="sb_builtin").select(MODEL).run()  # another model: the same plan applied to it
+    ok(at)
+    assert_controls_show(at, plan)
+    assert_shows(at, engine.evaluate(plan))
+
+
+def test_invalid_controls_keep_the_last_valid_plan(lenet_engine):
+    at = goto(new_app("fashion-lenet"), "compress")
+    plan = _change_plan(at)
+    at.multiselect(key=key(at, "cp_levels")).set_value([]).run()
+    assert "Choose at least one bit level" in errors(at)
+    assert "last valid plan" in infos(at)
+    assert_shows(at, lenet_engine.evaluate(plan))  # the result of the last valid plan stays on screen
+    at.slider(key=key(at, "cp_ratio")).set_value(60).run()  # other controls still move; the plan waits for bits
+    assert at.session_state["plan"] == plan
+    at.multiselect(key=key(at, "cp_levels")).set_value([4]).run()
+    ok(at)
+    plan = plan.replace(prune_ratio=0.6, bit_levels=[4], bit_split=[])
+    assert at.session_state["plan"] == plan
+    assert_shows(at, lenet_engine.evaluate(plan))
+
+
+def test_fit_plan_without_training_data(lenet_session, lenet_engine):
+    """A plan with fine-tuning on data without training images is evaluated without it, and says so; the stored plan
+    keeps its epochs for data that has training images."""
+    from pages.common import fit_plan
+
+    plan = DEFAULT_PLAN.replace(finetune_epochs=2)
+    assert not lenet_session.can_finetune
+    fitted, notes = fit_plan(plan, lenet_session)
+    assert fitted == plan.replace(finetune_epochs=0)
+    assert len(notes) == 1 and "no training images" in notes[0] and "2 epoch" in notes[0]
+    assert fit_plan(plan, lenet_engine) == (plan, [])
+
+
+def test_other_pages_keep_their_controls(lenet_engine):
+    at = goto(new_app("fashion-lenet"), "relevance")
+    layer = lenet_engine.layout.names[2]
+    at.selectbox(key=key(at, "rel_layer")).select(layer).run()
+    at.multiselect(key=key(at, "rel_samples")).set_value([5, 7]).run()
+    ok(at)
+    goto(goto(at, "compress"), "relevance")
+    ok(at)
+    assert at.selectbox(key=key(at, "rel_layer")).value == layer
+    assert at.multiselect(key=key(at, "rel_samples")).value == [5, 7]
+
+
+# ------------------------------------------------------------------------------------ screens that explain themselves
+def test_paper_rule_explains_chance(lenet_engine):
+    at = goto(new_app("fashion-lenet"), "compress")
+    at.selectbox(key=key(at, "cp_criterion")).select("paper").run()
+    ok(at)
+    res = lenet_engine.evaluate(DEFAULT_PLAN.replace(criterion="paper"))
+    assert_shows(at, res)
+    assert res.accuracy <= 0.2  # the paper's rule drops the model to about chance (README, RESULTS.md)
+    why = warnings(at)
+    assert "chance for 10 classes" in why and "inhibitory inputs" in why
+    assert fmt_pct(res.sparsity, 1) in why
+    for layer in res.layers:  # how much of each layer the rule removed, from the engine's result
+        assert f"{layer.name.removesuffix('.weight')} {layer.sparsity:.0%}" in why
+    at.selectbox(key=key(at, "cp_criterion")).select("lrp").run()
+    ok(at)
+    assert "chance" not in warnings(at)
+
+
+def test_neutral_accuracy_change_is_grey(lenet_engine):
+    from streamlit.proto.Metric_pb2 import Metric
+
+    at = goto(new_app("fashion-lenet"), "compress")
+    lossy = next(m for m in at.metric if m.label == "Accuracy")
+    assert lossy.delta.startswith("-") and lossy.proto.color == Metric.RED and lossy.proto.direction == Metric.DOWN
+    at.slider(key=key(at, "cp_ratio")).set_value(0).run()
+    at.multiselect(key=key(at, "cp_levels")).set_value([32]).run()  # nothing pruned, fp32: the original model
+    ok(at)
+    same = next(m for m in at.metric if m.label == "Accuracy")
+    assert same.delta == "+0.00 pp"
+    assert same.proto.color == Metric.GRAY and same.proto.direction == Metric.NONE
+
+
+def test_wilson_interval():
+    from pages.common import wilson_interval
+
+    lo, hi = wilson_interval(9, 9)  # textbook values of the 95 % Wilson score interval
+    assert round(lo, 3) == 0.701 and hi == 1.0
+    lo, hi = wilson_interval(0, 10)
+    assert lo == 0.0 and round(hi, 3) == 0.278
+    lo, hi = wilson_interval(50, 100)
+    assert round(lo, 3) == 0.404 and round(hi, 3) == 0.596
+
+
+def test_few_images_warning_and_sidebar_counts():
+    from pages.common import wilson_interval
+
+    at = new_app("fashion-lenet")
+    note = " ".join(c.value for c in at.sidebar.caption)
+    assert "In use: 2,000 images measure accuracy, 1,000 are the LRP reference" in note
+    at.sidebar.radio(key="sb_data_source").set_value("zip").run()
+    at.sidebar.file_uploader(key="sb_data_zip").set_value(
+        ("tiny.zip", _zip_of_eval_images(2, classes=9), "application/zip"))  # 18 images: 9 score, 9 evaluate
+    at.run()
+    ok(at)
+    note = " ".join(c.value for c in at.sidebar.caption)
+    assert "In use: 9 images measure accuracy, 9 are the LRP reference" in note and "no fine-tuning" in note
+    warn = warnings(at)
+    assert "Only 9 evaluation images" in warn
+    baseline = metrics(at)["Baseline accuracy"]
+    n_correct = round(float(baseline.rstrip("%")) / 100 * 9)
+    lo, hi = wilson_interval(n_correct, 9)
+    assert f"{baseline} ({n_correct} of 9)" in warn
+    assert f"from {fmt_pct(lo, 0)} to {fmt_pct(hi, 0)}" in warn
+    # the counts follow the sidebar's numbers
+    at.sidebar.radio(key="sb_data_source").set_value("builtin").run()
+    at.sidebar.number_input(key="sb_eval_samples").set_value(500).run()
+    at.sidebar.number_input(key="sb_ref_samples").set_value(300).run()
+    ok(at)
+    assert not warnings(at)
+    note = " ".join(c.value for c in at.sidebar.caption)
+    assert "In use: 500 images measure accuracy, 300 are the LRP reference" in note
+
+
+def test_torchvision_without_weights_is_explained_not_an_error():
+    at = new_app("fashion-lenet")
+    at.sidebar.radio(key="sb_model_source").set_value("torchvision").run()
+    ok(at)
+    assert "needs weights" in infos(at) and "random weights" in infos(at)
+    assert not at.metric  # nothing loaded until the user decides

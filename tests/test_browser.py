@@ -347,3 +347,114 @@ def test_two_sessions_compress_at_once(browser, app_url):
     assert not a_errors and not b_errors, a_errors + b_errors
     for page in pages:
         page.close()
+
+
+# ------------------------------------------------------------- the plan survives errors and uploads in the browser
+def shown_controls(page) -> dict:
+    """What the Compress page's main controls show in the browser (not what the server holds)."""
+    crit = page.locator('[data-testid="stSelectbox"]').filter(has_text="Criterion").first
+    levels = page.locator('[data-testid="stMultiSelect"]').filter(has_text="Bit levels").first
+    return {"criterion": crit.locator('input[role="combobox"]').input_value().split(" — ")[0],
+            "ratio": prune_slider(page).input_value(),
+            "levels": levels.locator("[data-tag]").evaluate_all("els => els.map(e => e.getAttribute('aria-label'))")}
+
+
+def press_prune_slider(page, key: str) -> None:
+    """One keyboard step of the prune-ratio slider (committed on key down), then wait for the new metrics."""
+    before = metric(page, "Size")
+    prune_slider(page).focus()
+    page.keyboard.press(key)
+    page.wait_for_function(CHANGED_JS, arg=before, timeout=60_000, polling=50)
+    wait_idle(page)
+
+
+def sidebar_choose(page, label: str) -> None:
+    page.locator('[data-testid="stSidebar"] label', has_text=label).first.click()
+
+
+def sidebar_upload(page, path: pathlib.Path) -> None:
+    page.locator('[data-testid="stSidebar"] input[type="file"]').first.set_input_files(str(path))
+
+
+def result_caption(page) -> str:
+    return page.locator('[data-testid="stCaptionContainer"]').filter(has_text="images correct").first.inner_text()
+
+
+def image_zip(path: pathlib.Path, per_class: int = 6) -> pathlib.Path:
+    """A small ImageFolder zip (one folder per class) of shipped evaluation images, written with PIL."""
+    import io
+    import zipfile
+
+    import numpy as np
+    from PIL import Image
+
+    from xaicomp_core import load_builtin_dataset
+
+    ds = load_builtin_dataset("fashion-mnist", "eval")
+    with zipfile.ZipFile(path, "w") as z:
+        for c in range(10):
+            for k, i in enumerate(np.flatnonzero(ds.labels == c)[:per_class]):
+                png = io.BytesIO()
+                Image.fromarray(ds.images[i]).save(png, format="PNG")
+                z.writestr(f"mydata/{c}/img{k}.png", png.getvalue())
+    return path
+
+
+def test_plan_survives_errors_and_uploads(browser, app_url, tmp_path):
+    """Error -> upload -> controls in chromium: the controls keep showing the plan after the page stopped above them
+    (zip data chosen but not uploaded, a weights file that is not one), the next key press moves only the prune ratio,
+    and back on the built-in data the numbers are the engine's for the plan the controls show."""
+    page, errors = open_app(browser, app_url)
+    open_compress(page)
+    default = {"criterion": "lrp", "ratio": "50", "levels": ["8 bits", "4 bits", "2 bits"]}
+    assert shown_controls(page) == default
+    press_prune_slider(page, "ArrowRight")
+    plan = dict(default, ratio="55")
+    assert shown_controls(page) == plan
+
+    sidebar_choose(page, "ImageFolder .zip upload")
+    page.wait_for_selector("text=Upload a .zip", timeout=LOAD_TIMEOUT_MS)
+    wait_idle(page)
+    assert prune_slider(page).count() == 0  # the page stopped above the controls
+    assert page.locator('[data-testid="stAlertContentError"]').count() == 0  # an explanation, not an error
+    sidebar_upload(page, image_zip(tmp_path / "mine.zip"))
+    page.wait_for_selector('[data-testid="stMetricLabel"]:has-text("Original accuracy")', timeout=LOAD_TIMEOUT_MS)
+    wait_idle(page)
+    no_exception(page)
+    assert shown_controls(page) == plan
+    assert "prune 55% by lrp" in result_caption(page)
+    press_prune_slider(page, "ArrowRight")  # the next touch of a control: only that control changes
+    plan = dict(plan, ratio="60")
+    assert shown_controls(page) == plan
+    assert "prune 60% by lrp" in result_caption(page)
+    assert page.locator('[data-testid="stAlertContentError"]').count() == 0
+
+    sidebar_choose(page, "Upload your weights")
+    page.wait_for_selector("text=Upload the weights", timeout=LOAD_TIMEOUT_MS)
+    wait_idle(page)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"this is not torch")
+    sidebar_upload(page, junk)
+    page.wait_for_selector('[data-testid="stAlertContentError"]:has-text("junk.pt")', timeout=LOAD_TIMEOUT_MS)
+    wait_idle(page)
+
+    sidebar_choose(page, "Built-in (trained)")
+    sidebar_choose(page, "Built-in Fashion-MNIST")
+    page.wait_for_selector('[data-testid="stMetricLabel"]:has-text("Original accuracy")', timeout=LOAD_TIMEOUT_MS)
+    wait_idle(page)
+    no_exception(page)
+    assert shown_controls(page) == plan
+    press_prune_slider(page, "ArrowLeft")
+    plan = dict(plan, ratio="55")
+    assert shown_controls(page) == plan
+    page.wait_for_selector('[data-testid="stMetricLabel"]:has-text("Accuracy with")', timeout=LOAD_TIMEOUT_MS)
+    wait_idle(page)
+
+    from xaicomp_core.viz.figures import fmt_bytes, fmt_pct
+
+    res = engine_result(55)
+    assert metric(page, "Size") == fmt_bytes(res.size.estimated_bytes)
+    assert metric(page, "Accuracy") == fmt_pct(res.accuracy)
+    assert "prune 55% by lrp" in result_caption(page)
+    assert not errors, errors
+    page.close()
