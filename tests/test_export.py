@@ -15,9 +15,9 @@ from xaicomp_core.cli.main import main
 from xaicomp_core.format.packing import FORMAT_VERSION, MAGIC, PREAMBLE, read_header, unpack
 from xaicomp_core.io.export import (
     dense_bytes,
+    exact_logits,
     export_dense,
     export_packed,
-    forward_logits,
     onnx_bytes,
     onnx_logits,
     packed_to_dense,
@@ -44,7 +44,7 @@ def test_dense_safetensors_reload_gives_identical_logits(lenet_session, tmp_path
     n = export_dense(lenet_session, PLAN, path)
     assert n == path.stat().st_size and n > lenet_session.fp32_bytes()  # dense: no smaller than fp32
     model = load_model("fashion-lenet", weights=path)
-    assert torch.equal(forward_logits(model, lenet_session.x_eval), lenet_session.compressed_logits(PLAN))
+    assert torch.equal(exact_logits(model, lenet_session.x_eval), lenet_session.compressed_logits(PLAN))
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:

@@ -31,7 +31,7 @@ from xaicomp_core.format.packing import (
     unpack_bits,
 )
 from xaicomp_core.format.size import compute_size
-from xaicomp_core.io.export import forward_logits
+from xaicomp_core.io.export import exact_logits, forward_logits
 
 BUILTINS = ["fashion-lenet", "fashion-vgg", "fashion-resnet"]
 
@@ -543,7 +543,7 @@ def test_round_trip_builtin(builtin_session, plan_name):
     assert res.seconds < 1.0, f"packing took {res.seconds:.2f} s"
     assert time.perf_counter() - t0 < 3.0
     # the session's own compressed forward pass (compressed_logits) against the reloaded file
-    reloaded = forward_logits(pm.build_model(), builtin_session.x_eval, builtin_session.eval_batch_size)
+    reloaded = exact_logits(pm.build_model(), builtin_session.x_eval, builtin_session.eval_batch_size)
     assert torch.equal(reloaded, builtin_session.compressed_logits(plan))
     ints = [k for k, v in builtin_session.model.state_dict().items() if not v.is_floating_point()]
     assert all(not pm.state[k].any() for k in ints)
@@ -562,6 +562,6 @@ def test_round_trip_fine_tuned_plan_with_protected_layers(fashion_ref, fashion_e
     assert not torch.equal(cw.weights()[first], session.model.state_dict()[first])  # protected, yet fine-tuned
     res, pm = check_round_trip(session, cw)
     assert torch.equal(pm.weights()[first], cw.weights()[first])
-    reloaded = forward_logits(pm.build_model(), session.x_eval, session.eval_batch_size)
+    reloaded = exact_logits(pm.build_model(), session.x_eval, session.eval_batch_size)
     assert torch.equal(reloaded, session.compressed_logits(plan))
     assert pm.plan.finetune_epochs == 1

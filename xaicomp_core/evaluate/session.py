@@ -25,6 +25,7 @@ from xaicomp_core.compress.compress import CompressedWeights, Compressor, follow
 from xaicomp_core.compress.layout import LayerLayout
 from xaicomp_core.compress.quantize import quantize
 from xaicomp_core.errors import PlanError, XaicompError
+from xaicomp_core.evaluate.fast import TRIAL_IMAGES, FastForward
 from xaicomp_core.evaluate.progressive import QUICK_IMAGES, Anticipator, estimate_accuracy, quick_indices
 from xaicomp_core.format.size import SizeBreakdown
 from xaicomp_core.io.data import DataLike, as_tensors
@@ -248,6 +249,10 @@ class CompressionSession:
         self._fg_cond = threading.Condition()
         self.anticipator = Anticipator(self._evaluate_background, self.is_cached)
         self.model_hash = state_dict_hash(model)
+        # the fast exact forward (BatchNorm folded per plan; None for a model it cannot handle: eager then)
+        self._fast = FastForward.build(self._work, self.x_eval[:TRIAL_IMAGES],
+                                       lambda x: forward_logits(self._work, x, self.eval_batch_size))
+        self.forward_backend = self._fast.backend if self._fast is not None else "eager"
         with self._lock:
             self.baseline_logits = self._forward()
         self.baseline_pred = self.baseline_logits.argmax(1)
@@ -358,8 +363,22 @@ class CompressionSession:
     def _compress(self, plan: CompressionPlan) -> CompressedWeights:
         return self.compressor.compress(plan, self.relevance, self.relevance_of)
 
-    def _forward(self, x: torch.Tensor | None = None) -> torch.Tensor:
-        return forward_logits(self._work, self.x_eval if x is None else x, self.eval_batch_size)
+    def _forward(self, x: torch.Tensor | None = None, cw: CompressedWeights | None = None) -> torch.Tensor:
+        """Logits on ``x`` (default: the evaluation set) of the original model, or of ``cw``: the fast exact
+        forward where the model is supported (same top-1 as the eager one on every image), else the eager forward
+        of the working model. Call with the lock held."""
+        x = self.x_eval if x is None else x
+
+        def eager(xs: torch.Tensor) -> torch.Tensor:
+            self._load(cw)
+            try:
+                return forward_logits(self._work, xs, self.eval_batch_size)
+            finally:
+                self._load(None)
+
+        if self._fast is None:
+            return eager(x)
+        return self._fast.logits(self._state if cw is None else cw.state_dict(self._state), x, eager)
 
     def _load(self, cw: CompressedWeights | None) -> None:
         """Copy a compressed model's weights (or, with None, the original ones) into the working model."""
@@ -381,11 +400,7 @@ class CompressionSession:
         """Logits of the compressed model (a plan, or one already applied) on ``x`` (default: the evaluation set)."""
         cw = plan if isinstance(plan, CompressedWeights) else self.compress(plan)
         with self._lock:
-            self._load(cw)
-            try:
-                return self._forward(x)
-            finally:
-                self._load(None)
+            return self._forward(x, cw)
 
     def compressed_state_dict(self, plan: CompressionPlan | CompressedWeights) -> dict[str, torch.Tensor]:
         """The model's state dict with the compressed weights and the plan's overrides (tensors are shared with
@@ -419,11 +434,7 @@ class CompressionSession:
                 return self._results[key]
             t0 = time.perf_counter()
             cw = self.compress(plan, progress)
-            self._load(cw)
-            try:
-                logits = self._forward()
-            finally:
-                self._load(None)
+            logits = self._forward(cw=cw)
             result = self._result(cw, logits.argmax(1), time.perf_counter() - t0)
             return self._store(key, result)
 

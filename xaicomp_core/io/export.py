@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from xaicomp_core.errors import XaicompError
-from xaicomp_core.evaluate.session import EVAL_BATCH_SIZE, accuracy_counts, forward_logits
+from xaicomp_core.evaluate.fast import exact_logits
+from xaicomp_core.evaluate.session import EVAL_BATCH_SIZE, accuracy_counts, forward_logits  # noqa: F401
 from xaicomp_core.format.packing import PackedModel, PackResult, pack, read_packed, unpack
 from xaicomp_core.plan import CompressionPlan
 
@@ -292,7 +293,8 @@ def verify_packed(source: str | pathlib.Path | bytes | PackedModel, x: torch.Ten
         return res
     t1 = time.perf_counter()
     info = pm.info
-    logits = forward_logits(model, x, int(ev.get("batch_size", EVAL_BATCH_SIZE)) if ev else EVAL_BATCH_SIZE)
+    # the session's fast exact forward, so that the logits digest can equal the one recorded at export
+    logits = exact_logits(model, x, int(ev.get("batch_size", EVAL_BATCH_SIZE)) if ev else EVAL_BATCH_SIZE)
     correct, per_class = accuracy_counts(logits.argmax(1), y, info.num_classes)
     res.eval_seconds = time.perf_counter() - t1
     res.accuracy = correct / len(y)
