@@ -7,6 +7,9 @@ mapper applied to the output relevance, multiply by the modified parameters and 
 the input relevance. For the epsilon rule this is ``R_ij = sum_{batch, positions} a_i w_ij R_j / (z_j + eps sign z_j)``,
 and per layer ``sum_ij R_ij = sum_i R_i`` exactly.
 
+For the ``"epsilon"`` composite, :func:`compute_relevance` normally takes the fused pass of
+:mod:`xaicomp_core.relevance.fused` instead (the same rules in one plain forward and backward, no hooks).
+
 Everything runs on a deep copy of the model: canonizers (BatchNorm merging, residual ``Sum``) and hooks never touch
 the caller's model. The relevance of a conv weight followed by BatchNorm is that of the merged weight at the same
 index.
@@ -33,6 +36,13 @@ from xaicomp_core.relevance.composites import (  # noqa: F401  (re-exported: the
     canonizers_for,
     make_composite,
     register_composite,
+)
+from xaicomp_core.relevance.fused import (
+    FusedEpsilon,
+    FusedUnsupported,
+    drop_identity_batchnorms,
+    one_thread,
+    unsupported_reason,
 )
 
 ProgressFn = Callable[[int, int], None]
@@ -234,23 +244,6 @@ class _ParamRelevanceHook(BasicHook):
         return tuple(relevance if original.shape == relevance.shape else None for original in grad_input)
 
 
-def _is_identity_batchnorm(module: nn.Module) -> bool:
-    """A BatchNorm emptied by :class:`ExactMergeBatchNorm` (computes exactly the identity)."""
-    if not isinstance(module, nn.modules.batchnorm._BatchNorm) or not module.affine or module.running_var is None:
-        return False
-    with torch.no_grad():
-        return bool((module.weight == 1).all() and (module.bias == 0).all() and (module.running_mean == 0).all()
-                    and ((module.running_var + module.eps) == 1).all())
-
-
-def _drop_identity_batchnorms(model: nn.Module) -> None:
-    """Replace BatchNorms that merging emptied (exact identities) by ``nn.Identity`` in the working copy."""
-    for parent in list(model.modules()):
-        for child_name, child in list(parent.named_children()):
-            if _is_identity_batchnorm(child):
-                setattr(parent, child_name, nn.Identity())
-
-
 def _wrap_module_map(composite: Composite, store: dict, flows: dict) -> None:
     original = composite.module_map
 
@@ -264,7 +257,7 @@ def _wrap_module_map(composite: Composite, store: dict, flows: dict) -> None:
     composite.module_map = module_map
 
 
-def _check_model(model: nn.Module, work: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _check_model(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Plain forward of the original model, checking every rule-carrying layer is called exactly once."""
     counts: dict[str, int] = {}
     handles = []
@@ -285,11 +278,20 @@ def _check_model(model: nn.Module, work: nn.Module, x: torch.Tensor) -> torch.Te
     return plain
 
 
+def _fused_reason(model: nn.Module, composite: str, canonizers: list | None) -> str | None:
+    """Why the fused LRP-epsilon pass does not apply (None if it does)."""
+    if composite != "epsilon":
+        return f"it computes the 'epsilon' composite only, not {composite!r}"
+    if canonizers is not None:
+        return "it uses the automatic canonizers only"
+    return unsupported_reason(model)
+
+
 def compute_relevance(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | None = None,
                       composite: str = DEFAULT_COMPOSITE, *, epsilon: float = 1e-6, target: str = "true",
                       batch_size: int = 250, keep_input: bool = False, progress: ProgressFn | None = None,
                       check: bool = True, canonizers: list | None = None, stabilizer: float = 1e-6,
-                      by_class: bool = False) -> RelevanceResult:
+                      by_class: bool = False, fused: bool | None = None) -> RelevanceResult:
     """LRP relevance of every conv/linear weight and bias (and optionally of the input pixels).
 
     Parameters
@@ -323,6 +325,11 @@ def compute_relevance(model: nn.Module, inputs: torch.Tensor, targets: torch.Ten
         Also accumulate ``sum over classes |sum over the class's samples R|`` (``RelevanceResult.abs_by_class``):
         batches then hold one class each. A weight that is strong evidence for one class and counter-evidence for
         another keeps a large score instead of cancelling out.
+    fused : bool, optional
+        ``None`` (default): use the fused one-forward-one-backward pass (:mod:`xaicomp_core.relevance.fused`: the
+        same rules and arithmetic as zennit's hooks) for the ``"epsilon"`` composite with automatic canonizers on a
+        model made of layers it handles, zennit's hooks otherwise. ``True`` forces the fused pass (an error where it
+        does not apply), ``False`` the zennit hooks.
     """
     if composite not in COMPOSITES:
         raise XaicompError(f"unknown composite {composite!r}; choose one of {', '.join(COMPOSITES)}")
@@ -332,6 +339,17 @@ def compute_relevance(model: nn.Module, inputs: torch.Tensor, targets: torch.Ten
         raise XaicompError("true-label relevance needs targets")
     if len(inputs) == 0:
         raise XaicompError("no samples to compute relevance on")
+    run = dict(inputs=inputs, targets=targets, composite=composite, target=target, batch_size=batch_size,
+               keep_input=keep_input, progress=progress, check=check, by_class=by_class)
+    if fused is not False:
+        reason = _fused_reason(model, composite, canonizers)
+        if reason is None:
+            try:
+                return _fused_relevance(model, epsilon=epsilon, stabilizer=stabilizer, **run)
+            except FusedUnsupported as err:  # found in the first forward/backward, before any progress call
+                reason = str(err)
+        if fused:
+            raise RelevanceError(f"the fused LRP-epsilon pass does not apply: {reason}")
     was_training = model.training
     model.eval()
     work = copy.deepcopy(model).eval()
@@ -341,6 +359,45 @@ def compute_relevance(model: nn.Module, inputs: torch.Tensor, targets: torch.Ten
     flows: dict[str, LayerFlow] = {}
     comp = make_composite(composite, work, epsilon, canonizers=canonizers, stabilizer=stabilizer)
     _wrap_module_map(comp, store, flows)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return work(x)
+
+    def backward(out: torch.Tensor, x: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        (grad,) = torch.autograd.grad(out, x, grad_outputs=start)
+        return grad
+
+    try:
+        with comp.context(work):
+            drop_identity_batchnorms(work)
+            return _run_batches(model, forward, backward, store, flows, **run)
+    finally:
+        if was_training:
+            model.train()
+
+
+def _fused_relevance(model: nn.Module, *, epsilon: float, stabilizer: float, **run) -> RelevanceResult:
+    """:func:`compute_relevance` through :class:`FusedEpsilon` (one forward and one backward per batch)."""
+    was_training = model.training
+    model.eval()
+    store: dict[str, torch.Tensor] = {}
+    flows: dict[str, LayerFlow] = {}
+    try:
+        net = FusedEpsilon(model, epsilon, stabilizer, store, flows, LayerFlow, need_input=run["keep_input"])
+        return _run_batches(model, net.forward, net.backward, store, flows, **run)
+    finally:
+        if was_training:
+            model.train()
+
+
+def _run_batches(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
+                 backward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor | None],
+                 store: dict[str, torch.Tensor], flows: dict[str, LayerFlow], *, inputs: torch.Tensor,
+                 targets: torch.Tensor | None, composite: str, target: str, batch_size: int, keep_input: bool,
+                 progress: ProgressFn | None, check: bool, by_class: bool) -> RelevanceResult:
+    """The batches of :func:`compute_relevance`: ``forward(x)`` gives outputs whose ``backward(out, x, start)``
+    (the input relevance, needed with ``keep_input`` only) fills ``store`` with parameter relevance and ``flows``
+    with the layer sums."""
     total = len(inputs)
     if target == "predicted" and by_class:
         with torch.no_grad():
@@ -359,8 +416,12 @@ def compute_relevance(model: nn.Module, inputs: torch.Tensor, targets: torch.Ten
     by_class_abs: dict[str, torch.Tensor] = {}
 
     def flush() -> None:
+        with one_thread():
+            _flush()
+
+    def _flush() -> None:
         for k, v in store.items():
-            signed[k] = signed[k] + v if k in signed else v.clone()
+            signed[k] = signed[k] + v if k in signed else v  # the store's tensors are this pass's own
             if by_class:
                 by_class_abs[k] = by_class_abs[k] + v.abs() if k in by_class_abs else v.abs()
         store.clear()
@@ -369,48 +430,42 @@ def compute_relevance(model: nn.Module, inputs: torch.Tensor, targets: torch.Ten
     input_rel = torch.empty(0)
     tgt_all = torch.zeros(total, dtype=torch.long)
     done = 0
-    try:
-        with comp.context(work):
-            _drop_identity_batchnorms(work)
-            for n, (group, idx) in enumerate(chunks):
-                if n > 0 and group != chunks[n - 1][0]:
-                    flush()
-                xb = inputs[idx]
-                x = xb.detach().clone().requires_grad_(True)
-                with torch.enable_grad():
-                    out = work(x)
-                if n == 0:
-                    logits_all = torch.empty(total, out.shape[1], dtype=out.dtype)
-                    if keep_input:
-                        input_rel = torch.empty_like(inputs)
-                if check and n == 0:
-                    n_check = min(len(xb), 16)
-                    plain = _check_model(model, work, xb[:n_check])
-                    diff = float((plain - out.detach()[:n_check]).abs().max())
-                    scale = float(plain.abs().max()) + 1.0
-                    tol = 1e-4 if out.dtype == torch.float32 else 1e-9
-                    if diff > tol * scale:
-                        raise RelevanceError(f"the canonized model's outputs differ from the model's by {diff:.3g}; "
-                                             "BatchNorm merging or residual routing does not fit this architecture")
-                tb = labels[idx] if (target == "true" or by_class) and labels is not None else out.detach().argmax(1)
-                onehot = torch.zeros_like(out)
-                onehot[torch.arange(len(tb)), tb] = 1.0
-                (grad,) = torch.autograd.grad(out, x, grad_outputs=onehot)
-                logits_all[idx] = out.detach()
-                tgt_all[idx] = tb
-                if keep_input:
-                    input_rel[idx] = grad.detach()
-                done += len(idx)
-                if progress is not None:
-                    progress(done, total)
+    for n, (group, idx) in enumerate(chunks):
+        if n > 0 and group != chunks[n - 1][0]:
             flush()
-    finally:
-        if was_training:
-            model.train()
-    store = signed
+        xb = inputs[idx]
+        x = xb.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            out = forward(x)
+        if n == 0:
+            logits_all = torch.empty(total, out.shape[1], dtype=out.dtype)
+            if keep_input:
+                input_rel = torch.empty_like(inputs)
+        if check and n == 0:
+            n_check = min(len(xb), 16)
+            with one_thread():  # 16 samples: the thread pool would cost more than it saves
+                plain = _check_model(model, xb[:n_check])
+            diff = float((plain - out.detach()[:n_check]).abs().max())
+            scale = float(plain.abs().max()) + 1.0
+            tol = 1e-4 if out.dtype == torch.float32 else 1e-9
+            if diff > tol * scale:
+                raise RelevanceError(f"the canonized model's outputs differ from the model's by {diff:.3g}; "
+                                     "BatchNorm merging or residual routing does not fit this architecture")
+        tb = labels[idx] if (target == "true" or by_class) and labels is not None else out.detach().argmax(1)
+        onehot = torch.zeros_like(out)
+        onehot[torch.arange(len(tb)), tb] = 1.0
+        grad = backward(out, x, onehot)
+        logits_all[idx] = out.detach()
+        tgt_all[idx] = tb
+        if keep_input:
+            input_rel[idx] = grad.detach()  # type: ignore[union-attr]
+        done += len(idx)
+        if progress is not None:
+            progress(done, total)
+    flush()
     own = dict(model.named_parameters())
-    weights = {k: v.to(own[k].dtype) for k, v in store.items() if k in own}
-    extra = {k: v for k, v in store.items() if k not in own}
+    weights = {k: v.to(own[k].dtype) for k, v in signed.items() if k in own}
+    extra = {k: v for k, v in signed.items() if k not in own}
     for name in relevance_layers(model):
         for key in ("weight", "bias"):
             pname = f"{name}.{key}"
