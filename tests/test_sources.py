@@ -190,7 +190,10 @@ def test_export_and_verify_on_a_zip_evaluate_the_same_half(image_zip, tmp_path, 
                  "--prune", "0.5", "--bits", "4", "-o", str(out), "--json", "--threads", "2"]) == 0
     e = json.loads(capsys.readouterr().out)
     assert e["images"] == 30
+    # a path recorded in the (untrusted) file is never opened by verify: the user names the data again
     assert main(["verify", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] is None
+    assert main(["verify", str(out), "--data", str(image_zip), "--json"]) == 0
     v = json.loads(capsys.readouterr().out)
     assert v["ok"] and v["data_matches"] and v["logits_match"] and v["images"] == 30
 

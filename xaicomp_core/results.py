@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import io
 import json
 import pathlib
 import platform
@@ -28,6 +29,7 @@ import torch
 from xaicomp_core.bench import _cpu_name, run_bench
 from xaicomp_core.evaluate.session import CompressionSession
 from xaicomp_core.evaluate.sweep import pareto_flags
+from xaicomp_core.io.atomic import atomic_write
 from xaicomp_core.io.data import load_builtin_dataset
 from xaicomp_core.io.models import builtin_card, load_builtin_model
 from xaicomp_core.plan import CompressionPlan
@@ -286,7 +288,9 @@ def plot_model(res: dict[str, Any], out_dir: pathlib.Path) -> list[str]:
     def save(fig, what: str) -> None:
         fig.tight_layout()
         f = f"{name}-{what}.png"
-        fig.savefig(out_dir / f)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        atomic_write(out_dir / f, buf.getvalue())
         plt.close(fig)
         files.append(f)
 
@@ -472,7 +476,7 @@ def write_markdown(summary: dict[str, Any], path: pathlib.Path, plot_dir: str, d
                   f"{b['threads']} threads, {b['machine']}."]
         L.append("")
     L += ["## Discussion", "", discussion.strip(), ""]
-    path.write_text("\n".join(L))
+    atomic_write(path, "\n".join(L))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -499,7 +503,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             "torch": torch.__version__, "python": platform.python_version(), "quick": args.quick,
                             "command": "python -m xaicomp_core.results " + " ".join(argv or sys.argv[1:])},
                    "models": models}
-        summary_path.write_text(json.dumps(summary, indent=1) + "\n")
+        atomic_write(summary_path, json.dumps(summary, indent=1) + "\n")
     for m in summary["models"].values():
         plot_model(m, plot_dir)
     disc_path = out / "results" / "discussion.md"

@@ -96,12 +96,14 @@ def train(name: str, epochs: int | None = None, seed: int = 0, threads: int = 2,
     seconds = time.time() - t0
     model.eval()
 
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from xaicomp_core.io.atomic import OutputGroup
 
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out_dir / f"{name}.safetensors"), metadata={"arch": name})
+    weights = save(state, metadata={"arch": name})
     test_acc, test_correct = accuracy(model, xte, yte)
     ev = load_builtin_dataset("fashion-mnist", "eval")
     xe, ye = ev.tensors(FASHION_PREPROCESSING)
@@ -134,7 +136,10 @@ def train(name: str, epochs: int | None = None, seed: int = 0, threads: int = 2,
             "history": history,
         },
     }
-    (out_dir / f"{name}.json").write_text(json.dumps(card, indent=2) + "\n")
+    group = OutputGroup()  # the weights and their model card land together, atomically, or neither
+    group.add(out_dir / f"{name}.safetensors", weights, "weights")
+    group.add(out_dir / f"{name}.json", json.dumps(card, indent=2) + "\n", "model card")
+    group.commit()
     log(f"[{name}] done: test {test_acc:.4f}, eval {eval_acc:.4f}, {seconds:.0f}s")
     return card
 

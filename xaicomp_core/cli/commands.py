@@ -8,11 +8,13 @@ import pathlib
 from typing import Any
 
 from xaicomp_core.cli.common import (
+    CommandOutputs,
     add_model_args,
     add_plan_args,
     fmt_bytes,
     plan_and_session,
     plan_from_args,
+    positive_int,
     print_json,
     progress_printer,
     session_from_args,
@@ -70,8 +72,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_compress(args: argparse.Namespace) -> int:
     """Evaluate one plan."""
+    outputs = CommandOutputs(args)  # --save-plan, checked before any work
     plan, session = plan_and_session(args, args.json)
     result = session.evaluate(plan)
+    outputs.commit(plan)
     d = result.to_dict(tensors=args.tensors)
     d["model"] = session.info.name
     d["data"] = args.data
@@ -100,19 +104,21 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     """Pareto sweep."""
     from xaicomp_core.evaluate.sweep import DEFAULT_RATIOS, BitSetting, rows_to_csv, run_sweep
 
+    outputs = CommandOutputs(args, {"-o": args.output})  # checked before any work
     base = plan_from_args(args)
     criteria = [c.strip() for c in args.criteria.split(",") if c.strip()]
-    ratios = [float(r) for r in args.ratios.split(",")] if args.ratios else DEFAULT_RATIOS
+    try:
+        ratios = [float(r) for r in args.ratios.split(",")] if args.ratios else DEFAULT_RATIOS
+    except ValueError:
+        raise XaicompError(f"cannot parse --ratios {args.ratios!r}; use e.g. 0,0.5,0.9") from None
     bits = [BitSetting.parse(b) for b in (args.bit_settings or ["fp32"])]
     session = session_from_args(args, progress_printer("relevance", True))
     session.composite = base.composite
     rows = run_sweep(session, criteria, ratios, bits, base, progress_printer("plans", True))
     if args.output:
         out = pathlib.Path(args.output)
-        if out.suffix.lower() == ".json":
-            out.write_text(json.dumps(rows, indent=2))
-        else:
-            out.write_text(rows_to_csv(rows))
+        outputs.add("-o", json.dumps(rows, indent=2) if out.suffix.lower() == ".json" else rows_to_csv(rows))
+    outputs.commit(base)
     if args.json:
         print_json({"model": session.info.name, "rows": rows})
         return 0
@@ -164,9 +170,9 @@ def register(subparsers: Any) -> None:
 
     p = subparsers.add_parser("bench", help="performance ratios (update_ratio, relevance_ratio)")
     p.add_argument("--model", default=None)
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--batch", type=int, default=250)
+    p.add_argument("--repeats", type=positive_int, default=7)
+    p.add_argument("--threads", type=positive_int, default=2)
+    p.add_argument("--batch", type=positive_int, default=250)
     p.add_argument("--composite", default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)

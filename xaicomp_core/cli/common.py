@@ -59,8 +59,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-samples", type=int, default=None, help="use only this many evaluation samples")
     g.add_argument("--target", choices=("true", "predicted"), default=MODEL_DEFAULTS["target"],
                    help="class whose relevance starts LRP")
-    g.add_argument("--epsilon", type=float, default=MODEL_DEFAULTS["epsilon"], help="epsilon of the epsilon rule")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    g.add_argument("--epsilon", type=finite_float, default=MODEL_DEFAULTS["epsilon"],
+                   help="epsilon of the epsilon rule")
+    g.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
 
 
 def add_plan_args(p: argparse.ArgumentParser) -> None:
@@ -108,10 +109,7 @@ def plan_from_args(args: argparse.Namespace) -> CompressionPlan:
     from xaicomp_core.evaluate.sweep import parse_bits
 
     if args.plan:
-        path = pathlib.Path(args.plan)
-        if not path.exists():
-            raise PlanError(f"plan file {path} does not exist")
-        plan = CompressionPlan.from_json(path.read_text())
+        plan = CompressionPlan.from_json(read_plan_text(args.plan))
     else:
         plan = CompressionPlan()
     changes: dict[str, Any] = {}
@@ -141,10 +139,76 @@ def plan_from_args(args: argparse.Namespace) -> CompressionPlan:
     for attr, field_name, cast in (("layer_prune", "layer_prune", float), ("layer_bits", "layer_bits", int)):
         if getattr(args, attr, None) is not None:
             changes[field_name] = parse_per_layer(getattr(args, attr), "--" + attr.replace("_", "-"), cast)
-    plan = plan.replace(**changes).validate()
-    if getattr(args, "save_plan", None):
-        pathlib.Path(args.save_plan).write_text(plan.to_json() + "\n")
-    return plan
+    return plan.replace(**changes).validate()
+
+
+#: A plan file is a few hundred bytes; anything larger than this is not one.
+MAX_PLAN_BYTES = 1024 * 1024
+
+
+def read_plan_text(path: str | pathlib.Path) -> str:
+    """The text of a ``--plan`` file: a regular file of at most :data:`MAX_PLAN_BYTES`, UTF-8 (a UTF-8 byte-order
+    mark is allowed); anything else is one :class:`PlanError` line."""
+    from xaicomp_core.io.safe import read_regular, show_path
+
+    raw = read_regular(path, MAX_PLAN_BYTES, "plan file", PlanError)
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise PlanError(f"plan file {show_path(path)} is UTF-16 text; save it as UTF-8")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise PlanError(f"plan file {show_path(path)} is not UTF-8 text (a binary file?)") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# outputs: validated before any work, written together at the end
+# ----------------------------------------------------------------------------------------------------------------
+def input_files(args: argparse.Namespace) -> dict[str, str | None]:
+    """The files the options read (label -> path), which no output may overwrite."""
+    from xaicomp_core.io.data import BUILTIN_DATASETS
+
+    def data_path(spec: str | None) -> str | None:
+        if not spec or spec in BUILTIN_DATASETS:
+            return None
+        return spec.split(":", 2)[2] if spec.startswith("torchvision:") and spec.count(":") >= 2 else spec
+
+    return {"--weights": getattr(args, "weights", None), "--plan": getattr(args, "plan", None),
+            "--data": data_path(getattr(args, "data", None)),
+            "--reference-data": data_path(getattr(args, "reference_data", None)),
+            "--train-data": data_path(getattr(args, "train_data", None))}
+
+
+class CommandOutputs:
+    """The output files of one command: validated when created (before any computation: folder exists and is
+    writable, target not a directory, no output aliasing an input or another output), then written together by
+    :meth:`commit` (all of them or none; see :mod:`xaicomp_core.io.atomic`). ``--save-plan`` is one of them.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The command's options (inputs and ``--save-plan`` are read from it).
+    outputs : mapping
+        Option -> path of the command's own outputs (None: not asked for).
+    """
+
+    def __init__(self, args: argparse.Namespace, outputs: dict[str, str | None] | None = None) -> None:
+        from xaicomp_core.io.atomic import OutputGroup, check_outputs
+
+        self.paths = {k: v for k, v in {**(outputs or {}),
+                                         "--save-plan": getattr(args, "save_plan", None)}.items() if v}
+        inputs = input_files(args)
+        check_outputs(self.paths, inputs)
+        self.group = OutputGroup(inputs)
+
+    def add(self, option: str, data: bytes | str) -> None:
+        """Queue the bytes (or UTF-8 text) of output ``option``."""
+        self.group.add(self.paths[option], data, option)
+
+    def commit(self, plan: CompressionPlan | None = None) -> dict[str, int]:
+        """Write every queued output (and ``--save-plan`` with ``plan``); returns option -> bytes written."""
+        if "--save-plan" in self.paths and plan is not None:
+            self.add("--save-plan", plan.to_json() + "\n")
+        return self.group.commit()
 
 
 def parse_per_layer(text: str, flag: str, cast: Callable[[str], Any]) -> dict[str, Any]:
@@ -161,6 +225,41 @@ def parse_per_layer(text: str, flag: str, cast: Callable[[str], Any]) -> dict[st
         except ValueError:
             raise PlanError(f"cannot parse {flag} item {item!r}; use LAYER=VALUE, e.g. classifier.1=0.9") from None
     return out
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {v}")
+    return v
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type: an integer of at least 0."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, not {v}")
+    return v
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number."""
+    import math
+
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not {text}")
+    return v
 
 
 def check_eval_samples(n: int | None) -> int | None:

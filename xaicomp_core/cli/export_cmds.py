@@ -16,12 +16,15 @@ import time
 from typing import Any
 
 from xaicomp_core.cli.common import (
+    CommandOutputs,
     add_model_args,
     add_plan_args,
     check_eval_samples,
     data_label,
     fmt_bytes,
+    nonnegative_int,
     plan_and_session,
+    positive_int,
     print_json,
     progress_printer,
     sources_from_args,
@@ -41,14 +44,17 @@ def _sizes_line(file_bytes: int, header_bytes: int, payload_bytes: int, stored: 
 # ----------------------------------------------------------------------------------------------------------------
 def cmd_export(args: argparse.Namespace) -> int:
     """Write the packed file (and optionally dense safetensors and ONNX)."""
-    from xaicomp_core.io.export import export_dense, export_onnx, export_packed
+    from xaicomp_core.io.export import dense_bytes, export_packed, onnx_bytes
 
     t0 = time.perf_counter()
+    # every output is checked before any work and written at the end: all of them, or none
+    outputs = CommandOutputs(args, {"-o": args.output, "--dense": args.dense, "--onnx": args.onnx})
     sources = sources_from_args(args)
     plan, session = plan_and_session(args, args.json, sources)
     out = pathlib.Path(args.output)
-    res = export_packed(session, plan, out, codec=args.codec, data_spec=sources.data_spec(),
+    res = export_packed(session, plan, codec=args.codec, data_spec=sources.data_spec(),
                         data_label=data_label(args, session))
+    outputs.add("-o", res.data)
     ev = res.header["evaluation"]
     d: dict[str, Any] = {"file": str(out), "model": session.info.name, "plan": plan.to_dict(),
                          "description": plan.describe(), **res.summary(),
@@ -56,11 +62,14 @@ def cmd_export(args: argparse.Namespace) -> int:
                          "baseline_accuracy": ev["baseline_accuracy"], "correct": ev["correct"],
                          "images": ev["images"]}
     if args.dense:
-        d["dense_file"] = args.dense
-        d["dense_bytes"] = export_dense(session, plan, args.dense)
+        dense = dense_bytes(session, plan)
+        outputs.add("--dense", dense)
+        d["dense_file"], d["dense_bytes"] = args.dense, len(dense)
     if args.onnx:
-        d["onnx_file"] = args.onnx
-        d["onnx_bytes"] = export_onnx(session, plan, args.onnx)
+        onnx = onnx_bytes(session.compressed_model(plan), session.info.preprocessing)
+        outputs.add("--onnx", onnx)
+        d["onnx_file"], d["onnx_bytes"] = args.onnx, len(onnx)
+    outputs.commit(plan)
     d["seconds"] = time.perf_counter() - t0
     if args.json:
         print_json(d)
@@ -84,20 +93,24 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     from xaicomp_core.format.packing import read_packed
     from xaicomp_core.io.data import as_tensors
-    from xaicomp_core.io.export import verify_packed
+    from xaicomp_core.io.export import evaluation_from_header, verify_packed
 
     if args.threads:
         torch.set_num_threads(args.threads)
     pm = read_packed(args.file)
     x = y = None
     label = None
-    ev = pm.header.get("evaluation") or {}
-    spec = ev.get("data_spec") if isinstance(ev, dict) else None
+    ev = evaluation_from_header(pm.header) or {}
+    spec = ev.get("data_spec")
+    recorded_path = False
     if not args.no_eval:
         if args.data is not None:
             spec = {"data": args.data, "eval_samples": args.eval_samples}
-        elif spec and args.eval_samples is not None:
-            spec = {**spec, "eval_samples": args.eval_samples}
+        elif spec:
+            # the file is untrusted: only data it names by built-in name is loaded; a path in it is never opened
+            recorded_path = DataSource.from_record(spec).kind != "builtin"
+            n = spec.get("eval_samples") if args.eval_samples is None else args.eval_samples
+            spec = None if recorded_path else {"data": spec["data"], "eval_samples": n}
         if spec:
             source = DataSource.from_record(spec)
             check_eval_samples(source.eval_samples)
@@ -108,8 +121,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     res = verify_packed(pm, x, y, label)
     d = {"file": str(args.file), **res.to_dict()}
     if x is None:
-        d["note"] = "accuracy not measured: " + ("--no-eval given" if args.no_eval else
-                                                 "the file records no data to evaluate on; pass --data")
+        d["note"] = "accuracy not measured: " + (
+            "--no-eval given" if args.no_eval else
+            "the file names its evaluation data by a local path, which verify never opens; pass --data"
+            if recorded_path else "the file records no data to evaluate on; pass --data")
     if args.json:
         print_json(d)
     else:
@@ -133,8 +148,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Write the stakeholder HTML report."""
-    from xaicomp_core.report.html import DEFAULT_SWEEP_RATIOS, write_report
+    from xaicomp_core.report.html import DEFAULT_SWEEP_RATIOS, build_report
 
+    outputs = CommandOutputs(args, {"-o": args.output})  # checked before any work
     sources = sources_from_args(args)
     plan, session = plan_and_session(args, args.json, sources)
     criteria = [c.strip() for c in args.criteria.split(",") if c.strip()]
@@ -154,10 +170,12 @@ def cmd_report(args: argparse.Namespace) -> int:
         extra.append(("--codec", args.codec))
     command = sources.command("report", plan, options=extra, output=args.output)
     t0 = time.perf_counter()
-    rep = write_report(args.output, session, plan, command=command, data_label=data_label(args, session),
+    rep = build_report(session, plan, command=command, data_label=data_label(args, session),
                        data_spec=sources.data_spec(),
                        sweep_criteria=criteria, sweep_ratios=ratios, heatmap_samples=args.heatmaps,
                        codec=args.codec, progress=progress_printer("report", not args.json))
+    outputs.add("-o", rep.html)
+    outputs.commit(plan)
     d = {"file": args.output, "html_bytes": len(rep.html.encode("utf-8")), "command": str(command),
          "accuracy": rep.accuracy, "baseline_accuracy": rep.baseline_accuracy, **rep.sizes,
          "sweep_points": len(rep.sweep_rows), "seconds": time.perf_counter() - t0}
@@ -193,7 +211,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--data", default=None, help="evaluation data (default: the data recorded in the file)")
     p.add_argument("--eval-samples", type=int, default=None, help="use only this many evaluation samples")
     p.add_argument("--no-eval", action="store_true", help="check the file and its size only")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_verify)
 
@@ -203,7 +221,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("-o", "--output", default="report.html", help="HTML file to write")
     p.add_argument("--criteria", default=DEFAULT_CRITERIA, help="criteria of the trade-off curve")
     p.add_argument("--ratios", default=None, help="prune ratios of the trade-off curve (empty: no curve)")
-    p.add_argument("--heatmaps", type=int, default=DEFAULT_HEATMAPS, help="evaluation images with LRP heatmaps")
+    p.add_argument("--heatmaps", type=nonnegative_int, default=DEFAULT_HEATMAPS,
+                   help="evaluation images with LRP heatmaps")
     p.add_argument("--codec", choices=CODECS, default="none", help="codec of the packed file the report sizes")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_report)

@@ -77,8 +77,28 @@ PREAMBLE_BYTES = PREAMBLE.size  # 20
 CODECS = ("none", "zlib", "lzma")
 #: the keep encodings by name, live ("dense", "bitmask", ..., "rice-pruned", then any a plugin registers)
 KEEP_ENCODINGS = RegistryView(KEEP_CODECS, lambda codec: codec)
-MAX_HEADER_BYTES = 64 * 2**20
-MAX_ELEMENTS = 2**31
+# Limits of the reader (a file is untrusted: every allocation is bounded by these and by the file's own size; README
+# "Limits and safety" lists them).
+#: A packed file read from disk.
+MAX_FILE_BYTES = 2**30
+#: The JSON header (a real one is a few kB to a few hundred kB).
+MAX_HEADER_BYTES = 16 * 2**20
+#: The decoded payload, and how far a zlib/lzma payload may expand: at most ``MAX_PAYLOAD_RATIO`` times its stored
+#: size (or ``MIN_PAYLOAD_ALLOWANCE``), checked before decompressing.
+MAX_PAYLOAD_BYTES = 2**30
+MAX_PAYLOAD_RATIO = 64
+MIN_PAYLOAD_ALLOWANCE = 2**20
+#: One tensor, all tensors together, tensor entries, dimensions of one shape, elements of the omitted integer entries.
+MAX_ELEMENTS = 2**28
+MAX_TOTAL_ELEMENTS = 2**28
+MAX_TENSORS = 10_000
+MAX_DIMS = 8
+MAX_OMITTED_ELEMENTS = 2**16
+#: For an architecture this installation cannot build (whose shapes cannot be checked): elements per byte of file.
+MAX_ELEMENTS_PER_FILE_BYTE = 1024
+#: Classes, and characters of a name (tensor, class, model, architecture).
+MAX_CLASSES = 100_000
+MAX_NAME_CHARS = 256
 SECTION_KEYS = ("keep_bytes", "class_bytes", "scale_bytes", "value_bytes")
 SUFFIX = ".xcz"
 
@@ -127,9 +147,12 @@ class PackResult:
         return int(self.header["estimated_bytes"])
 
     def write(self, path: str | pathlib.Path) -> pathlib.Path:
-        """Write the file; returns the path."""
+        """Write the file atomically (:func:`xaicomp_core.io.atomic.atomic_write`: an existing file is replaced
+        whole or left as it was); returns the path."""
+        from xaicomp_core.io.atomic import atomic_write
+
         path = pathlib.Path(path)
-        path.write_bytes(self.data)
+        atomic_write(path, self.data, "packed file")
         return path
 
     def summary(self) -> dict[str, Any]:
@@ -203,12 +226,9 @@ class PackedModel:
         from xaicomp_core.io.data import Preprocessing
         from xaicomp_core.io.models import ModelInfo
 
-        m = self.header["model"]
-        try:
-            pre = Preprocessing.from_dict(m["preprocessing"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise FormatError(f"the file's preprocessing is unreadable ({e})") from None
-        return ModelInfo(str(m["name"]), str(m["arch"]), [str(c) for c in m["class_names"]], pre, "packed file")
+        m = check_model_entry(self.header)
+        pre = Preprocessing.from_dict(m["preprocessing"])
+        return ModelInfo(m["name"], m["arch"], list(m["class_names"]), pre, "packed file")
 
     def size(self) -> SizeBreakdown:
         """The engine's size accounting of the decoded contents (recomputed, not read from the header)."""
@@ -472,14 +492,113 @@ def read_header(data: bytes) -> tuple[dict[str, Any], int]:
     if zlib.crc32(hbytes) != crc:
         raise FormatError("the header checksum does not match: the file was altered or damaged")
     try:
-        header = json.loads(hbytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"the header is not valid JSON ({e})") from None
+        header = json.loads(hbytes.decode("utf-8"), parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError, NaN/Infinity, integers of >4300 digits
+        raise FormatError(f"the header is not valid JSON ({_first_line(e)})") from None
+    except RecursionError:
+        raise FormatError("the header is nested too deeply") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
         raise FormatError("the header does not describe an xaicomp packed file")
     if header.get("format_version") != version:
         raise FormatError("the header's format version disagrees with the preamble")
     return header, end
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else e.__class__.__name__
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number a packed file may hold")
+
+
+def _name(v: Any, what: str) -> str:
+    """A short printable string field of the header."""
+    if not isinstance(v, str) or not v or len(v) > MAX_NAME_CHARS or not v.isprintable():
+        shown = ascii(v)[:60] if isinstance(v, str) else type(v).__name__
+        raise FormatError(f"invalid {what} {shown} in the header (1..{MAX_NAME_CHARS} printable characters)")
+    return v
+
+
+def check_model_entry(header: dict[str, Any]) -> dict[str, Any]:
+    """The header's ``model`` object, strictly typed: name and architecture, 1..:data:`MAX_CLASSES` class names,
+    the number of classes, and a valid preprocessing (bounded input size)."""
+    from xaicomp_core.errors import DataError
+    from xaicomp_core.io.data import Preprocessing
+
+    m = _req(header, "model", dict, "")
+    _name(_req(m, "name", str, "model."), "model name")
+    _name(_req(m, "arch", str, "model."), "architecture")
+    names = _req(m, "class_names", list, "model.")
+    if not 1 <= len(names) <= MAX_CLASSES:
+        raise FormatError(f"the header names {len(names)} classes; 1..{MAX_CLASSES} are allowed")
+    for c in names:
+        if not isinstance(c, str) or len(c) > MAX_NAME_CHARS:
+            raise FormatError(f"invalid class name in the header (strings of at most {MAX_NAME_CHARS} characters)")
+    if "num_classes" in m and _req(m, "num_classes", int, "model.") != len(names):
+        raise FormatError("the header's number of classes disagrees with its class names")
+    try:
+        Preprocessing.from_dict(m.get("preprocessing"))  # type: ignore[arg-type]
+    except DataError as e:
+        raise FormatError(f"the file's preprocessing is unreadable ({e})") from None
+    return m
+
+
+def _arch_shapes(arch: str, num_classes: int) -> dict[str, tuple[int, ...]] | None:
+    """Names and shapes of the state dict of ``arch`` with ``num_classes`` outputs, built on PyTorch's meta device
+    (nothing allocated); None if this installation cannot build ``arch``."""
+    from xaicomp_core.io.models import build_arch
+
+    try:
+        with torch.device("meta"):
+            model = build_arch(arch, num_classes)
+    except XaicompError:
+        return None
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _check_tensor_entries(tensors: list[Any], model: dict[str, Any], file_bytes: int) -> None:
+    """Bound the tensors a header declares before anything is allocated: their count, names and shapes, elements in
+    all, and -- for an architecture this installation builds -- exactly the architecture's names and shapes."""
+    if len(tensors) > MAX_TENSORS:
+        raise FormatError(f"the header lists {len(tensors)} tensors, more than the {MAX_TENSORS} allowed")
+    total = omitted = 0
+    declared: dict[str, tuple[int, ...]] = {}
+    for e in tensors:
+        if not isinstance(e, dict):
+            raise FormatError("a tensor entry of the header is not an object")
+        name = _name(_req(e, "name", str, "tensor "), "tensor name")
+        shape = _req(e, "shape", list, f"{name}: ")
+        if len(shape) > MAX_DIMS or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                             for d in shape):
+            raise FormatError(f"{name}: invalid shape in the header")
+        n = math.prod(shape)
+        if n > MAX_ELEMENTS:
+            raise FormatError(f"{name}: {n} elements is more than a packed tensor may hold ({MAX_ELEMENTS})")
+        total += n
+        if e.get("kind") == "omitted":
+            omitted += n
+        declared[name] = tuple(shape)
+    if total > MAX_TOTAL_ELEMENTS:
+        raise FormatError(f"the header declares {total} elements, more than the {MAX_TOTAL_ELEMENTS} allowed")
+    if omitted > MAX_OMITTED_ELEMENTS:
+        raise FormatError(f"the header declares {omitted} omitted integer elements, more than the "
+                          f"{MAX_OMITTED_ELEMENTS} allowed")
+    expected = _arch_shapes(str(model["arch"]), len(model["class_names"]))
+    if expected is None:
+        if total > MAX_ELEMENTS_PER_FILE_BYTE * file_bytes:
+            raise FormatError(f"the header declares {total} elements for a {file_bytes}-byte file of an architecture "
+                              f"this installation does not know (at most {MAX_ELEMENTS_PER_FILE_BYTE} per byte)")
+        return
+    if declared != expected:
+        missing = [k for k in expected if k not in declared]
+        extra = [k for k in declared if k not in expected]
+        wrong = [k for k in declared if k in expected and declared[k] != expected[k]]
+        parts = [f"{label}: {', '.join(ks[:3])}{' ...' if len(ks) > 3 else ''}" for label, ks in
+                 (("missing", missing), ("unexpected", extra), ("wrong shape", wrong)) if ks]
+        raise FormatError(f"the file's tensors do not fit the architecture {model['arch']} with "
+                          f"{len(model['class_names'])} classes ({'; '.join(parts)})")
 
 
 def _decode_compressed(e: dict[str, Any], buf: bytes, n: int, c: int, levels: list[int], granularity: str,
@@ -544,8 +663,13 @@ def unpack(data: bytes) -> PackedModel:
 
 
 def _unpack(data: bytes, header: dict[str, Any], start: int, t0: float) -> PackedModel:
+    model = check_model_entry(header)
+    for key in ("estimated_bytes", "fp32_bytes"):
+        _nonneg(_req(header, key, int, ""), key)
     p = _req(header, "payload", dict, "")
     codec = _req(p, "codec", str, "payload.")
+    if codec not in CODECS:
+        raise FormatError(f"unknown payload codec {ascii(codec)[:40]}")
     size = _nonneg(_req(p, "bytes", int, "payload."), "payload size")
     stored_size = _nonneg(_req(p, "stored_bytes", int, "payload."), "payload size")
     stored = data[start:]
@@ -553,6 +677,10 @@ def _unpack(data: bytes, header: dict[str, Any], start: int, t0: float) -> Packe
         raise FormatError(f"the file is truncated: the payload has {len(stored)} of {stored_size} bytes")
     if len(stored) > stored_size:
         raise FormatError(f"the file has {len(stored) - stored_size} unexpected bytes after the payload")
+    allowed = stored_size if codec == "none" else max(MAX_PAYLOAD_RATIO * stored_size, MIN_PAYLOAD_ALLOWANCE)
+    if size > min(allowed, MAX_PAYLOAD_BYTES):
+        raise FormatError(f"the header claims a {size}-byte payload from {stored_size} stored bytes ({codec}); more "
+                          f"than this reader allows (refused before decompressing)")
     if _sha256(stored) != _req(p, "stored_sha256", str, "payload."):
         raise FormatError("the payload checksum does not match: the file was altered or damaged")
     payload = decode_payload(stored, codec, size)
@@ -562,12 +690,14 @@ def _unpack(data: bytes, header: dict[str, Any], start: int, t0: float) -> Packe
         raise FormatError("the decoded payload checksum does not match: the file was altered or damaged")
 
     levels = _req(header, "levels", list, "")
-    if not levels or not all(isinstance(b, int) and (1 <= b <= 8 or b == FP32) for b in levels):
-        raise FormatError(f"invalid bit levels {levels!r} in the header")
+    if not 1 <= len(levels) <= 8 or not all(isinstance(b, int) and not isinstance(b, bool) and
+                                             (1 <= b <= 8 or b == FP32) for b in levels):
+        raise FormatError(f"invalid bit levels {ascii(levels)[:80]} in the header")
     granularity = _req(header, "granularity", str, "")
     if granularity not in CLASS_LAYOUTS:
-        raise FormatError(f"unknown granularity {granularity!r} in the header")
+        raise FormatError(f"unknown granularity {ascii(granularity)[:40]} in the header")
     tensors = _req(header, "tensors", list, "")
+    _check_tensor_entries(tensors, model, len(data))
 
     state: dict[str, torch.Tensor] = {}
     layer_names, layer_shapes, layer_protected = [], [], []
@@ -644,13 +774,10 @@ def _unpack(data: bytes, header: dict[str, Any], start: int, t0: float) -> Packe
 
 
 def read_packed(path: str | pathlib.Path) -> PackedModel:
-    """Read a packed file from disk (see :func:`unpack`)."""
-    path = pathlib.Path(path)
-    if not path.exists():
-        raise FormatError(f"packed file {path} does not exist")
-    if path.is_dir():
-        raise FormatError(f"{path} is a directory, not a packed file")
-    return unpack(path.read_bytes())
+    """Read a packed file from disk (see :func:`unpack`): only a regular file of at most :data:`MAX_FILE_BYTES`."""
+    from xaicomp_core.io.safe import read_regular
+
+    return unpack(read_regular(path, MAX_FILE_BYTES, "packed file", FormatError))
 
 
 def load_packed_model(path: str | pathlib.Path | bytes) -> nn.Module:

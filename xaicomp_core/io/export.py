@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from xaicomp_core.errors import XaicompError
+from xaicomp_core.errors import FormatError, XaicompError
 from xaicomp_core.evaluate.fast import exact_logits
 from xaicomp_core.evaluate.session import EVAL_BATCH_SIZE, accuracy_counts, forward_logits  # noqa: F401
 from xaicomp_core.format.packing import PackedModel, PackResult, pack, read_packed, unpack
@@ -92,7 +92,8 @@ def export_packed(session: CompressionSession, plan: CompressionPlan, path: str 
     session : CompressionSession
     plan : CompressionPlan
     path : path, optional
-        Where to write the ``.xcz`` file.
+        Where to write the ``.xcz`` file (atomically: an existing file is replaced whole or left as it was; the path
+        is validated before any work).
     codec : {"none", "zlib", "lzma"}
         Lossless entropy coding of the payload.
     data_spec, data_label : optional
@@ -106,6 +107,10 @@ def export_packed(session: CompressionSession, plan: CompressionPlan, path: str 
     PackResult
         ``payload_bytes == session.compress(plan).size.estimated_bytes``.
     """
+    if path is not None:
+        from xaicomp_core.io.atomic import check_output
+
+        check_output(path, "packed file")
     cw = session.compress(plan)
     extra: dict[str, Any] = {}
     if evaluate:
@@ -148,8 +153,10 @@ def dense_bytes(session: CompressionSession, plan: CompressionPlan) -> bytes:
 def export_dense(session: CompressionSession, plan: CompressionPlan, path: str | pathlib.Path) -> int:
     """Write :func:`dense_bytes` to ``path``; returns the file size. Load it with
     ``xaicomp_core.load_model(arch, weights=path)``."""
+    from xaicomp_core.io.atomic import atomic_write
+
     data = dense_bytes(session, plan)
-    pathlib.Path(path).write_bytes(data)
+    atomic_write(path, data, "dense file")
     return len(data)
 
 
@@ -182,8 +189,10 @@ def onnx_bytes(model: nn.Module, preprocessing: Preprocessing, opset: int = 17) 
 
 def export_onnx(session: CompressionSession, plan: CompressionPlan, path: str | pathlib.Path) -> int:
     """Write the ONNX of the compressed model for ``plan``; returns the file size."""
+    from xaicomp_core.io.atomic import atomic_write
+
     data = onnx_bytes(session.compressed_model(plan), session.info.preprocessing)
-    pathlib.Path(path).write_bytes(data)
+    atomic_write(path, data, "ONNX file")
     return len(data)
 
 
@@ -205,6 +214,61 @@ def onnx_logits(onnx_data: bytes | str | pathlib.Path, x: torch.Tensor, batch_si
 # ----------------------------------------------------------------------------------------------------------------
 # verify
 # ----------------------------------------------------------------------------------------------------------------
+#: Fields of a packed file's evaluation record and their types (checked strictly when the file is read back).
+EVALUATION_FIELDS: dict[str, tuple[type, ...]] = {
+    "data": (str,), "data_spec": (dict, type(None)), "images": (int,), "correct": (int,), "accuracy": (float, int),
+    "baseline_accuracy": (float, int), "per_class_accuracy": (list,), "batch_size": (int,),
+    "inputs_sha256": (str,), "logits_sha256": (str,),
+}
+MAX_EVAL_BATCH = 4096
+
+
+def _header_int(h: dict[str, Any], key: str) -> int:
+    v = h.get(key, -1)
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise FormatError(f"the header field {key!r} has the wrong type")
+    return v
+
+
+def evaluation_from_header(h: dict[str, Any]) -> dict[str, Any] | None:
+    """The evaluation record of a packed file's header, strictly typed (None if the file has none).
+
+    Its ``data_spec`` says how the data was given at export; callers load it again only when it names built-in data
+    (a path in it is text, never opened: the user passes ``--data``).
+
+    Raises
+    ------
+    FormatError
+        For a field of the wrong type or out of range.
+    """
+    ev = h.get("evaluation")
+    if ev is None:
+        return None
+    if not isinstance(ev, dict):
+        raise FormatError("the header's evaluation record is not an object")
+    for key, types in EVALUATION_FIELDS.items():
+        if key in ev and (not isinstance(ev[key], types) or isinstance(ev[key], bool)):
+            raise FormatError(f"the header field evaluation.{key} has the wrong type")
+    images, correct = ev.get("images", 0), ev.get("correct", 0)
+    if images < 0 or not 0 <= correct <= images:
+        raise FormatError("the header's evaluation counts are out of range")
+    if "batch_size" in ev and not 1 <= ev["batch_size"] <= MAX_EVAL_BATCH:
+        raise FormatError(f"the header's evaluation batch size is out of range (1..{MAX_EVAL_BATCH})")
+    for key in ("accuracy", "baseline_accuracy"):
+        if key in ev and not 0 <= ev[key] <= 1:
+            raise FormatError(f"the header field evaluation.{key} is out of range")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in ev.get("per_class_accuracy", [])):
+        raise FormatError("the header field evaluation.per_class_accuracy has the wrong type")
+    spec = ev.get("data_spec")
+    if spec is not None:
+        n = spec.get("eval_samples")
+        bad_n = n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1)
+        ref = spec.get("reference_data")
+        if not isinstance(spec.get("data"), str) or bad_n or (ref is not None and not isinstance(ref, str)):
+            raise FormatError("the header's evaluation data_spec is malformed")
+    return ev
+
+
 @dataclass
 class VerifyResult:
     """Outcome of :func:`verify_packed`. ``ok`` is true when the payload equals the engine's estimate of the
@@ -272,20 +336,20 @@ def verify_packed(source: str | pathlib.Path | bytes | PackedModel, x: torch.Ten
     elif isinstance(source, (bytes, bytearray)):
         pm = unpack(bytes(source))
     else:
-        pm = read_packed(source)
+        pm = read_packed(source)  # a regular file of bounded size only
     model = pm.build_model()
     read_s = time.perf_counter() - t0
     h = pm.header
     est = pm.size().estimated_bytes
+    ev = evaluation_from_header(h)
     res = VerifyResult(pm.file_bytes, pm.header_bytes, pm.payload_bytes, pm.stored_payload_bytes, pm.codec, est,
-                       int(h.get("estimated_bytes", -1)), int(h.get("fp32_bytes", -1)), str(h["model"]["name"]),
-                       str(h["model"]["arch"]), dict(h["plan"]), pm.plan.describe(), read_seconds=read_s)
+                       _header_int(h, "estimated_bytes"), _header_int(h, "fp32_bytes"), pm.info.name, pm.info.arch,
+                       pm.plan.to_dict(), pm.plan.describe(), read_seconds=read_s)
     if est != pm.payload_bytes:
         res.problems.append(f"payload is {pm.payload_bytes} bytes, the engine's estimate {est}")
     if res.estimated_bytes_at_export != est:
         res.problems.append(f"the estimate recorded at export ({res.estimated_bytes_at_export}) differs from the "
                             f"estimate of the decoded contents ({est})")
-    ev = h.get("evaluation") if isinstance(h.get("evaluation"), dict) else None
     if ev:
         res.expected_accuracy = ev.get("accuracy")
         res.expected_correct = ev.get("correct")

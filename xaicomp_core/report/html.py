@@ -188,9 +188,11 @@ class Report:
     sweep_rows: list[dict[str, Any]]
 
     def write(self, path: str | pathlib.Path) -> pathlib.Path:
-        """Write the HTML file; returns the path."""
+        """Write the HTML file atomically (an existing file is replaced whole or left as it was); returns the path."""
+        from xaicomp_core.io.atomic import atomic_write
+
         path = pathlib.Path(path)
-        path.write_text(self.html, encoding="utf-8")
+        atomic_write(path, self.html, "report")
         return path
 
 
@@ -315,7 +317,11 @@ def build_report(session: CompressionSession, plan: CompressionPlan, *, command:
 
 
 def write_report(path: str | pathlib.Path, session: CompressionSession, plan: CompressionPlan, **kwargs: Any) -> Report:
-    """:func:`build_report` and write the HTML to ``path``."""
+    """:func:`build_report` and write the HTML to ``path`` (validated before the report is built, written
+    atomically)."""
+    from xaicomp_core.io.atomic import check_output
+
+    check_output(path, "report")
     rep = build_report(session, plan, **kwargs)
     rep.write(path)
     return rep
