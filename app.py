@@ -1,4 +1,5 @@
-"""xaicomp -- the Streamlit app: ``streamlit run app.py`` (or ``make run``).
+"""xaicomp -- the Streamlit app: ``streamlit run app.py`` (or ``make run``); both listen on 127.0.0.1 only
+(``server.address`` in ``.streamlit/config.toml``), at http://127.0.0.1:8501.
 
 This file draws the sidebar shared by all pages (model, data, LRP settings), stores the choices for
 ``pages.common.get_session`` and runs the page chosen in ``st.navigation``. The pages hold no maths: they call the
