@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 import time
@@ -172,7 +173,14 @@ def input_files(args: argparse.Namespace) -> dict[str, str | None]:
             return None
         return spec.split(":", 2)[2] if spec.startswith("torchvision:") and spec.count(":") >= 2 else spec
 
-    return {"--weights": getattr(args, "weights", None), "--plan": getattr(args, "plan", None),
+    def existing(path: str | None) -> str | None:  # options naming a file or a name (--model fashion-vgg)
+        return path if path and os.path.lexists(path) else None
+
+    model_py = getattr(args, "model_py", None)
+    return {"--model": existing(getattr(args, "model", None)),
+            "--model-py": model_py.rsplit(":", 1)[0] if model_py else None,
+            "--class-names": existing(getattr(args, "class_names", None)),
+            "--weights": getattr(args, "weights", None), "--plan": getattr(args, "plan", None),
             "--data": data_path(getattr(args, "data", None)),
             "--reference-data": data_path(getattr(args, "reference_data", None)),
             "--train-data": data_path(getattr(args, "train_data", None))}

@@ -674,8 +674,8 @@ def _directory_entries(path: pathlib.Path, max_images: int) -> list[tuple[str, s
             dirs[:] = sorted(d for d in dirs if not _hidden([d]))
             visited += len(dirs) + len(files)
             if visited > MAX_DIRECTORY_ENTRIES:
-                raise DataError(f"{path.name}: more than {MAX_DIRECTORY_ENTRIES:,} files and folders; point at a "
-                                "smaller folder")
+                raise DataError(f"{path.name or path}: more than {MAX_DIRECTORY_ENTRIES:,} files and folders; point "
+                                "at a smaller folder")
             rel = pathlib.Path(root).relative_to(path)
             for fname in sorted(files):
                 if not _is_image_name(fname):
@@ -720,7 +720,7 @@ def load_image_folder(path: str | pathlib.Path, image_size: tuple[int, int] | No
         raise DataError(f"{show_path(path)} does not exist")
     if path.is_dir():
         entries = _directory_entries(path, max_images)
-        return _assemble(entries, path.name, str(path), image_size, channels, class_names)
+        return _assemble(entries, path.name or str(path), str(path), image_size, channels, class_names)
     data = read_regular(path, MAX_ZIP_BYTES, "data file", DataError)
     return load_image_zip(data, path.name, image_size, channels, class_names, max_images)
 
