@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -193,19 +194,19 @@ class _EpsilonLayer(nn.Module):
         flow = flows.get(self.name)
         if flow is None:
             flow = flows[self.name] = self.net.new_flow("Epsilon")
-        flow.output += float(r.sum())
+        flow.output += self.net.sum_of(r)
         s = self.epsilon(z)  # z + eps sign z, then R / that, in place: the same numbers as zennit's r / stabilizer(z)
         torch.div(r, s, out=s)
         gi, gw, gb = self._grads(a, s, need_input)
-        self._accumulate("weight", gw, self.weight, flow)
-        bias = 0.0
+        weight = self._accumulate("weight", gw, self.weight, flow)
         if gb is not None:
-            bias = self._accumulate("bias", gb, self.bias, flow)
-        if not need_input:  # the first layer: sum_i a_i grad_i = sum_j s_j (z_j - b_j), without the input gradient
-            flow.input += float((s * z).sum()) - bias
+            self._accumulate("bias", gb, self.bias, flow)
+        if not need_input:
+            # the first layer's input relevance is not formed; its sum is the weights' (sum_i R_i = sum_ij R_ij)
+            flow.input += weight
             return None
         rel = gi.mul_(a)
-        flow.input += float(rel.sum())
+        flow.input += self.net.remember_sum(rel)
         return rel
 
 
@@ -291,7 +292,7 @@ class FusedEpsilon:
         Makes a flow record from the rule name.
     need_input : bool
         Whether :meth:`backward` must return the input relevance; without it the first layer skips its input
-        gradient (its flow's ``input`` is then ``sum s * (z - b)``, the same sum).
+        gradient (its flow's ``input`` is then the sum of its weight relevance, the same sum by the epsilon rule).
 
     Raises
     ------
@@ -308,6 +309,7 @@ class FusedEpsilon:
         self.flows = flows
         self.new_flow = new_flow
         self.need_input = need_input
+        self._last: tuple[weakref.ref, int, float] | None = None
         #: every conv/linear Function takes it, so outputs need a gradient even where the input does not
         self.anchor = torch.zeros((), requires_grad=True)
         with one_thread():
@@ -335,6 +337,21 @@ class FusedEpsilon:
             setattr(work.get_submodule(parent), attr, new)
         self.work = work
 
+    def remember_sum(self, rel: torch.Tensor) -> float:
+        """The sum of a layer's input relevance, kept for the layer below if the tensor reaches it unchanged."""
+        total = float(rel.sum())
+        self._last = (weakref.ref(rel), rel._version, total)
+        return total
+
+    def sum_of(self, r: torch.Tensor) -> float:
+        """The sum of a layer's output relevance (no second pass over it where it is the last input relevance, handed
+        on by ``Pass`` layers and identities)."""
+        if self._last is not None:
+            ref, version, total = self._last
+            if ref() is r and r._version == version:
+                return total
+        return float(r.sum())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Model outputs for ``x``; their gradient w.r.t. ``x`` is the input relevance.
 
@@ -360,6 +377,7 @@ class FusedEpsilon:
         FusedUnsupported
             If the model's forward code changed a saved tensor in place.
         """
+        self._last = None
         try:
             (grad,) = torch.autograd.grad(out, x if self.need_input else self.anchor, grad_outputs=start,
                                           allow_unused=not self.need_input)
