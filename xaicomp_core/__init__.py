@@ -13,6 +13,7 @@ from xaicomp_core.errors import DataError, FormatError, PlanError, WeightsError,
 from xaicomp_core.evaluate.session import CompressionSession, EvaluationResult
 from xaicomp_core.format.packing import load_packed_model, read_packed
 from xaicomp_core.format.size import SizeBreakdown
+from xaicomp_core.io import onnx_import, user_code  # noqa: F401  (register the ONNX and Python-factory loaders)
 from xaicomp_core.io.data import (
     ImageDataset,
     Preprocessing,

@@ -14,7 +14,15 @@ from typing import Any
 
 from xaicomp_core.errors import PlanError, XaicompError
 from xaicomp_core.evaluate.session import CompressionSession
-from xaicomp_core.io.models import DEFAULT_MODEL
+from xaicomp_core.io.models import DEFAULT_MODEL, model_info
+from xaicomp_core.io.onnx_import import (
+    InputSpec,
+    input_statement,
+    is_onnx_name,
+    parse_class_names,
+    parse_floats,
+    parse_size,
+)
 from xaicomp_core.io.sources import (
     DEFAULT_DATA,
     DEFAULT_EPSILON,
@@ -37,10 +45,25 @@ ProgressFn = Callable[[int, int], None]
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """Options choosing the model and the data."""
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default=None, help="built-in model (fashion-vgg, fashion-lenet, fashion-resnet); "
-                                                 "default fashion-vgg")
+    g.add_argument("--model", default=None, help="built-in model (fashion-vgg, fashion-lenet, fashion-resnet; "
+                                                 "default fashion-vgg) or an ONNX file (model.onnx)")
+    g.add_argument("--model-py", default=None, metavar="FILE.py:FACTORY",
+                   help="your own architecture: FACTORY() in FILE.py returns the nn.Module (runs that file: only "
+                        "for code you trust); weights from --weights")
     g.add_argument("--arch", default=None, help="architecture for --weights (built-in or torchvision name)")
-    g.add_argument("--weights", default=None, help=".safetensors / .pt / .pth state dict for --arch")
+    g.add_argument("--weights", default=None, help=".safetensors / .pt / .pth state dict for --arch or --model-py")
+    g.add_argument("--pretrained", action="store_true",
+                   help="a torchvision --arch with its pretrained weights from the local torch hub cache "
+                        "($TORCH_HOME/hub/checkpoints; never downloaded)")
+    g.add_argument("--input-size", default=None, metavar="H,W",
+                   help="ONNX / --model-py: input size images are resized to (default: the ONNX graph's)")
+    g.add_argument("--pixel-range", choices=("0-1", "0-255"), default=None,
+                   help="ONNX / --model-py: pixels scaled to [0, 1] (default) or kept in [0, 255]")
+    g.add_argument("--mean", default=None, help="ONNX / --model-py: per-channel mean, e.g. 0.485,0.456,0.406 "
+                                                "(default none)")
+    g.add_argument("--std", default=None, help="ONNX / --model-py: per-channel std (default none)")
+    g.add_argument("--class-names", default=None,
+                   help="ONNX / --model-py: class names, comma-separated or a .txt/.json file (default 0..K-1)")
     g.add_argument("--random-weights", action="store_true", help="allow random weights for a torchvision --arch "
                                                                  "when pretrained ones cannot be downloaded")
     g.add_argument("--no-download", action="store_true",
@@ -277,14 +300,45 @@ def check_eval_samples(n: int | None) -> int | None:
     return n
 
 
-def sources_from_args(args: argparse.Namespace) -> Sources:
-    """The model and data sources (and relevance settings) the options describe."""
+def declared_from_args(args: argparse.Namespace) -> InputSpec | None:
+    """The preprocessing and class names declared with ``--input-size``, ``--pixel-range``, ``--mean``, ``--std``
+    and ``--class-names`` (None if none is given)."""
+    size, rng = getattr(args, "input_size", None), getattr(args, "pixel_range", None)
+    mean, std, names = (getattr(args, k, None) for k in ("mean", "std", "class_names"))
+    if size is None and rng is None and mean is None and std is None and names is None:
+        return None
+    return InputSpec(None if size is None else parse_size(size), None if mean is None else parse_floats(mean, "--mean"),
+                     None if std is None else parse_floats(std, "--std"), 255.0 if rng == "0-255" else 1.0,
+                     None if names is None else parse_class_names(names), "the command line")
+
+
+def model_source_from_args(args: argparse.Namespace) -> ModelSource:
+    """The model the options choose: ``--model`` (built-in name or ONNX file), ``--model-py`` (+ ``--weights``),
+    or ``--arch`` (+ ``--weights`` / ``--pretrained`` / ``--random-weights``)."""
+    model_py = getattr(args, "model_py", None)
+    declared = declared_from_args(args)
+    if model_py:
+        if args.model or args.arch:
+            raise XaicompError("give one of --model, --model-py or --arch, not several")
+        return ModelSource(model_py, weights=args.weights or None, declared=declared)
     if args.weights and not args.arch:
-        raise XaicompError("--weights needs --arch (the architecture the weights belong to)")
+        raise XaicompError("--weights needs --arch or --model-py (the architecture the weights belong to)")
     if args.model and args.arch:
         raise XaicompError("give either --model or --arch/--weights, not both")
-    model = ModelSource(args.arch or args.model or DEFAULT_MODEL, weights=args.weights or None,
-                        random_weights=args.random_weights, download=not getattr(args, "no_download", False))
+    if getattr(args, "pretrained", False) and (not args.arch or args.weights):
+        raise XaicompError("--pretrained goes with a torchvision --arch (and no --weights)")
+    if args.model and is_onnx_name(args.model):
+        return ModelSource(args.model, declared=declared)
+    if declared is not None:
+        raise XaicompError("--input-size, --pixel-range, --mean, --std and --class-names are for an ONNX --model or "
+                           "--model-py")
+    return ModelSource(args.arch or args.model or DEFAULT_MODEL, weights=args.weights or None,
+                       random_weights=args.random_weights, download=not getattr(args, "no_download", False))
+
+
+def sources_from_args(args: argparse.Namespace) -> Sources:
+    """The model and data sources (and relevance settings) the options describe."""
+    model = model_source_from_args(args)
     data = DataSource.parse(args.data, eval_samples=check_eval_samples(args.eval_samples),
                             reference_samples=args.reference_samples,
                             reference=DataSource.parse(args.reference_data) if args.reference_data else None,
@@ -301,9 +355,34 @@ def session_from_args(args: argparse.Namespace, progress: ProgressFn | None = No
     if args.threads:
         torch.set_num_threads(args.threads)
     sources = sources_from_args(args) if sources is None else sources
-    session = sources.session(composite=getattr(args, "composite", None) or "epsilon", progress=progress)
+    composite = getattr(args, "composite", None) or "epsilon"
+    model = sources.load_model()
+    info = model_info(model)
+    statement = input_statement(info)
+    if statement:
+        sys.stderr.write(f"xaicomp: {statement}\n")
+    splits = sources.load_data(info)
+    _budget_line(model, info, splits, sources, composite)
+    session = sources.session(composite=composite, progress=progress, model=model, splits=splits)
     session.finetune_progress = progress_printer("fine-tuning", progress is not None)
     return session
+
+
+def _budget_line(model: Any, info: Any, splits: Any, sources: Sources, composite: str) -> None:
+    """Time one batch; when the first result would take well over :data:`~xaicomp_core.io.fit.TARGET_SECONDS`,
+    say so and propose image counts before the long work starts (Ctrl+C cancels)."""
+    from xaicomp_core.io.data import as_tensors
+    from xaicomp_core.io.fit import plan_budget
+
+    pre = info.preprocessing
+    ref = splits.reference
+    ev = splits.evaluation
+    xr, yr = as_tensors(ref.subset(list(range(min(3, len(ref))))), pre, info.num_classes, "reference data")
+    xe, _ = as_tensors(ev.subset(list(range(min(8, len(ev))))), pre, info.num_classes, "evaluation data")
+    budget = plan_budget(model, xr, yr, xe, reference=len(ref), evaluation=len(ev), composite=composite,
+                         num_classes=info.num_classes)
+    if budget.too_slow:
+        sys.stderr.write(f"xaicomp: {budget.describe()} (Ctrl+C cancels)\n")
 
 
 def plan_and_session(args: argparse.Namespace, quiet: bool,

@@ -30,6 +30,7 @@ from xaicomp_core.cli.common import (
     sources_from_args,
 )
 from xaicomp_core.errors import XaicompError
+from xaicomp_core.io.fit import check_class_count
 from xaicomp_core.io.sources import CliCommand, DataSource, evaluation_data
 from xaicomp_core.report.html import DEFAULT_HEATMAP_SAMPLES, DEFAULT_SWEEP_CRITERIA
 
@@ -97,7 +98,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not args.file:
+        raise XaicompError("name the packed file to verify: xaicomp verify FILE.xcz [--model model.onnx] "
+                           "[--data DATA]")
     pm = read_packed(args.file)
+    model_file = _verify_model_file(args, pm.info)
     x = y = None
     label = None
     ev = evaluation_from_header(pm.header) or {}
@@ -116,9 +121,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
             check_eval_samples(source.eval_samples)
             pre = pm.info.preprocessing
             data = evaluation_data(source, pre.input_size, pre.channels, pm.info.class_names)
+            check_class_count(pm.info, data, "the evaluation data")
             x, y = as_tensors(data, pre, pm.info.num_classes, "evaluation data")
             label = f"{source.spec()} ({len(y)} images)"
-    res = verify_packed(pm, x, y, label)
+    res = verify_packed(pm, x, y, label, model_file=model_file)
     d = {"file": str(args.file), **res.to_dict()}
     if x is None:
         d["note"] = "accuracy not measured: " + (
@@ -144,6 +150,29 @@ def cmd_verify(args: argparse.Namespace) -> int:
         sys.stderr.write("xaicomp: verification failed: " + "; ".join(res.problems) + "\n")
         return 1
     return 0
+
+
+def _verify_model_file(args: argparse.Namespace, info: Any) -> str | None:
+    """``verify --model model.onnx`` / ``--model-py FILE.py:FACTORY``: the architecture to rebuild the file's model
+    from (None: the file's own record). Declared preprocessing must be what the file was exported with."""
+    from xaicomp_core.cli.common import declared_from_args
+    from xaicomp_core.io.onnx_import import is_onnx_name
+
+    declared = declared_from_args(args)
+    if declared is not None:
+        pre = declared.preprocessing(info.preprocessing.channels, info.preprocessing.input_size)
+        if pre != info.preprocessing or (declared.class_names and list(declared.class_names) != info.class_names):
+            raise XaicompError(f"{args.file} was exported with preprocessing {info.preprocessing.to_dict()} and its "
+                               "own class names; the declared ones differ (verify always uses the file's)")
+    if args.model_py:
+        return str(args.model_py)
+    if args.model and not is_onnx_name(args.model):
+        from xaicomp_core.io.models import BUILTIN_MODELS
+
+        if args.model in BUILTIN_MODELS and args.model == info.arch:
+            return None
+        raise XaicompError(f"verify --model takes the model's .onnx file (the file holds {info.name})")
+    return args.model or None
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -207,7 +236,14 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=cmd_export)
 
     p = subparsers.add_parser("verify", help="reload a packed file: checksums, size vs estimate, accuracy")
-    p.add_argument("file", help="packed file (.xcz)")
+    p.add_argument("file", nargs="?", default=None, help="packed file (.xcz)")
+    p.add_argument("--model", default=None, help="the model's .onnx file to rebuild the architecture from "
+                                                 "(default: the graph stored in the packed file)")
+    p.add_argument("--model-py", default=None, metavar="FILE.py:FACTORY",
+                   help="rebuild a model defined in Python from this code (runs it: only code you trust)")
+    for flag in ("--input-size", "--pixel-range", "--mean", "--std", "--class-names"):
+        p.add_argument(flag, default=None, help="as for export (checked against the file's; the file's are used)")
+    p.add_argument("--reference-samples", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--data", default=None, help="evaluation data (default: the data recorded in the file)")
     p.add_argument("--eval-samples", type=int, default=None, help="use only this many evaluation samples")
     p.add_argument("--no-eval", action="store_true", help="check the file and its size only")

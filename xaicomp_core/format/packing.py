@@ -239,8 +239,11 @@ class PackedModel:
         """Dequantized conv/linear weights by name."""
         return self.layout.split(self.values)
 
-    def build_model(self) -> nn.Module:
+    def build_model(self, model_file: str | pathlib.Path | bytes | None = None) -> nn.Module:
         """Rebuild the architecture named in the header and load the decoded state dict (no pickle involved).
+
+        An ONNX model is rebuilt from the graph stored in the header (or from ``model_file``, its ``.onnx`` file); a
+        model defined in Python only from ``model_file`` = ``FILE.py:FACTORY`` (see :mod:`xaicomp_core.io.rebuild`).
 
         Raises
         ------
@@ -248,10 +251,14 @@ class PackedModel:
             If the architecture is unknown to this installation or the tensors do not fit it.
         """
         from xaicomp_core.io.models import attach_info, build_arch, load_state_dict_checked
+        from xaicomp_core.io.rebuild import needs_rebuild, rebuild_model
 
         info = self.info
-        model = build_arch(info.arch, info.num_classes)
-        load_state_dict_checked(model, self.state, "packed file")
+        if model_file is not None or needs_rebuild(info):
+            model = rebuild_model(info, self.state, self.header.get("architecture"), model_file)
+        else:
+            model = build_arch(info.arch, info.num_classes)
+            load_state_dict_checked(model, self.state, "packed file")
         for p in model.parameters():
             p.requires_grad_(False)
         return attach_info(model, info)

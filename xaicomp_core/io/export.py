@@ -115,6 +115,11 @@ def export_packed(session: CompressionSession, plan: CompressionPlan, path: str 
     extra: dict[str, Any] = {}
     if evaluate:
         extra["evaluation"] = evaluation_record(session, plan, session.compressed_logits(cw), data_spec, data_label)
+    from xaicomp_core.io.onnx_import import architecture_record
+
+    arch = architecture_record(session.model)  # an ONNX model's graph (weights left out: they are the payload)
+    if arch is not None:
+        extra["architecture"] = arch
     res = pack(cw, session.compressed_state_dict(cw), session.info, codec=codec, extra=extra)
     if path is not None:
         res.write(path)
@@ -313,7 +318,8 @@ class VerifyResult:
 
 
 def verify_packed(source: str | pathlib.Path | bytes | PackedModel, x: torch.Tensor | None = None,
-                  y: torch.Tensor | None = None, data_label: str | None = None) -> VerifyResult:
+                  y: torch.Tensor | None = None, data_label: str | None = None,
+                  model_file: str | pathlib.Path | bytes | None = None) -> VerifyResult:
     """Reload a packed file, recount its size with the engine and, given data, re-measure its accuracy.
 
     Parameters
@@ -324,6 +330,9 @@ def verify_packed(source: str | pathlib.Path | bytes | PackedModel, x: torch.Ten
         equal the recorded one exactly and the logits digest must match.
     data_label : str, optional
         Description of the data for the result.
+    model_file : path or bytes, optional
+        Rebuild the architecture from this ``.onnx`` file (or ``FILE.py:FACTORY``) instead of the file's own record
+        (see :meth:`~xaicomp_core.format.packing.PackedModel.build_model`).
 
     Raises
     ------
@@ -337,7 +346,7 @@ def verify_packed(source: str | pathlib.Path | bytes | PackedModel, x: torch.Ten
         pm = unpack(bytes(source))
     else:
         pm = read_packed(source)  # a regular file of bounded size only
-    model = pm.build_model()
+    model = pm.build_model(model_file)
     read_s = time.perf_counter() - t0
     h = pm.header
     est = pm.size().estimated_bytes

@@ -173,27 +173,22 @@ def load_torchvision_model(arch: str, pretrained: bool = True, allow_random: boo
                            num_classes: int | None = None) -> nn.Module:
     """A torchvision architecture with its pretrained (ImageNet) weights.
 
-    Pretrained weights come from torchvision's cache or a download; offline, a clear :class:`WeightsError` is
-    raised unless ``allow_random`` is set, in which case the model keeps random weights (and says so).
+    Pretrained weights come from the local torch hub cache only (:mod:`xaicomp_core.io.pretrained`; nothing is
+    downloaded); when the file is not there, a :class:`WeightsError` names the file and the folder to put it in,
+    unless ``allow_random`` is set, in which case the model keeps random weights (and says so).
     """
-    import torchvision
+    from xaicomp_core.io.pretrained import PretrainedMissing, cached_weights
 
     model = build_arch(arch, None if pretrained else num_classes)
     pre, classes, source = IMAGENET_PREPROCESSING, None, "random"
     if pretrained:
         try:
-            weights = torchvision.models.get_model_weights(arch).DEFAULT
-            classes = list(weights.meta.get("categories") or [])
-            state = weights.get_state_dict(progress=False)
-            load_state_dict_checked(model, state, f"{arch} pretrained weights")
+            path, classes = cached_weights(arch)
+            load_state_dict_checked(model, load_weights_file(path), f"{arch} pretrained weights ({path.name})")
             source = "pretrained"
-        except WeightsError:
-            raise
-        except Exception as e:  # network errors come in many types
+        except PretrainedMissing:
             if not allow_random:
-                raise WeightsError(f"could not get pretrained weights for {arch} ({e.__class__.__name__}: "
-                                   f"{str(e)[:120]}); this machine may be offline. Pass a weights file, or ask "
-                                   "for random weights explicitly") from None
+                raise
     out = _num_outputs(model)
     if not classes or len(classes) != out:
         classes = FASHION_MNIST_CLASSES if out == 10 else [str(i) for i in range(out)]

@@ -37,7 +37,10 @@ from xaicomp_core.io.data import (
     split_reference_eval,
     split_reference_train,
 )
+from xaicomp_core.io.fit import check_class_count
 from xaicomp_core.io.models import BUILTIN_MODELS, DEFAULT_MODEL, load_model, load_torchvision_model, model_info
+from xaicomp_core.io.onnx_import import ONNX_ARCH, InputSpec, is_onnx_name
+from xaicomp_core.io.user_code import is_python_spec
 
 if TYPE_CHECKING:
     from torch import nn
@@ -57,6 +60,7 @@ FOLDER_TRAIN_IMAGES = 5000
 RANDOM_MODEL_CLASSES = 10
 #: What a rendered command shows in place of uploaded bytes (the user replaces it with their file).
 WEIGHTS_PLACEHOLDER = "YOUR_WEIGHTS_FILE"
+ONNX_PLACEHOLDER = "YOUR_MODEL.onnx"
 DATA_PLACEHOLDER = "YOUR_DATA"
 DATA_KINDS = ("builtin", "images", "torchvision")
 
@@ -92,6 +96,13 @@ class ModelSource:
         nothing is downloaded, and ``random_weights`` gives a randomly initialised 10-class model (what the app
         offers).
 
+    declared : InputSpec, optional
+        For an ONNX file or a Python factory: the declared input size, mean/std, pixel range and class names.
+
+    An ONNX model is ``arch`` = the ``.onnx`` path (or ``arch="onnx"`` with the file's bytes as ``weights`` and its
+    name as ``weights_name``); a Python factory is ``arch`` = ``"path/file.py:factory"`` (running that file is the
+    caller's explicit choice) with optional ``weights``.
+
     ``random_weights`` and ``download`` only matter for a torchvision architecture without weights; elsewhere they
     are normalised to their defaults, so equal models compare equal.
     """
@@ -101,6 +112,7 @@ class ModelSource:
     weights_name: str = ""
     random_weights: bool = False
     download: bool = True
+    declared: InputSpec | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.weights, os.PathLike):
@@ -111,7 +123,12 @@ class ModelSource:
 
     @property
     def kind(self) -> str:
-        """``"weights"`` (architecture + weights file), ``"builtin"`` or ``"torchvision"``."""
+        """``"onnx"``, ``"python"``, ``"weights"`` (architecture + weights file), ``"builtin"`` or
+        ``"torchvision"``."""
+        if is_onnx_name(self.arch) or (self.arch == ONNX_ARCH and self.weights is not None):
+            return "onnx"
+        if is_python_spec(self.arch):
+            return "python"
         if self.weights is not None:
             return "weights"
         return "builtin" if self.arch in BUILTIN_MODELS else "torchvision"
@@ -125,6 +142,9 @@ class ModelSource:
             For an unknown architecture, unreadable or unfitting weights, or pretrained weights that cannot (or may
             not) be downloaded when random ones were not asked for.
         """
+        if self.kind in ("onnx", "python"):
+            return load_model(self.arch, weights=self.weights, weights_name=self.weights_name or None,
+                              declared=self.declared)
         if isinstance(self.weights, bytes):
             return load_model(self.arch, weights=self.weights, weights_name=self.weights_name or "uploaded weights")
         if self.weights is not None:
@@ -141,6 +161,15 @@ class ModelSource:
 
     def cli_words(self) -> list[str]:
         """The ``xaicomp`` options choosing this model (uploaded bytes as :data:`WEIGHTS_PLACEHOLDER`)."""
+        declared = [] if self.declared is None else self.declared.cli_words()
+        if self.kind == "onnx":
+            path = self.arch if self.weights is None else (
+                self.weights if isinstance(self.weights, str) else ONNX_PLACEHOLDER)
+            return ["--model", path, *declared]
+        if self.kind == "python":
+            weights = [] if self.weights is None else [
+                "--weights", self.weights if isinstance(self.weights, str) else WEIGHTS_PLACEHOLDER]
+            return ["--model-py", self.arch, *weights, *declared]
         if self.weights is not None:
             path = self.weights if isinstance(self.weights, str) else WEIGHTS_PLACEHOLDER
             return ["--arch", self.arch, "--weights", path]
@@ -153,6 +182,12 @@ class ModelSource:
     def from_info(cls, info: ModelInfo) -> ModelSource:
         """The source of a loaded model, as far as its :class:`~xaicomp_core.io.models.ModelInfo` tells: a built-in
         model by name, random weights as such, anything else as ``arch`` plus a weights file to fill in."""
+        if info.source in ("onnx", "python code"):
+            card = info.card.get("onnx") or info.card.get("python") or {}
+            declared = InputSpec.from_dict(card.get("declared") or {}, "the model") if card.get("declared") else None
+            if info.source == "onnx":
+                return cls(str(card.get("path") or ONNX_PLACEHOLDER), declared=declared)
+            return cls(info.arch.removeprefix("python:"), weights=WEIGHTS_PLACEHOLDER, declared=declared)
         if info.source == "builtin":
             return cls(info.name)
         if info.source == "random":
@@ -508,15 +543,22 @@ class Sources:
         """The reference, evaluation and fine-tuning images for the model described by ``info``
         (:func:`resolve_data`)."""
         pre = info.preprocessing
-        return resolve_data(self.data, pre.input_size, pre.channels, info.class_names)
+        splits = resolve_data(self.data, pre.input_size, pre.channels, info.class_names)
+        check_class_count(info, splits.evaluation, "the evaluation data")
+        check_class_count(info, splits.reference, "the reference data")
+        if splits.train is not None:
+            check_class_count(info, splits.train, "the fine-tuning data")
+        return splits
 
     def evaluation_data(self, info: ModelInfo) -> ImageDataset:
         """Only the evaluation images (:func:`evaluation_data`)."""
         pre = info.preprocessing
-        return evaluation_data(self.data, pre.input_size, pre.channels, info.class_names)
+        ev = evaluation_data(self.data, pre.input_size, pre.channels, info.class_names)
+        check_class_count(info, ev, "the evaluation data")
+        return ev
 
     def session(self, composite: str | None = None, progress: ProgressFn | None = None,
-                model: nn.Module | None = None) -> CompressionSession:
+                model: nn.Module | None = None, splits: DataSplits | None = None) -> CompressionSession:
         """Load the model (unless given) and the data, and build the :class:`CompressionSession`.
 
         Parameters
@@ -527,9 +569,11 @@ class Sources:
             ``progress(done, total)`` while relevance is computed.
         model : torch.nn.Module, optional
             An already loaded model of :attr:`model`.
+        splits : DataSplits, optional
+            Its data, already loaded by :meth:`load_data`.
         """
         model = self.load_model() if model is None else model
-        ref, ev, train = self.load_data(model_info(model))
+        ref, ev, train = self.load_data(model_info(model)) if splits is None else splits
         kwargs: dict[str, Any] = {} if composite is None else {"composite": composite}
         return CompressionSession(model, ref, ev, epsilon=self.epsilon, target=self.target,
                                   reference_samples=self.data.reference_samples, progress=progress,
