@@ -84,7 +84,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"dense     {args.dense}: {d['dense_bytes']:,} bytes (dequantized fp32 safetensors)")
     if args.onnx:
         print(f"onnx      {args.onnx}: {d['onnx_bytes']:,} bytes")
-    print(f"check it: {CliCommand('verify', [out])}")
+    # verify never opens a data path recorded in the file: the command names the data again
+    again = [] if sources.data.kind == "builtin" or sources.data.data is not None else ["--data", sources.data.spec()]
+    print(f"check it: {CliCommand('verify', [out, *again])}")
     return 0
 
 
