@@ -22,12 +22,15 @@ from pages.common import (
     ModelSpec,
     Settings,
     builtin_available,
+    declared_inputs,
     digest,
     leave_pages_directory_mode,
     model_choices,
     set_data_note,
     set_settings,
 )
+from xaicomp_core.io.pretrained import PretrainedMissing, cached_weights
+from xaicomp_core.io.user_code import code_allowed
 
 ROOT = pathlib.Path(__file__).resolve().parent
 leave_pages_directory_mode()
@@ -38,7 +41,9 @@ st.set_page_config(page_title="xaicomp — compress with explainable AI", page_i
 st.html("<style>[data-testid='stMainBlockContainer'] { padding-top: 2.5rem; }</style>")
 
 MODEL_SOURCES = {"builtin": "Built-in (trained)", "torchvision": "torchvision architecture",
-                 "upload": "Upload your weights"}
+                 "upload": "Upload your weights", "onnx": "ONNX model (.onnx)"}
+if code_allowed():  # started with `streamlit run app.py -- --allow-code` (or XAICOMP_ALLOW_CODE=1): runs your code
+    MODEL_SOURCES["python"] = "Python architecture (your code)"
 DATA_SOURCES = {"builtin": "Built-in Fashion-MNIST", "zip": "ImageFolder .zip upload",
                 "torchvision": "torchvision folder on disk"}
 
@@ -63,13 +68,53 @@ def _sidebar() -> Settings:
             model = ModelSpec("builtin", arch)
         elif source == "torchvision":
             arch = st.selectbox("Architecture", choices["torchvision"], key="sb_tv_arch", persist_state="session")
-            random_weights = st.checkbox("random weights (untrained, 10 outputs)", key="sb_tv_random",
-                                         persist_state="session",
-                                         help="Pretrained weights are never downloaded. Random weights let you "
-                                              "explore the mechanics; for a real model upload its weights.")
-            st.caption("Torchvision models see the data resized to 224×224 RGB: relevance and evaluation take "
-                       "much longer than for the built-in models.")
-            model = ModelSpec("torchvision", arch, random_weights=random_weights)
+            pretrained = st.checkbox("pretrained weights from this machine's torch cache", key="sb_tv_pretrained",
+                                     persist_state="session",
+                                     help="torchvision's ImageNet weights file, read from $TORCH_HOME/hub/"
+                                          "checkpoints (never downloaded). 1,000 outputs: use an ImageFolder whose "
+                                          "folders are named after ImageNet classes.")
+            if pretrained:
+                try:
+                    path, _ = cached_weights(arch)
+                    st.caption(f"Weights: {path}")
+                except PretrainedMissing as e:
+                    st.warning(str(e))
+            random_weights = False if pretrained else st.checkbox(
+                "random weights (untrained, 10 outputs)", key="sb_tv_random", persist_state="session",
+                help="Pretrained weights are never downloaded. Random weights let you explore the mechanics; for a "
+                     "real model upload its weights.")
+            st.caption("Torchvision models see the data resized to 224×224 RGB (no crop, aspect ratio not kept): "
+                       "relevance and evaluation take much longer than for the built-in models.")
+            model = ModelSpec("torchvision", arch, random_weights=random_weights, pretrained=pretrained)
+        elif source == "onnx":
+            f = st.file_uploader("ONNX model (no code runs: ONNX is data)", type=["onnx"], key="sb_onnx")
+            st.caption("Input channels, size and classes come from the graph. Images are resized to its input size "
+                       "(bilinear, aspect ratio not kept). Default preprocessing for ONNX: pixels scaled to [0, 1], "
+                       "no mean/std (many exports normalise inside); declare yours below.")
+            declared, problem = declared_inputs("sb_onnx", input_size=False)
+            if problem:
+                st.error(problem)
+            if f is not None:
+                blob = f.getvalue()
+                uploads["weights"] = blob
+                model = ModelSpec("onnx", "onnx", weights_name=f.name, digest=digest(blob), declared=declared)
+            else:
+                model = ModelSpec("onnx", "onnx", declared=declared)
+        elif source == "python":
+            spec = st.text_input("FILE.py:FACTORY (runs that file)", key="sb_py_spec", persist_state="session",
+                                 placeholder="/path/to/mynet.py:build")
+            f = st.file_uploader("Weights (.safetensors, .pt, .pth; optional)", type=["safetensors", "pt", "pth"],
+                                 key="sb_py_weights")
+            st.caption("The factory returns the nn.Module. Declare the input size; pixels default to [0, 1], no "
+                       "mean/std.")
+            declared, problem = declared_inputs("sb_py")
+            if problem:
+                st.error(problem)
+            blob = f.getvalue() if f is not None else None
+            if blob is not None:
+                uploads["weights"] = blob
+            model = ModelSpec("python", spec.strip() or "python", weights_name=f.name if f is not None else "",
+                              digest=digest(blob) if blob is not None else "", declared=declared)
         else:
             arch = st.selectbox("Architecture of the weights", choices["builtin"] + choices["torchvision"],
                                 key="sb_up_arch", persist_state="session")

@@ -41,7 +41,9 @@ from xaicomp_core import (
     XaicompError,
 )
 from xaicomp_core.io.models import BUILTIN_MODELS, MODELS_DIR, TORCHVISION_ARCHS
+from xaicomp_core.io.onnx_import import InputSpec, parse_class_names, parse_floats, parse_size
 from xaicomp_core.io.sources import DataSource, ModelSource, Sources, reference_subset, resolve_data
+from xaicomp_core.io.user_code import code_allowed
 from xaicomp_core.relevance.lrp import COMPOSITES, DEFAULT_COMPOSITE
 from xaicomp_core.viz.figures import fmt_bytes, fmt_pct, fmt_pp  # noqa: F401  (re-exported for the pages)
 
@@ -77,6 +79,11 @@ class ModelSpec:
     ``source`` is ``"builtin"`` (a shipped trained model), ``"torchvision"`` (an architecture with random weights:
     nothing is ever downloaded) or ``"upload"`` (an architecture plus an uploaded weights file, identified by its
     sha256 ``digest``; the bytes live in ``st.session_state["uploads"]``).
+
+    ``"onnx"`` is an uploaded ONNX file (no code runs; ``declared`` holds the preprocessing the user declared) and
+    ``"python"`` an architecture defined in Python (``arch`` = ``FILE.py:FACTORY`` on this machine, offered only when
+    the app was started with ``--allow-code``) with optional uploaded weights. ``pretrained`` asks a torchvision
+    architecture for its pretrained weights from the local torch hub cache.
     """
 
     source: str = "builtin"
@@ -84,10 +91,13 @@ class ModelSpec:
     random_weights: bool = False
     weights_name: str = ""
     digest: str = ""
+    declared: InputSpec | None = None
+    pretrained: bool = False
 
     def key(self) -> str:
         """Cache key."""
-        return f"model:{self.source}:{self.arch}:{self.random_weights}:{self.weights_name}:{self.digest}"
+        return (f"model:{self.source}:{self.arch}:{self.random_weights}:{self.weights_name}:{self.digest}:"
+                f"{self.pretrained}:{self.declared!r}")
 
 
 @dataclass(frozen=True)
@@ -185,7 +195,14 @@ def model_source(spec: ModelSpec, weights: bytes | None = None) -> ModelSource:
     if spec.source == "builtin":
         return ModelSource(spec.arch)
     if spec.source == "torchvision":
+        if spec.pretrained:
+            return ModelSource(spec.arch)  # from the local torch hub cache only (never downloaded)
         return ModelSource(spec.arch, random_weights=spec.random_weights, download=False)
+    if spec.source == "onnx":
+        return ModelSource("onnx", weights=b"" if weights is None else weights,
+                           weights_name=spec.weights_name or "model.onnx", declared=spec.declared)
+    if spec.source == "python":
+        return ModelSource(spec.arch, weights=weights or None, weights_name=spec.weights_name, declared=spec.declared)
     if spec.source == "upload":
         return ModelSource(spec.arch, weights=b"" if weights is None else weights, weights_name=spec.weights_name)
     raise XaicompError(f"unknown model source {spec.source!r}")
@@ -217,7 +234,12 @@ def sources_for(settings: Settings, uploads: dict[str, bytes] | None = None) -> 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=6)
 def _cached_model(key: str, _spec: ModelSpec, _weights: bytes | None) -> nn.Module:
     spec = _spec
-    if spec.source == "torchvision" and not spec.random_weights:
+    if spec.source == "onnx" and not _weights:
+        raise XaicompError("upload an ONNX model (.onnx) in the sidebar")
+    if spec.source == "python" and not code_allowed():
+        raise XaicompError("models defined in Python run code: start the app with `streamlit run app.py -- "
+                           "--allow-code` to allow it")
+    if spec.source == "torchvision" and not spec.random_weights and not spec.pretrained:
         raise XaicompError(f"{spec.arch}: pretrained weights are never downloaded by this app; tick "
                            "'random weights' or choose 'Upload weights' to load your own file")
     if spec.source == "upload":
@@ -290,6 +312,26 @@ def ensure_relevance(session: CompressionSession, composite_name: str) -> None:
         bar.empty()
 
 
+def declared_inputs(prefix: str, input_size: bool = True) -> tuple[InputSpec | None, str | None]:
+    """Sidebar fields declaring an ONNX or Python model's preprocessing: input size, pixel range, mean, std and class
+    names (empty: the defaults). Returns the declaration and a problem to show (None if the fields parse)."""
+    size = st.text_input("Input size H,W (empty: the model's)", key=f"{prefix}_size", placeholder="224,224") \
+        if input_size else ""
+    rng = st.radio("Pixels", ["0-1", "0-255"], key=f"{prefix}_range", horizontal=True,
+                   format_func=lambda r: "scaled to [0, 1]" if r == "0-1" else "kept in [0, 255]")
+    mean = st.text_input("Mean per channel (empty: none)", key=f"{prefix}_mean", placeholder="0.485,0.456,0.406")
+    std = st.text_input("Std per channel (empty: none)", key=f"{prefix}_std", placeholder="0.229,0.224,0.225")
+    names = st.text_input("Class names, comma-separated (empty: 0…K-1)", key=f"{prefix}_names")
+    try:
+        spec = InputSpec(parse_size(size) if size.strip() else None,
+                         parse_floats(mean, "mean") if mean.strip() else None,
+                         parse_floats(std, "std") if std.strip() else None, 255.0 if rng == "0-255" else 1.0,
+                         parse_class_names(names) if names.strip() else None, "the sidebar")
+    except XaicompError as e:
+        return None, str(e)
+    return (None if spec.empty else spec), None
+
+
 def awaiting_input(settings: Settings) -> str | None:
     """What the sidebar still needs from the user before anything can load (Markdown), or None.
 
@@ -302,6 +344,12 @@ def awaiting_input(settings: Settings) -> str | None:
         return (f"**{m.arch} needs weights.** This app never downloads pretrained weights. Tick **random weights** "
                 "in the sidebar to explore the mechanics on an untrained network (its accuracy is chance, about "
                 "one class in ten), or choose **Upload your weights** to load your own trained file.")
+    if m.source == "onnx" and not uploads.get("weights"):
+        return ("**Upload an ONNX model** (.onnx) in the sidebar. ONNX is data: no code runs. Input channels, size and "
+                "the number of classes come from the graph; declare how pixels are scaled (default: [0, 1], no "
+                "mean/std) and, optionally, the class names.")
+    if m.source == "python" and ".py:" not in m.arch:
+        return "**Name your architecture** in the sidebar as `FILE.py:FACTORY` (a function returning the nn.Module)."
     if m.source == "upload" and not uploads.get("weights"):
         return (f"**Upload the weights** of your {m.arch} in the sidebar: a state dict as .safetensors, .pt or .pth "
                 "(read safely: a pickle that would run code is refused).")
@@ -702,6 +750,7 @@ def run_with_progress(label: str, work: Callable[[Callable[[int, int], None]], A
 
 
 __all__ = [
+    "declared_inputs",
     "COMPOSITES", "Control", "DEFAULT_MODEL", "DataSpec", "ModelSpec", "PIXEL_COMPOSITE", "Settings", "awaiting_input",
     "builtin_available", "comparison_plan", "composite", "control", "control_key", "control_value", "cuts_to_split",
     "default_plan", "digest", "ensure_relevance", "evaluate", "explain_collapse", "few_images_warning", "fit_plan",
