@@ -37,8 +37,24 @@ leave_pages_directory_mode()
 
 st.set_page_config(page_title="xaicomp — compress with explainable AI", page_icon="🗜️", layout="wide",
                    initial_sidebar_state="expanded")
-# Less empty space above the page title (more room on a projector).
-st.html("<style>[data-testid='stMainBlockContainer'] { padding-top: 2.5rem; }</style>")
+# Less empty space above the page title (more room on a projector). Below 1280 px (a 1024x768 projector with the
+# sidebar open) metric values get a smaller font, metric and button labels wrap instead of ending in "…", and the
+# Compress page puts its result below the plan instead of beside it (the container keyed cp_plan marks that pair of
+# columns).
+st.html("""<style>
+[data-testid='stMainBlockContainer'] { padding-top: 2.5rem; }
+@media (max-width: 1279px) {
+  [data-testid='stMetricValue'] { font-size: 1.6rem; }
+  [data-testid='stMetricLabel'] *, [data-testid='stMetricDelta'] .stMarkdownEllipsis,
+  [data-testid='stMetricDelta'] .stMarkdownEllipsis p {
+    white-space: normal !important; overflow: visible !important; text-overflow: clip !important; }
+  [data-testid^='stBaseButton'] .stMarkdownEllipsis, [data-testid^='stBaseButton'] .stMarkdownEllipsis p {
+    white-space: normal !important; overflow: visible !important; text-overflow: clip !important; }
+  [data-testid='stHorizontalBlock']:has(> [data-testid='stColumn'] .st-key-cp_plan) { flex-wrap: wrap; }
+  [data-testid='stHorizontalBlock']:has(> [data-testid='stColumn'] .st-key-cp_plan) > [data-testid='stColumn'] {
+    flex: 1 1 100% !important; min-width: 100%; }
+}
+</style>""")
 
 MODEL_SOURCES = {"builtin": "Built-in (trained)", "torchvision": "torchvision architecture",
                  "upload": "Upload your weights", "onnx": "ONNX model (.onnx)"}

@@ -10,6 +10,8 @@ evaluation set.
 
 from __future__ import annotations
 
+import math
+
 import streamlit as st
 
 from pages.common import (
@@ -30,7 +32,8 @@ from pages.common import (
     result_metrics,
     split_to_cuts,
 )
-from xaicomp_core import CRITERIA, CompressionPlan, CompressionSession, EvaluationResult, PlanError
+from xaicomp_core import CRITERIA, CompressionPlan, CompressionSession, EvaluationResult, PlanError, XaicompError
+from xaicomp_core.evaluate.explain import explain_plan
 from xaicomp_core.plan import BIT_RANKINGS, FP32, GRANULARITIES, QUANTIZERS, SCOPES
 from xaicomp_core.viz import figures
 from xaicomp_core.viz.style import criterion_option
@@ -63,7 +66,8 @@ def plan_controls(plan: CompressionPlan, session: CompressionSession) -> Compres
         help="\n".join(f"- **{k}**: {v[0]}" for k, v in CRITERIA.items())))
     uses_ratio = CRITERIA[criterion][1]
     c = control("cp_ratio", int(round(100 * plan.prune_ratio)))
-    ratio = c.keep(st.slider("Prune ratio (% of weights removed)", 0, 95, value=c.value, step=5, key=c.key,
+    label = "Prune ratio (% of weights removed)" if uses_ratio else f"Prune ratio (not used: {criterion} decides)"
+    ratio = c.keep(st.slider(label, 0, 95, value=c.value, step=5, key=c.key,
                              on_change=c.commit, disabled=not uses_ratio, format="%d%%"))
     if not uses_ratio:
         st.caption(f"**{criterion}** decides by itself which weights to prune ({CRITERIA[criterion][0]}); the "
@@ -148,6 +152,24 @@ def plan_controls(plan: CompressionPlan, session: CompressionSession) -> Compres
         return None
 
 
+def show_explanation(session: CompressionSession, plan: CompressionPlan) -> None:
+    """The engine's :func:`~xaicomp_core.evaluate.explain.explain_plan` of ``plan``: a summary and one row per layer."""
+    try:
+        expl = explain_plan(session, plan)
+    except XaicompError as e:
+        st.error(str(e), icon=":material/warning:")
+        return
+    st.markdown(expl.summary)
+    st.dataframe([{"layer": la.name, "weights": la.params, "pruned": fmt_pct(la.pruned_share, 1),
+                   "of which R < 0": fmt_pct(la.pruned_negative, 1), "R = 0": fmt_pct(la.pruned_zero, 1),
+                   "R > 0": fmt_pct(la.pruned_positive, 1),
+                   "mean |output| ×": "from 0" if math.isinf(la.growth) else f"{la.growth:,.3g}"}
+                  for la in expl.layers], hide_index=True, width="stretch",
+                 column_config={"weights": st.column_config.NumberColumn(format="localized")})
+    st.caption(f"Shares of each layer's weights; mean |output| of the compressed layer over the original's on "
+               f"{expl.images} evaluation images (before BatchNorm).")
+
+
 def show_result(session: CompressionSession, plan: CompressionPlan, notes: list[str]) -> EvaluationResult | None:
     """The engine's evaluation of ``plan``: tiles, a one-line summary, per-layer / per-class / bytes charts."""
     for note in notes:
@@ -169,6 +191,8 @@ def show_result(session: CompressionSession, plan: CompressionPlan, notes: list[
     why = explain_collapse(plan, result)
     if why:
         st.warning(why, icon=":material/psychology_alt:")
+        with st.expander("Measured: what was pruned, by relevance sign, and how each layer's output changes"):
+            show_explanation(session, plan)
 
     t1, t2, t3 = st.tabs(["Per layer", "Per class", "Where the bytes go"])
     with t1:
@@ -223,7 +247,7 @@ def compress_panel(session: CompressionSession) -> None:
     """Controls, live metrics and charts (rerun alone when a control changes)."""
     stored = get_plan()
     left, right = st.columns([1, 2.2], gap="large")
-    with left:
+    with left, st.container(key="cp_plan"):
         st.subheader("Plan")
         plan = plan_controls(stored, session)
     pending = []

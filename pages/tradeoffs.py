@@ -89,16 +89,16 @@ st.plotly_chart(figures.pareto_figure(rows, current), width="stretch", key="tr_p
 
 best = smallest_within(rows, 0.01)
 m1, m2, m3 = st.columns(3)
-m1.metric("Plans evaluated", len(rows))
+m1.metric("Plans evaluated", len(rows), border=True)
 if best is not None:
     m2.metric("Smallest within 1 pp of the original", fmt_bytes(best["estimated_bytes"]),
-              f"{best['compression_ratio']:.1f}× smaller", delta_color="off", border=True,
+              f"{best['compression_ratio']:.1f}× smaller", delta_color="off", delta_arrow="off", border=True,
               help=f"{best['criterion']}, {fmt_pct(best['sparsity'], 1)} of the weights pruned, bits "
                    f"{best['bits']}: accuracy {fmt_pct(best['accuracy'])}")
     m3.metric("…found by", best["criterion"], f"pruned {fmt_pct(best['sparsity'], 1)} · {best['bits']}",
               delta_color="off", delta_arrow="off", border=True)
 else:
-    m2.metric("Smallest within 1 pp of the original", "none")
+    m2.metric("Smallest within 1 pp of the original", "none", border=True)
 
 st.subheader("Best plans per criterion")
 st.caption("Pareto-optimal plans of each criterion, smallest first. **asked**: the prune ratio of the plan (rule "
@@ -115,7 +115,7 @@ table = [{"criterion": r["criterion"], "asked": _asked(r), "pruned": fmt_pct(r["
          for r in sorted((r for r in rows if r.get("pareto")), key=lambda r: (r["criterion"], r["estimated_bytes"]))]
 st.dataframe(table, hide_index=True, width="stretch")
 
-d1, d2, _ = st.columns([1, 1, 3])
+d1, d2, _ = st.columns([1, 1, 1])
 d1.download_button("Download CSV", rows_to_csv(rows), file_name="xaicomp-sweep.csv", mime="text/csv",
                    key="tr_csv", icon=":material/download:", on_click="ignore")
 d2.download_button("Download PNG", lambda: figures.pareto_png(rows, current, title),  # drawn on the click

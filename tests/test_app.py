@@ -562,6 +562,12 @@ def test_paper_rule_explains_chance(lenet_engine):
     assert fmt_pct(res.sparsity, 1) in why
     for layer in res.layers:  # how much of each layer the rule removed, from the engine's result
         assert f"{layer.name.removesuffix('.weight')} {layer.sparsity:.0%}" in why
+    from xaicomp_core.evaluate.explain import explain_plan
+
+    expl = explain_plan(lenet_engine, DEFAULT_PLAN.replace(criterion="paper"))  # the engine's measured explanation
+    assert expl.summary in " ".join(m.value for m in at.markdown)
+    rows = next(d.value for d in at.dataframe if "of which R < 0" in d.value.columns)
+    assert list(rows["pruned"]) == [fmt_pct(la.pruned_share, 1) for la in expl.layers]
     at.selectbox(key=key(at, "cp_criterion")).select("lrp").run()
     ok(at)
     assert "chance" not in warnings(at)

@@ -458,3 +458,40 @@ def test_plan_survives_errors_and_uploads(browser, app_url, tmp_path):
     assert "prune 55% by lrp" in result_caption(page)
     assert not errors, errors
     page.close()
+
+
+TRUNCATED_JS = """() => [...document.querySelectorAll(
+        '[data-testid="stMetric"] .stMarkdownEllipsis, [data-testid^="stBaseButton"] .stMarkdownEllipsis')]
+    .filter(e => e.offsetParent !== null && e.scrollWidth > e.clientWidth + 1).map(e => e.innerText)"""
+
+
+def test_small_screen(browser, app_url, artifacts):
+    """At 1024x768 with the sidebar open (a classroom projector) no metric or button text ends in "…", the Compress
+    page shows its result below the plan, and nothing scrolls sideways. Screenshots: test-artifacts/screenshots/."""
+    page = browser.new_page(viewport={"width": 1024, "height": 768}, device_scale_factor=1)
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(app_url)
+    page.wait_for_selector('[data-testid="stMetricLabel"]:has-text("Baseline accuracy")', timeout=LOAD_TIMEOUT_MS)
+    wait_idle(page)
+    out = artifacts / "screenshots"
+    out.mkdir(parents=True, exist_ok=True)
+    for title in ("Overview", "Relevance", "Compress", "Trade-offs", "Export", "Learn"):
+        if title != "Overview":
+            goto_page(page, title)
+        if title == "Compress":
+            page.wait_for_selector('[data-testid="stMetricLabel"]:has-text("Accuracy with")', timeout=LOAD_TIMEOUT_MS)
+            wait_idle(page)
+            plan = page.locator('[data-testid="stSelectbox"]').filter(has_text="Criterion").first.bounding_box()
+            result = page.locator('[data-testid="stMetric"]').first.bounding_box()
+            assert plan is not None and result is not None
+            assert result["y"] > plan["y"] + plan["height"]  # below the plan, not squeezed beside it
+        no_exception(page)
+        page.wait_for_timeout(600)
+        page.screenshot(path=str(out / f"1024-{title.lower()}.png"))
+        truncated = page.evaluate(TRUNCATED_JS)
+        assert not truncated, f"{title}: text cut off at 1024x768: {truncated}"
+        main = page.locator('[data-testid="stMain"]').evaluate("e => [e.scrollWidth, e.clientWidth]")
+        assert main[0] <= main[1] + 2, f"{title} scrolls sideways at 1024x768: {main}"
+    assert not errors, errors
+    page.close()
