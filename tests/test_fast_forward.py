@@ -116,6 +116,59 @@ def test_each_backend_is_exact_and_deterministic(name, backend, fashion_eval):
     assert torch.equal(fast, ff.logits(state, x, ref_fn))
 
 
+class _Mixed(nn.Module):
+    """Everything else the fast path handles: a BatchNorm that cannot be folded (on the input, and after a conv
+    whose output also feeds a skip), average and global pooling, BatchNorm1d after a linear layer, functional
+    ReLU, ``flatten`` as a method, a conv with bias, stride, dilation and groups, a ReLU module used twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn_in = nn.BatchNorm2d(1)
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=2)
+        self.relu = nn.ReLU()
+        self.pool = nn.AvgPool2d(2)
+        self.conv3 = nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Linear(16, 12)
+        self.bn2 = nn.BatchNorm1d(12)
+        self.drop = nn.Dropout(0.5)
+        self.fc2 = nn.Linear(12, 10)
+        for bn in (self.bn_in, self.bn1, self.bn2):
+            with torch.no_grad():
+                bn.running_mean.uniform_(-0.3, 0.3)
+                bn.running_var.uniform_(0.5, 1.5)
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.uniform_(-0.2, 0.2)
+
+    def forward(self, x):  # noqa: D102
+        a = self.conv1(self.bn_in(x))
+        b = self.relu(self.conv2(a) + a)  # conv1's output feeds two ops: its BatchNorm stays separate
+        b = self.relu(self.bn1(b))
+        c = torch.relu(self.conv3(self.pool(b)))
+        h = torch.nn.functional.relu(self.bn2(self.fc1(self.gap(c).flatten(1))))
+        return self.fc2(self.drop(h))
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_other_supported_layers_are_exact(backend):
+    if backend == "onnxruntime" and not ort_available():
+        pytest.skip("onnxruntime is not installed")
+    torch.manual_seed(3)
+    model = _Mixed().eval()
+    kinds = [op.kind for op in trace_ops(model)[0]]
+    assert kinds.count("affine") == 2 and "avgpool" in kinds and "gap" in kinds  # bn2 folded into fc1
+    x = torch.randn(600, 1, 28, 28)
+
+    def ref_fn(t: torch.Tensor) -> torch.Tensor:
+        return forward_logits(model, t)
+
+    ff = FastForward.build(model, x[:64], ref_fn, backend=backend)
+    assert ff is not None
+    _assert_exact(ff.logits(model.state_dict(), x, ref_fn), ref_fn(x))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # near-ties
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,22 +1,35 @@
 """Performance benchmark: how much a slider release and a relevance pass cost, as ratios to bare passes.
 
 * ``update_ratio`` = median time of ``session.evaluate(plan)`` (a new plan each time: lrp ranking, 8/4/2-bit
-  mixed precision per weight, the heaviest path) / median time of a bare fp32 forward over the same evaluation set
-  in the same batches.
+  mixed precision per weight, the heaviest path) / median time of a bare forward of the *unmodified* model (eager
+  fp32, BatchNorm not folded, ``torch.inference_mode``) over the same evaluation set in the same batches.
+* ``fast_forward_ratio`` = median time of the session's forward alone for a new plan's weights (the fast exact
+  forward of :mod:`xaicomp_core.evaluate.fast`: BatchNorm folding, backend build and run, near-tie re-runs;
+  ``session.compressed_logits`` of weights compressed beforehand) / the same bare forward.
 * ``relevance_ratio`` = median time of :func:`weight_relevance` on a batch / median time of a plain forward+backward
   (gradients of all parameters) on the same batch.
+* ``backend_ratios``: each fast-forward backend (and the eager forward with a plan's weights) per new plan / the
+  bare forward (:func:`compare_backends`).
+* ``evaluate_split``: where one ``session.evaluate`` spends its time (:func:`profile_evaluate`).
+
+Bare and measured passes alternate within each repeat, so that a change of machine load hits both.
 """
 
 from __future__ import annotations
 
+import cProfile
 import platform
+import pstats
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
 
-from xaicomp_core.evaluate.session import CompressionSession
+from xaicomp_core.evaluate.fast import BACKENDS, TRIAL_IMAGES, FastForward, ort_available
+from xaicomp_core.evaluate.session import CompressionSession, forward_logits
 from xaicomp_core.io.data import load_builtin_dataset
 from xaicomp_core.io.models import load_builtin_model, model_info
 from xaicomp_core.plan import CompressionPlan
@@ -32,9 +45,100 @@ def _timed(fn, repeats: int) -> list[float]:
     return out
 
 
+def _interleaved(fns: dict[str, Callable[[int], Any]], repeats: int) -> dict[str, list[float]]:
+    """Seconds of each ``fn(i)`` for i in range(repeats), the functions taking turns within each repeat."""
+    out: dict[str, list[float]] = {k: [] for k in fns}
+    for i in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn(i)
+            out[k].append(time.perf_counter() - t0)
+    return out
+
+
+def _bare_forward(model: nn.Module, x: torch.Tensor, batch_size: int) -> Callable[..., None]:
+    """The denominator: eager fp32 forward of the unmodified model under inference_mode, in the session's
+    batches."""
+    def run(*_: Any) -> None:
+        with torch.inference_mode():
+            for i in range(0, len(x), batch_size):
+                model(x[i:i + batch_size])
+    return run
+
+
+def compare_backends(session: CompressionSession, plans: list[CompressionPlan], repeats: int
+                     ) -> dict[str, float]:
+    """Median seconds of the forward of a new plan's weights with every fast-forward backend available here, and
+    with the eager forward (weights copied into the working model), each / the bare forward's median.
+
+    The weights of ``plans`` (at least ``repeats``) are compressed beforehand; each backend gets them in turn.
+    """
+    model, x, bs = session.model, session.x_eval, session.eval_batch_size
+    cws = [session.compress(p) for p in plans[:repeats]]
+    states = [cw.state_dict(session._state) for cw in cws]
+    work = session._work
+
+    def eager(i: int) -> None:
+        with session._lock:
+            session._load(cws[i])
+            try:
+                forward_logits(work, x, bs)
+            finally:
+                session._load(None)
+
+    fns: dict[str, Callable[[int], Any]] = {"bare": _bare_forward(model, x, bs), "eager": eager}
+    for name in BACKENDS:
+        if name == "onnxruntime" and not ort_available():
+            continue
+        ff = FastForward.build(work, x[:TRIAL_IMAGES], lambda t: forward_logits(work, t, bs), backend=name)
+        if ff is not None:
+            fns[name] = (lambda f: lambda i: f.logits(states[i], x, lambda t: forward_logits(work, t, bs)))(ff)
+    times = _interleaved(fns, repeats)
+    bare = statistics.median(times.pop("bare"))
+    return {k: statistics.median(v) / bare for k, v in times.items()}
+
+
+#: (label, function name, file name ending) whose cumulative time :func:`profile_evaluate` reports
+_SPLIT = [
+    ("compress", "compress", "compress/compress.py"),
+    ("compress.masks", "ratio_mask", "compress/layout.py"),
+    ("compress.masks", "channel_mask", "compress/layout.py"),
+    ("compress.masks", "counts_mask", "compress/layout.py"),
+    ("compress.allocate_bits", "allocate_bits", "compress/quantize.py"),
+    ("compress.quantize", "quantize", "compress/quantize.py"),
+    ("compress.size_accounting", "compute_size", "format/size.py"),
+    ("forward", "_forward", "evaluate/session.py"),
+    ("forward.state_dict", "state_dict", "compress/compress.py"),
+    ("forward.fold_batchnorm", "params", "evaluate/fast.py"),
+    ("forward.backend_build", "prepare", "evaluate/fast.py"),
+    ("forward.backend_run", "run", "evaluate/fast.py"),
+    ("forward.near_tie_reference", "eager", "evaluate/session.py"),
+    ("result_assembly", "_result", "evaluate/session.py"),
+]
+
+
+def profile_evaluate(session: CompressionSession, plan: CompressionPlan) -> dict[str, float]:
+    """Profile one ``session.evaluate(plan)`` (a plan not evaluated before) and return the seconds of its parts
+    (cumulative, under cProfile), ``total`` and ``other`` (total minus compress, forward and result assembly)."""
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    session.evaluate(plan)
+    prof.disable()
+    total = time.perf_counter() - t0
+    stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
+    out: dict[str, float] = {"total": total}
+    for label, func, file in _SPLIT:
+        sec = sum(v[3] for (f, _, name), v in stats.items() if name == func and f.replace("\\", "/").endswith(file))
+        out[label] = out.get(label, 0.0) + sec
+    out["other"] = total - out["compress"] - out["forward"] - out["result_assembly"]
+    return out
+
+
 def run_bench(model_name: str = "fashion-vgg", repeats: int = 7, threads: int | None = 2, batch: int = 250,
-              composite: str = "epsilon") -> dict[str, Any]:
-    """Run the benchmark on a built-in model with the shipped data and return the figures."""
+              composite: str = "epsilon", backends: bool = True) -> dict[str, Any]:
+    """Run the benchmark on a built-in model with the shipped data and return the figures (``backends=False``
+    skips :func:`compare_backends`)."""
     if threads:
         torch.set_num_threads(threads)
     model = load_builtin_model(model_name)
@@ -44,19 +148,22 @@ def run_bench(model_name: str = "fashion-vgg", repeats: int = 7, threads: int | 
     session.relevance()
     x_eval = session.x_eval
     bs = session.eval_batch_size
-
-    def bare_forward() -> None:
-        with torch.inference_mode():
-            for i in range(0, len(x_eval), bs):
-                model(x_eval[i:i + bs])
-
+    bare_forward = _bare_forward(model, x_eval, bs)
     bare_forward()
-    plans = [CompressionPlan(criterion="lrp", prune_ratio=0.3 + 0.01 * i, bit_levels=[8, 4, 2],
-                             bit_split=[0.2, 0.5], composite=composite) for i in range(repeats + 1)]
+
+    def lrp_plan(ratio: float) -> CompressionPlan:
+        return CompressionPlan(criterion="lrp", prune_ratio=ratio, bit_levels=[8, 4, 2], bit_split=[0.2, 0.5],
+                               composite=composite)
+
+    plans = [lrp_plan(0.3 + 0.01 * i) for i in range(repeats + 1)]
     session.evaluate(plans[-1])  # warm-up (sorting the scores happens here, once)
-    fwd = _timed(bare_forward, repeats)
-    it = iter(plans[:repeats])
-    upd = _timed(lambda: session.evaluate(next(it)), repeats)
+    fast_cws = [session.compress(lrp_plan(0.6 + 0.01 * i)) for i in range(repeats)]
+    times = _interleaved({"bare": bare_forward, "update": lambda i: session.evaluate(plans[i]),
+                          "fast": lambda i: session.compressed_logits(fast_cws[i])}, repeats)
+    fwd, upd, fast = times["bare"], times["update"], times["fast"]
+    split = profile_evaluate(session, lrp_plan(0.25))
+    backend_ratios = compare_backends(session, [lrp_plan(0.7 + 0.01 * i) for i in range(repeats)], repeats) \
+        if backends else {}
 
     x, y = session.x_ref[:batch], session.y_ref[:batch]
     grad_model = load_builtin_model(model_name)
@@ -69,20 +176,34 @@ def run_bench(model_name: str = "fashion-vgg", repeats: int = 7, threads: int | 
 
     fwd_bwd()
     weight_relevance(model, x, y, composite)
-    fb = _timed(fwd_bwd, repeats)
-    rel = _timed(lambda: weight_relevance(model, x, y, composite, batch_size=batch), repeats)
+    rt = _interleaved({"fb": lambda i: fwd_bwd(),
+                       "rel": lambda i: weight_relevance(model, x, y, composite, batch_size=batch)}, repeats)
+    fb, rel = rt["fb"], rt["rel"]
     med = statistics.median
     info = model_info(model)
     return {
         "model": info.name, "composite": composite,
         "update_ratio": med(upd) / med(fwd), "relevance_ratio": med(rel) / med(fb),
-        "evaluate_seconds": med(upd), "forward_seconds": med(fwd),
+        "fast_forward_ratio": med(fast) / med(fwd), "forward_backend": session.forward_backend,
+        "backend_ratios": backend_ratios,
+        "evaluate_split_seconds": split,
+        "evaluate_seconds": med(upd), "forward_seconds": med(fwd), "fast_forward_seconds": med(fast),
         "relevance_seconds": med(rel), "forward_backward_seconds": med(fb),
         "relevance_full_reference_seconds_estimate": med(rel) * len(session.x_ref) / batch,
         "eval_images": len(x_eval), "relevance_batch": batch, "repeats": repeats,
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "machine": f"{platform.machine()}, {_cpu_name()}, {torch.get_num_threads()} threads",
+        "load_average": _load_average(),
     }
+
+
+def _load_average() -> list[float] | None:
+    try:
+        import os
+
+        return [round(v, 2) for v in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
 
 
 def _cpu_name() -> str:

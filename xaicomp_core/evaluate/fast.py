@@ -197,10 +197,11 @@ def trace_ops(model: nn.Module) -> tuple[list[Op], int]:
             ops.append(_module_op(node.target, mod, (arg(args[0]),), out))
         elif node.op == "call_function" and node.target in (operator.add, torch.add) and len(args) == 2 and not kw:
             ops.append(Op("add", (arg(args[0]), arg(args[1])), out))
-        elif (node.op == "call_function" and node.target in (torch.relu, F.relu) and len(args) == 1 and not kw) or (
-                node.op == "call_method" and node.target == "relu" and len(args) == 1 and not kw):
+        elif node.target in (torch.relu, F.relu, "relu") and node.op in ("call_function", "call_method") and len(
+                args) == 1 and set(kw) <= {"inplace"} and not kw.get("inplace"):  # F.relu traces inplace=False
             ops.append(Op("relu", (arg(args[0]),), out))
-        elif node.op == "call_function" and node.target is torch.flatten and tuple(args[1:]) == (1,) and not kw:
+        elif node.target in (torch.flatten, "flatten") and node.op in ("call_function", "call_method") and tuple(
+                args[1:]) == (1,) and not kw:
             ops.append(Op("flatten", (arg(args[0]),), out))
         else:
             raise Unsupported(f"{node.op} {node.target}")
