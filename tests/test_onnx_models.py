@@ -222,6 +222,20 @@ def test_final_softmax_left_out_and_fixed_batch_freed():
     torch.testing.assert_close(got.softmax(1), torch.from_numpy(want), rtol=1e-4, atol=1e-6)
 
 
+def test_silu_becomes_an_activation():
+    torch.manual_seed(8)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SiLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    data = export(net, shape=(1, 3, 8, 8))
+    ops = [n.op_type for n in onnx.load_from_string(data).graph.node]
+    assert "Sigmoid" in ops and "Mul" in ops
+    model = load_onnx_model(data, "silu.onnx")
+    assert any(isinstance(m, nn.SiLU) for m in model.modules())
+    assert not any(type(m).__name__.startswith("Onnx") for m in model.modules() if m is not model)
+    x = torch.rand(5, 3, 8, 8)
+    with torch.no_grad():
+        np.testing.assert_allclose(model(x).numpy(), ort_logits(data, x), rtol=1e-4, atol=1e-5)
+
+
 def test_unsupported_operators_named_in_one_line(tmp_path):
     from onnx import TensorProto, helper
 
@@ -424,6 +438,17 @@ def test_cli_compress_export_verify_on_zip(files, capsys, tmp_path):
     x, y = ev.tensors(info.preprocessing)
     ort_acc = float((torch.from_numpy(ort_logits(files["model"].read_bytes(), x).argmax(1)) == y).float().mean())
     assert d["baseline_accuracy"] == pytest.approx(ort_acc, abs=1e-9)
+    # and on all images of the zip, decoded here with PIL alone (what a user's own onnxruntime script does)
+    from PIL import Image
+
+    with zipfile.ZipFile(files["zip"]) as z:
+        names = sorted(n for n in z.namelist() if n.endswith(".png"))
+        pixels = np.stack([np.asarray(Image.open(io.BytesIO(z.read(n))).convert("RGB")) for n in names])
+        labels = np.asarray([CLASSES.index(n.split("/")[1]) for n in names])
+    x_all = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
+    all_acc = float((ort_logits(files["model"].read_bytes(), x_all).argmax(1) == labels).mean())
+    line = next(ln for ln in captured.err.splitlines() if "original accuracy" in ln)
+    assert f"{all_acc:.2%} on all {len(names)} images of images.zip" in line, line
     out = tmp_path / "m.xcz"
     rc = main(["export", *common, "--prune", "0.5", "--bits", "8,4", "-o", str(out), "--json"])
     assert rc == 0, capsys.readouterr().err

@@ -362,13 +362,35 @@ def session_from_args(args: argparse.Namespace, progress: ProgressFn | None = No
     if statement:
         sys.stderr.write(f"xaicomp: {statement}\n")
     splits = sources.load_data(info)
-    _budget_line(model, info, splits, sources, composite)
+    budget = _budget_line(model, info, splits, sources, composite)
     session = sources.session(composite=composite, progress=progress, model=model, splits=splits)
     session.finetune_progress = progress_printer("fine-tuning", progress is not None)
+    if budget.forward_s * len(splits.reference) < 5.0:
+        _whole_data_line(session, splits, sources)
     return session
 
 
-def _budget_line(model: Any, info: Any, splits: Any, sources: Sources, composite: str) -> None:
+def _whole_data_line(session: CompressionSession, splits: Any, sources: Sources) -> None:
+    """For an ImageFolder split into reference and evaluation halves: the original model's accuracy on both halves
+    together as well (what a tool that runs the model over the whole folder reports)."""
+    from xaicomp_core.evaluate.session import forward_logits
+    from xaicomp_core.io.data import as_tensors
+
+    data = sources.data
+    if data.kind != "images" or data.reference is not None:
+        return
+    info = session.info
+    x, y = as_tensors(splits.reference, info.preprocessing, info.num_classes, "reference data")
+    correct = int((forward_logits(session.model, x).argmax(1) == y).sum()) + int(session.baseline_correct)
+    n_ref, n_ev = len(y), len(session.y_eval)
+    whole = data.eval_samples is None and (data.reference_samples is None or n_ref < data.reference_samples)
+    where = f"all {n_ref + n_ev} images of {data.name}" if whole else f"the {n_ref + n_ev} images used"
+    sys.stderr.write(f"xaicomp: original accuracy {session.baseline_accuracy:.2%} on the {n_ev} evaluation images "
+                     f"(the baseline reported), {correct / (n_ref + n_ev):.2%} on {where} ({n_ref} reference + "
+                     f"{n_ev} evaluation)\n")
+
+
+def _budget_line(model: Any, info: Any, splits: Any, sources: Sources, composite: str) -> Any:
     """Time one batch; when the first result would take well over :data:`~xaicomp_core.io.fit.TARGET_SECONDS`,
     say so and propose image counts before the long work starts (Ctrl+C cancels)."""
     from xaicomp_core.io.data import as_tensors
@@ -383,6 +405,7 @@ def _budget_line(model: Any, info: Any, splits: Any, sources: Sources, composite
                          num_classes=info.num_classes)
     if budget.too_slow:
         sys.stderr.write(f"xaicomp: {budget.describe()} (Ctrl+C cancels)\n")
+    return budget
 
 
 def plan_and_session(args: argparse.Namespace, quiet: bool,

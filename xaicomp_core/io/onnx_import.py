@@ -11,7 +11,8 @@ graph module and then *canonized* so that zennit's rules apply layer by layer:
   any other BatchNorm gets an ``nn.Identity`` before it, so it is never merged into an unrelated layer;
 * an ``Add`` of two computed tensors (a residual connection) becomes ``torch.stack`` + zennit's ``Sum`` layer, which
   the composites route through the ``Norm`` rule (relevance split in proportion to the two inputs);
-* ``GlobalAveragePool`` becomes ``nn.AdaptiveAvgPool2d(1)`` (zennit's ``AvgPool`` type, ``Norm`` rule);
+* ``GlobalAveragePool`` becomes ``nn.AdaptiveAvgPool2d(1)`` (zennit's ``AvgPool`` type, ``Norm`` rule) and
+  ``x * Sigmoid(x)`` becomes ``nn.SiLU`` (an activation: relevance passes through, as in torchvision's models);
 * a final ``Softmax`` / ``LogSoftmax`` is left out: relevance starts at the logits (the top-1 prediction is the same).
 
 Modules are named after their graph nodes (``block_c1_conv``), so state-dict keys are plain identifiers. The
@@ -32,6 +33,7 @@ import base64
 import hashlib
 import json
 import math
+import operator
 import os
 import pathlib
 import warnings
@@ -394,6 +396,34 @@ def _free_batch(proto) -> None:
     del proto.graph.value_info[:]  # stale shapes; inferred again by the converter
 
 
+def _constants_as_initializers(proto) -> None:
+    """``Constant`` nodes holding a tensor, and ``Identity`` nodes of an initializer, become initializers: the
+    converter reads conv, Gemm and BatchNorm weights only from initializers (exporters alias shared values through
+    Identity nodes when they do not fold constants)."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in proto.graph.initializer}
+    graph_outputs = {o.name for o in proto.graph.output}
+    keep = []
+    for node in proto.graph.node:
+        out = node.output[0] if len(node.output) == 1 else None
+        src = None
+        if out is not None and out not in graph_outputs and out not in inits:
+            if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
+                src = node.attribute[0].t
+            elif node.op_type == "Identity" and len(node.input) == 1 and node.input[0] in inits:
+                src = inits[node.input[0]]
+        if src is None:
+            keep.append(node)
+            continue
+        t = numpy_helper.from_array(numpy_helper.to_array(src), out)
+        proto.graph.initializer.append(t)
+        inits[out] = proto.graph.initializer[-1]
+    if len(keep) != len(proto.graph.node):
+        del proto.graph.node[:]
+        proto.graph.node.extend(keep)
+
+
 def _drop_final_softmax(proto) -> bool:
     """Remove a Softmax / LogSoftmax that produces the graph's output (returns whether one was removed)."""
     out = proto.graph.output[0].name
@@ -458,6 +488,7 @@ def convert_onnx(data: bytes, name: str = "model.onnx", input_size: tuple[int, i
     missing = unsupported_operators(proto)
     if missing:
         raise WeightsError(f"{name} uses operator(s) xaicomp cannot convert to torch layers: {', '.join(missing)}")
+    _constants_as_initializers(proto)
     _free_batch(proto)
     removed = _drop_final_softmax(proto)
     size = (dims[2], dims[3]) if dims[2] and dims[3] else input_size
@@ -466,6 +497,12 @@ def convert_onnx(data: bytes, name: str = "model.onnx", input_size: tuple[int, i
                            "[H, W] in the JSON sidecar)")
     from onnx2torch import convert
 
+    try:  # shapes through Shape/Gather/Concat chains too (the converter needs the rank of BatchNorm inputs)
+        import onnx
+
+        proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    except Exception:  # inference is a help, not a requirement
+        pass
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -631,18 +668,14 @@ def canonize_graph(gm: fx.GraphModule, sample: torch.Tensor, expected: torch.Ten
                 u.replace_input_with(node, new)
             consts[new] = consts[node]
     # 3. pattern rewrites
-    for node in list(graph.nodes):
-        if node.op != "call_module" or node in consts or node in erased:
-            continue
-        m = modules[node.target]
-        t = _type_name(m)
-        args = node.args
+    def rewrite(node: fx.Node, m: nn.Module, t: str, args: tuple) -> bool:
+        """Replace ``node`` by standard layers; False if no pattern applies."""
         if t == "OnnxBatchNorm" and len(args) == 5 and all(const_of(a) is not None for a in args[1:]):
             w, b, mean, var = (const_of(a) for a in args[1:])
             rank = len(shapes.get(args[0], ())) - 2
             cls = {0: nn.BatchNorm1d, 1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}.get(rank)
             if cls is None:
-                continue
+                return False
             bn = cls(w.numel(), eps=float(m.epsilon))
             with torch.no_grad():
                 bn.weight.copy_(w.reshape(-1))
@@ -650,7 +683,8 @@ def canonize_graph(gm: fx.GraphModule, sample: torch.Tensor, expected: torch.Ten
                 bn.running_mean.copy_(mean.reshape(-1))
                 bn.running_var.copy_(var.reshape(-1))
             replace(node, bn.eval(), (args[0],))
-        elif t == "OnnxMatMul" and len(args) == 2 and const_of(args[1]) is not None and const_of(args[0]) is None \
+            return True
+        if t == "OnnxMatMul" and len(args) == 2 and const_of(args[1]) is not None and const_of(args[0]) is None \
                 and const_of(args[1]).ndim == 2 and const_of(args[1]).is_floating_point():
             wt = const_of(args[1])
             lin = nn.Linear(wt.shape[0], wt.shape[1], bias=False)
@@ -673,38 +707,62 @@ def canonize_graph(gm: fx.GraphModule, sample: torch.Tensor, expected: torch.Ten
                 erase(add_node)
             else:
                 replace(node, lin, (args[0],))
-        elif t == "OnnxGemm" and not m.trans_a and len(args) >= 2 and const_of(args[1]) is not None and \
+            return True
+        if t == "OnnxGemm" and not m.trans_a and len(args) >= 2 and const_of(args[1]) is not None and \
                 const_of(args[0]) is None and (len(args) < 3 or args[2] is None or const_of(args[2]) is not None):
             bmat = const_of(args[1])
             wt = (bmat if m.trans_b else bmat.T) * m.alpha
             c = const_of(args[2]) if len(args) >= 3 and args[2] is not None else None
-            if wt.ndim != 2 or (c is not None and c.numel() not in (wt.shape[0],)):
-                continue
+            if wt.ndim != 2 or (c is not None and c.numel() != wt.shape[0]):
+                return False
             lin = nn.Linear(wt.shape[1], wt.shape[0], bias=c is not None)
             with torch.no_grad():
                 lin.weight = nn.Parameter(wt.contiguous().clone())
                 if c is not None:
                     lin.bias = nn.Parameter((c.reshape(-1) * m.beta).contiguous().clone())
             replace(node, lin, (args[0],))
-        elif _is_add(m) and len(args) == 2 and all(isinstance(a, fx.Node) and const_of(a) is None for a in args):
+            return True
+        if _is_add(m) and len(args) == 2 and all(isinstance(a, fx.Node) and const_of(a) is None for a in args):
             a, b = args
             sa, sb = shapes.get(a), shapes.get(b)
-            if sa is None or sa != sb:
-                continue
+            if sa is None or sb is None:
+                return False
             key = node.name
             add(key, Sum(dim=-1))
             with graph.inserting_before(node):
+                if sa != sb:  # broadcasting: the same values, expanded, as the two summands
+                    pair = graph.call_function(torch.broadcast_tensors, (a, b))
+                    a = graph.call_function(operator.getitem, (pair, 0))
+                    b = graph.call_function(operator.getitem, (pair, 1))
                 stacked = graph.call_function(torch.stack, ([a, b],), {"dim": -1})
                 new = graph.call_module(key, (stacked,))
             node.replace_all_uses_with(new)
             erase(node)
             new.name = key
-        elif t.startswith("OnnxGlobalAveragePool") and len(shapes.get(args[0], ())) == 4:
+            shapes[new] = shapes.get(node, ())
+            return True
+        if t.startswith("OnnxGlobalAveragePool") and len(shapes.get(args[0], ())) == 4:
             replace(node, nn.AdaptiveAvgPool2d(1), (args[0],))
-        elif t == "OnnxCopyIdentity":
+            return True
+        if t == "OnnxBinaryMathOperation" and getattr(m, "math_op_function", None) is torch.mul and len(args) == 2:
+            for x_node, s_node in (args, args[::-1]):  # x * sigmoid(x) is SiLU (an activation: relevance passes)
+                if isinstance(s_node, fx.Node) and s_node.op == "call_module" and len(s_node.users) == 1 and \
+                        isinstance(getattr(root, str(s_node.target), None), nn.Sigmoid) and s_node.args == (x_node,):
+                    replace(node, nn.SiLU(), (x_node,))
+                    erase(s_node)
+                    return True
+            return False
+        if t == "OnnxCopyIdentity" and len(args) == 1:
             node.replace_all_uses_with(args[0])
             erase(node)
-        else:
+            return True
+        return False
+
+    for node in list(graph.nodes):
+        if node.op != "call_module" or node in consts or node in erased:
+            continue
+        m = modules[node.target]
+        if not rewrite(node, m, _type_name(m), node.args):
             key = node.name
             add(key, m)
             node.target = key
