@@ -236,6 +236,51 @@ def test_silu_becomes_an_activation():
         np.testing.assert_allclose(model(x).numpy(), ort_logits(data, x), rtol=1e-4, atol=1e-5)
 
 
+def test_zoo_style_graph_written_by_hand():
+    """The layout of ONNX-zoo exports such as mnist-8, written with onnx.helper: a fixed batch of 1, convolutions with
+    auto_pad=SAME_UPPER and their biases as separate Adds, the classifier weight reshaped inside the graph, MatMul +
+    Add. Converted: biases folded into the convs, a Linear for the MatMul, relevance conserved, onnxruntime's
+    predictions."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+
+    def init(name, arr):
+        return numpy_helper.from_array(arr.astype(np.float32) if arr.dtype.kind == "f" else arr, name)
+
+    inits = [init("W1", rng.normal(0, .3, (8, 1, 5, 5))), init("B1", rng.normal(0, .1, (8, 1, 1))),
+             init("W2", rng.normal(0, .3, (16, 8, 5, 5))), init("B2", rng.normal(0, .1, (16, 1, 1))),
+             init("Wfc", rng.normal(0, .1, (16, 4, 4, 10))), init("shape_w", np.array([256, 10], dtype=np.int64)),
+             init("shape_x", np.array([1, 256], dtype=np.int64)), init("Bfc", rng.normal(0, .1, (1, 10)))]
+    same = {"kernel_shape": [5, 5], "strides": [1, 1], "auto_pad": "SAME_UPPER"}
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["c1"], **same), helper.make_node("Add", ["c1", "B1"], ["a1"]),
+             helper.make_node("Relu", ["a1"], ["r1"]),
+             helper.make_node("MaxPool", ["r1"], ["p1"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Conv", ["p1", "W2"], ["c2"], **same), helper.make_node("Add", ["c2", "B2"], ["a2"]),
+             helper.make_node("Relu", ["a2"], ["r2"]),
+             helper.make_node("MaxPool", ["r2"], ["p2"], kernel_shape=[3, 3], strides=[3, 3]),
+             helper.make_node("Reshape", ["Wfc", "shape_w"], ["wr"]),
+             helper.make_node("Reshape", ["p2", "shape_x"], ["flat"]),
+             helper.make_node("MatMul", ["flat", "wr"], ["mm"]), helper.make_node("Add", ["mm", "Bfc"], ["y"])]
+    graph = helper.make_graph(nodes, "zoo", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 28, 28])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 8)])
+    proto.ir_version = 4
+    data = proto.SerializeToString()
+    model = load_onnx_model(data, "zoo.onnx")
+    assert sorted(model.state_dict()) == ["conv.bias", "conv.weight", "conv_1.bias", "conv_1.weight",
+                                          "mat_mul.bias", "mat_mul.weight"]
+    x = torch.rand(5, 1, 28, 28)
+    want = np.concatenate([ort_logits(data, x[i:i + 1]) for i in range(len(x))])
+    with torch.no_grad():
+        got = model(x).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert (got.argmax(1) == want.argmax(1)).all()
+    res = compute_relevance(model.double(), x.double(), torch.arange(5), "epsilon", epsilon=1e-12, stabilizer=1e-12,
+                            keep_input=True)
+    assert float(res.input.sum()) + sum(f.bias for f in res.flows.values()) == pytest.approx(5.0, rel=1e-6)
+
+
 def test_unsupported_operators_named_in_one_line(tmp_path):
     from onnx import TensorProto, helper
 

@@ -424,6 +424,53 @@ def _constants_as_initializers(proto) -> None:
         proto.graph.node.extend(keep)
 
 
+def _explicit_auto_pad(proto) -> None:
+    """``auto_pad = SAME_UPPER / SAME_LOWER / VALID`` on Conv and pooling nodes as explicit ``pads`` (the converter
+    reads only those), from the inferred input shapes."""
+    import onnx
+
+    nodes = [n for n in proto.graph.node if n.op_type in ("Conv", "MaxPool", "AveragePool")
+             and any(a.name == "auto_pad" and a.s not in (b"", b"NOTSET") for a in n.attribute)]
+    if not nodes:
+        return
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto)
+    except Exception:
+        return
+    shapes = {v.name: _dims(v) for v in [*inferred.graph.value_info, *inferred.graph.input]}
+    inits = {t.name: list(t.dims) for t in proto.graph.initializer}
+    for node in nodes:
+        attrs = {a.name: a for a in node.attribute}
+        mode = attrs["auto_pad"].s.decode()
+        dims = shapes.get(node.input[0])
+        if not dims or any(d is None for d in dims[2:]):
+            continue
+        spatial = dims[2:]
+        if "kernel_shape" in attrs:
+            kernel = list(attrs["kernel_shape"].ints)
+        elif node.op_type == "Conv" and node.input[1] in inits:
+            kernel = inits[node.input[1]][2:]
+        else:
+            continue
+        strides = list(attrs["strides"].ints) if "strides" in attrs else [1] * len(spatial)
+        dil = list(attrs["dilations"].ints) if "dilations" in attrs else [1] * len(spatial)
+        begin, end = [], []
+        for size, k, st, d in zip(spatial, kernel, strides, dil):
+            if mode == "VALID":
+                b = e = 0
+            else:
+                out = -(-size // st)
+                total = max((out - 1) * st + (k - 1) * d + 1 - size, 0)
+                b = total // 2 if mode == "SAME_UPPER" else total - total // 2
+                e = total - b
+            begin.append(b)
+            end.append(e)
+        node.attribute.remove(attrs["auto_pad"])
+        if "pads" in attrs:
+            node.attribute.remove(attrs["pads"])
+        node.attribute.append(onnx.helper.make_attribute("pads", begin + end))
+
+
 def _drop_final_softmax(proto) -> bool:
     """Remove a Softmax / LogSoftmax that produces the graph's output (returns whether one was removed)."""
     out = proto.graph.output[0].name
@@ -490,6 +537,7 @@ def convert_onnx(data: bytes, name: str = "model.onnx", input_size: tuple[int, i
         raise WeightsError(f"{name} uses operator(s) xaicomp cannot convert to torch layers: {', '.join(missing)}")
     _constants_as_initializers(proto)
     _free_batch(proto)
+    _explicit_auto_pad(proto)
     removed = _drop_final_softmax(proto)
     size = (dims[2], dims[3]) if dims[2] and dims[3] else input_size
     if size is None:
@@ -722,6 +770,25 @@ def canonize_graph(gm: fx.GraphModule, sample: torch.Tensor, expected: torch.Ten
                     lin.bias = nn.Parameter((c.reshape(-1) * m.beta).contiguous().clone())
             replace(node, lin, (args[0],))
             return True
+        if _is_add(m) and len(args) == 2 and sum(const_of(a) is not None for a in args) == 1:
+            src, c = (args[0], const_of(args[1])) if const_of(args[1]) is not None else (args[1], const_of(args[0]))
+            layer = getattr(root, str(src.target), None) if isinstance(src, fx.Node) and src.op == "call_module" \
+                else None
+            if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and len(src.users) == 1 and \
+                    c.is_floating_point() and shapes.get(node) == shapes.get(src):
+                n_out = layer.out_channels if not isinstance(layer, nn.Linear) else layer.out_features
+                rank = len(shapes.get(src, ()))
+                squeezed = [d for d in c.shape if d != 1]
+                channel_dim = len(c.shape) - (rank - 1) if not isinstance(layer, nn.Linear) else len(c.shape) - 1
+                if c.numel() == n_out and squeezed in ([n_out], []) and \
+                        (n_out == 1 or (0 <= channel_dim < len(c.shape) and c.shape[channel_dim] == n_out)):
+                    bias = c.reshape(-1).to(layer.weight.dtype)
+                    with torch.no_grad():
+                        layer.bias = nn.Parameter(bias.clone() if layer.bias is None else layer.bias + bias)
+                    node.replace_all_uses_with(src)
+                    erase(node)
+                    return True
+            return False
         if _is_add(m) and len(args) == 2 and all(isinstance(a, fx.Node) and const_of(a) is None for a in args):
             a, b = args
             sa, sb = shapes.get(a), shapes.get(b)
