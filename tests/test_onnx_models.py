@@ -281,6 +281,30 @@ def test_zoo_style_graph_written_by_hand():
     assert float(res.input.sum()) + sum(f.bias for f in res.flows.values()) == pytest.approx(5.0, rel=1e-6)
 
 
+def test_channels_last_input():
+    """A TensorFlow-style graph taking (N, H, W, C) gets a transpose in front and takes (N, C, H, W) images."""
+    torch.manual_seed(9)
+    net = random_bn(ResNetLike())
+
+    class NHWC(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net(x.permute(0, 3, 1, 2))
+
+    data = export(NHWC(), shape=(1, SIZE, SIZE, 3), keep_bn=False)
+    model = load_onnx_model(data, "nhwc.onnx")
+    info = model.xaicomp_info
+    assert info.preprocessing.channels == 3 and info.preprocessing.input_size == (SIZE, SIZE)
+    assert "channels-last" in input_statement(info)
+    x = torch.rand(4, 3, SIZE, SIZE)
+    with torch.no_grad():
+        np.testing.assert_allclose(model(x).numpy(), ort_logits(data, x.permute(0, 2, 3, 1).contiguous()),
+                                   rtol=1e-4, atol=1e-5)
+
+
 def test_unsupported_operators_named_in_one_line(tmp_path):
     from onnx import TensorProto, helper
 

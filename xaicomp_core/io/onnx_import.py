@@ -358,10 +358,34 @@ def _graph_io(proto, name: str) -> tuple[list[int | None], list[int | None]]:
     dims = _dims(inputs[0])
     if len(dims) != 4:
         raise WeightsError(f"{name}: its input has {len(dims)} dimensions; an image classifier takes (N, C, H, W)")
+    if dims[1] not in (1, 3) and dims[3] in (1, 3):
+        return dims, _dims(proto.graph.output[0])  # channels last: see _channels_first
     if dims[1] not in (1, 3):
         raise WeightsError(f"{name}: its input has {dims[1] if dims[1] else 'an unstated number of'} channels; "
                            "xaicomp reads grey (1) or RGB (3) images")
     return dims, _dims(proto.graph.output[0])
+
+
+def _channels_first(proto, dims: list[int | None]) -> list[int | None]:
+    """A channels-last input (N, H, W, C; TensorFlow/Keras exports) gets a Transpose in front, so the graph takes
+    (N, C, H, W) like every other model here. Returns the new input dims."""
+    from onnx import helper
+
+    inits = {t.name for t in proto.graph.initializer}
+    inp = [i for i in proto.graph.input if i.name not in inits][0]
+    old = inp.name
+    new = old + "_nchw"
+    node = helper.make_node("Transpose", [new], [old], perm=[0, 2, 3, 1], name="xaicomp_channels_last")
+    proto.graph.node.insert(0, node)
+    shape = inp.type.tensor_type.shape.dim
+    order = [0, 3, 1, 2]
+    copies = [type(shape[0])() for _ in order]
+    for c, j in zip(copies, order):
+        c.CopyFrom(shape[j])
+    del shape[:]
+    shape.extend(copies)
+    inp.name = new
+    return [dims[j] for j in order]
 
 
 def _free_batch(proto) -> None:
@@ -535,6 +559,10 @@ def convert_onnx(data: bytes, name: str = "model.onnx", input_size: tuple[int, i
     missing = unsupported_operators(proto)
     if missing:
         raise WeightsError(f"{name} uses operator(s) xaicomp cannot convert to torch layers: {', '.join(missing)}")
+    notes: list[str] = []
+    if dims[1] not in (1, 3):
+        dims = _channels_first(proto, dims)
+        notes.append("its input is channels-last (N, H, W, C): images are given to it transposed")
     _constants_as_initializers(proto)
     _free_batch(proto)
     _explicit_auto_pad(proto)
@@ -574,7 +602,6 @@ def convert_onnx(data: bytes, name: str = "model.onnx", input_size: tuple[int, i
     if check and not torch.allclose(ref[:1], one, rtol=1e-4, atol=1e-5 * max(1.0, float(one.abs().max()))):
         raise WeightsError(f"{name} gives different results for an image alone and in a batch (its graph fixes "
                            "the batch size); export it with a dynamic batch axis")
-    notes: list[str] = []
     if removed:
         notes.append("its final Softmax is left out: relevance starts at the logits (predictions are the same)")
     model: nn.Module = gm
