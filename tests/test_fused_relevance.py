@@ -8,8 +8,9 @@ import pytest
 import torch
 from test_relevance import EPS, _convnet, _mlp, _random_bn, hand_epsilon_lrp
 from torch import nn
+from torchvision.models.resnet import Bottleneck
 
-from xaicomp_core.io.archs import FashionVGG
+from xaicomp_core.io.archs import FashionResNet, FashionVGG
 from xaicomp_core.io.data import as_tensors
 from xaicomp_core.io.models import load_builtin_model, model_info
 from xaicomp_core.relevance import fused as fused_mod
@@ -140,8 +141,20 @@ def _odd_layers() -> nn.Module:
     ).double()
 
 
+def _bottleneck_net() -> nn.Module:
+    """torchvision Bottleneck blocks (one plain, one strided with a downsample branch), average pooling."""
+    down = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16))
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+        Bottleneck(8, 2), Bottleneck(8, 4, stride=2, downsample=down), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(16, 3),
+    ).double()
+
+
 @pytest.mark.parametrize("build,shape", [
     (lambda: _random_bn(FashionVGG(width=4)).double(), (6, 1, 28, 28)),
+    (lambda: _random_bn(FashionResNet(width=4)).double(), (5, 1, 28, 28)),
+    (lambda: _random_bn(_bottleneck_net()), (5, 1, 10, 10)),
     (lambda: _random_bn(_odd_layers()), (7, 2, 8, 8)),
     (_mlp, (9, 6)),
 ])

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import types
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -39,7 +40,7 @@ from zennit.layer import Sum
 from zennit.types import Activation, AvgPool, BatchNorm, MaxPool
 
 from xaicomp_core.errors import XaicompError
-from xaicomp_core.relevance.composites import SignStabilizer, canonizers_for
+from xaicomp_core.relevance.composites import ExactMergeBatchNorm, SignStabilizer, canonizers_for
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _EPSILON = (*_CONV, nn.Linear)
@@ -169,9 +170,12 @@ class _EpsilonLayer(nn.Module):
             return (s @ w) if need_input else None, s2.T @ a2, (s2.sum(0) if b is not None else None)
         m = self.layer
         nd = a.ndim - 2
-        return torch.ops.aten.convolution_backward(
-            s, a, w, [w.shape[0]] if b is not None else None, list(m.stride), list(m.padding), list(m.dilation),
-            False, [0] * nd, m.groups, [need_input, True, b is not None])
+        gi, gw, _ = torch.ops.aten.convolution_backward(
+            s, a, w, None, list(m.stride), list(m.padding), list(m.dilation), False, [0] * nd, m.groups,
+            [need_input, True, False])
+        # the bias gradient as a plain sum: oneDNN's backward with bias costs more than this pass
+        gb = s.sum([0, *range(2, s.ndim)]) if b is not None else None
+        return gi, gw, gb
 
     def _accumulate(self, key: str, grad: torch.Tensor, param: torch.Tensor, flow: Any) -> float:
         """``grad * param`` (in place: the gradient is this pass's own) into the store and the flow; its sum."""
@@ -271,6 +275,78 @@ class _NormLayer(nn.Module):
         return _NormFn.apply(a, self)
 
 
+class _ResidualSumFn(torch.autograd.Function):
+    """zennit's ``Norm`` on the residual ``Sum`` of two branches, without stacking them (the layout stays)."""
+
+    @staticmethod
+    def forward(ctx, identity: torch.Tensor, out: torch.Tensor, layer: _ResidualSum) -> torch.Tensor:  # noqa: D102
+        ctx.layer = layer
+        z = identity + out
+        ctx.save_for_backward(identity, out, z)
+        return z
+
+    @staticmethod
+    def backward(ctx, r: torch.Tensor):  # noqa: D102
+        identity, out, z = ctx.saved_tensors
+        s = ctx.layer.stabilizer(z)  # r / (z + eps sign z), as zennit's Norm on the stacked branches
+        torch.div(r, s, out=s)
+        return identity * s, out * s, None
+
+
+class _ResidualSum(nn.Module):
+    """The residual addition of a ResNet block with zennit's ``Norm`` rule (what its ``Sum`` canonizer routes)."""
+
+    def __init__(self, stabilizer: SignStabilizer) -> None:
+        super().__init__()
+        self.stabilizer = stabilizer
+
+    def forward(self, identity: torch.Tensor, out: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return _ResidualSumFn.apply(identity, out, self)
+
+
+def _basic_block_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """zennit's canonized torchvision ``BasicBlock`` forward, the Sum of the stacked branches as one residual sum."""
+    identity = x
+    out = self.relu(self.bn1(self.conv1(x)))
+    out = self.bn2(self.conv2(out))
+    if self.downsample is not None:
+        identity = self.downsample(x)
+    return self.relu(self.fused_sum(identity, out))
+
+
+def _bottleneck_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """zennit's canonized torchvision ``Bottleneck`` forward, likewise."""
+    identity = x
+    out = self.relu(self.bn1(self.conv1(x)))
+    out = self.relu(self.bn2(self.conv2(out)))
+    out = self.bn3(self.conv3(out))
+    if self.downsample is not None:
+        identity = self.downsample(x)
+    return self.relu(self.fused_sum(identity, out))
+
+
+def _canonize(work: nn.Module, stabilizer: SignStabilizer) -> None:
+    """Apply :func:`canonizers_for` to the working copy, for good; zennit's ResNet block canonizers are replaced by
+    the same forward with a :class:`_ResidualSum` (no stacked tensor, so no change of memory layout)."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+    from zennit.torchvision import ResNetBasicBlockCanonizer, ResNetBottleneckCanonizer
+
+    blocks = {ResNetBasicBlockCanonizer: (BasicBlock, _basic_block_forward),
+              ResNetBottleneckCanonizer: (Bottleneck, _bottleneck_forward)}
+    for canonizer in canonizers_for(work):
+        if isinstance(canonizer, ExactMergeBatchNorm):
+            canonizer.apply(work)
+        elif type(canonizer) in blocks:
+            kind, forward = blocks[type(canonizer)]
+            for module in work.modules():
+                if isinstance(module, kind):
+                    module.fused_sum = _ResidualSum(stabilizer)
+                    module.forward = types.MethodType(forward, module)
+        else:
+            raise FusedUnsupported(f"no fused equivalent of the canonizer {type(canonizer).__name__}")
+    drop_identity_batchnorms(work)
+
+
 class FusedEpsilon:
     """A working copy of ``model`` whose plain backward pass is LRP with the ``"epsilon"`` composite.
 
@@ -316,10 +392,8 @@ class FusedEpsilon:
             work = copy.deepcopy(model).eval()
             for p in work.parameters():
                 p.requires_grad_(False)
-            for canonizer in canonizers_for(work):
-                canonizer.apply(work)
-            drop_identity_batchnorms(work)
-        eps, stab = SignStabilizer(epsilon), SignStabilizer(stabilizer)
+            eps, stab = SignStabilizer(epsilon), SignStabilizer(stabilizer)
+            _canonize(work, stab)
         self.layers: list[_EpsilonLayer] = []
         for name, module in list(work.named_modules()):
             if not name or next(module.children(), None) is not None:
