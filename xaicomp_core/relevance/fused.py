@@ -1,24 +1,26 @@
 """Fused LRP-epsilon: the ``"epsilon"`` composite's relevance in one forward and one backward pass.
 
 The zennit path (:mod:`xaicomp_core.relevance.lrp`) registers hooks that replace each layer's gradient by its rule.
-Here the working copy of the model is rebuilt so that its plain backward pass *is* the LRP pass, with the same rules
+Here a working copy of the model is rebuilt so that its plain backward pass *is* the LRP pass, with the same rules
 and the same arithmetic as zennit:
 
-* BatchNorm is folded into the preceding conv/linear layer by :class:`ExactMergeBatchNorm` and torchvision
-  ResNet blocks route their residual addition through zennit's ``Sum`` layer (the canonizers of
-  :func:`canonizers_for`, applied to the copy and never removed); merged BatchNorms become ``nn.Identity``.
+* the canonizers of :func:`canonizers_for`, applied to the copy for good: BatchNorm folded into the preceding
+  conv/linear layer by :class:`ExactMergeBatchNorm` (merged BatchNorms become ``nn.Identity``); torchvision ResNet
+  blocks get zennit's canonized forward, with the residual addition as one Function carrying zennit's ``Norm``
+  rule of the ``Sum`` layer (``R_branch = branch * R / (z + eps sign z)``) instead of a stacked tensor.
 * conv/linear layers (Epsilon): forward ``z = layer(a)``; backward ``s = R / (z + eps sign z)`` (sign(0) = +1,
-  :class:`SignStabilizer`), input relevance ``a * grad_input(s)``, weight relevance ``W * grad_weight(a, s)`` and
-  bias relevance ``b * sum(s)`` from the layer's own backward kernel, accumulated into a store in the backward.
+  :class:`SignStabilizer`), input relevance ``a * grad_input(s)``, weight relevance ``W * grad_weight(a, s)`` from
+  the layer's own backward kernel and bias relevance ``b * sum(s)``, accumulated into a store in the backward.
 * zennit's ``layer_map_base``: activations and unmerged BatchNorm pass the relevance through (``Pass``); ``Sum`` and
   average pooling use ``Norm``: ``a * grad(R / (z + eps sign z))``.
 * max pooling, flatten, dropout (eval) and identities keep their gradient, as in zennit, where they carry no rule.
 
 It computes in the memory layout of the inputs, as the model itself does (the built-in data is channels-last
 strided, which the CPU convolutions run fastest in); zennit's hooks make the first layer's input contiguous NCHW.
-Given contiguous inputs both compute the same numbers; otherwise float32 convolutions round differently, which the
-epsilon rule amplifies where ``z`` is near zero (about 1e-4 relative here; zennit's own float32 result is 1e-5 to
-1e-2 from float64), and max pooling may route a tie between equal inputs to another one of them.
+Given contiguous inputs both compute the same numbers (to rounding); in another layout float32 convolutions round
+differently, which the epsilon rule amplifies where ``z`` is near zero (1e-4 to 5e-3 relative on the built-in
+models, as far as zennit's own float32 result is from float64), and max pooling may route a tie between equal
+inputs to another one of them.
 
 A model with any other leaf module, a module registered twice, or a conv/linear layer called more than once per
 forward pass is refused with :class:`FusedUnsupported`; :func:`~xaicomp_core.relevance.lrp.compute_relevance` then

@@ -346,7 +346,7 @@ def compute_relevance(model: nn.Module, inputs: torch.Tensor, targets: torch.Ten
         if reason is None:
             try:
                 return _fused_relevance(model, epsilon=epsilon, stabilizer=stabilizer, **run)
-            except FusedUnsupported as err:  # found in the first forward/backward, before any progress call
+            except FusedUnsupported as err:  # a layer called twice, an in-place change: seen in the first batch
                 reason = str(err)
         if fused:
             raise RelevanceError(f"the fused LRP-epsilon pass does not apply: {reason}")
