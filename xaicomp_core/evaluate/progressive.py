@@ -12,8 +12,10 @@ neighbouring slider positions computed in the background while the user reads.
 
 from __future__ import annotations
 
+import atexit
 import math
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -115,6 +117,7 @@ class Anticipator:
         self.done = 0
         self.failed = 0
         self.current: CompressionPlan | None = None
+        _LIVE.add(self)
 
     def submit(self, plans: Sequence[CompressionPlan], owner: str = "default") -> None:
         """Replace ``owner``'s waiting plans by ``plans`` (at most :data:`MAX_ANTICIPATED`, first ones first)."""
@@ -145,6 +148,11 @@ class Anticipator:
                 return len(self._pending.get(owner, []))
             return sum(len(v) for v in self._pending.values())
 
+    @property
+    def stopping(self) -> bool:
+        """Whether :meth:`stop` was called (the plan being computed should end at its next chunk)."""
+        return self._stopped
+
     def idle(self) -> bool:
         """Nothing waiting and nothing being computed."""
         with self._cond:
@@ -155,12 +163,15 @@ class Anticipator:
         with self._cond:
             return self._cond.wait_for(lambda: not any(self._pending.values()) and self.current is None, timeout)
 
-    def stop(self) -> None:
-        """Stop the worker after its current plan."""
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the worker after its current plan (and wait up to ``timeout`` seconds for it to end)."""
         with self._cond:
             self._stopped = True
             self._pending.clear()
             self._cond.notify_all()
+            thread = self._thread
+        if timeout is not None and thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
 
     def _next(self) -> CompressionPlan | None:
         # round-robin over owners: the first plan of the owner that waited longest
@@ -202,6 +213,17 @@ class Anticipator:
                 with self._cond:
                     self.current = None
                     self._cond.notify_all()
+
+
+_LIVE: weakref.WeakSet[Anticipator] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    """At interpreter exit, let every worker finish its chunk: a thread still inside a torch or onnxruntime kernel
+    while the interpreter tears down aborts the process."""
+    for a in list(_LIVE):
+        a.stop(timeout=60.0)
 
 
 def neighbour_plans(plan: CompressionPlan, ratio_step: float = 0.05, split_step: float = 0.05) -> list[CompressionPlan]:

@@ -32,6 +32,7 @@ from xaicomp_core.io.data import DataLike, as_tensors
 from xaicomp_core.io.models import model_info, state_dict_hash
 from xaicomp_core.plan import FP32, CompressionPlan
 from xaicomp_core.relevance.lrp import DEFAULT_COMPOSITE, RelevanceResult, compute_relevance
+from xaicomp_core.threads import full_pool, one_thread
 
 EVAL_BATCH_SIZE = 1000
 
@@ -361,7 +362,14 @@ class CompressionSession:
         return bool(plan.finetune_epochs) and plan.key() not in self._finetuned
 
     def _compress(self, plan: CompressionPlan) -> CompressedWeights:
-        return self.compressor.compress(plan, self.relevance, self.relevance_of)
+        rel = self.relevance(plan.composite) if self.compressor.needs_relevance(plan) else None  # full thread pool
+
+        def relevance_of(weights: dict[str, torch.Tensor], composite: str | None = None) -> RelevanceResult:
+            with full_pool():  # a relevance pass on a pruned model (iterative criteria) is a big kernel
+                return self.relevance_of(weights, composite)
+
+        with one_thread():  # small-tensor bookkeeping: scores, masks, bit classes, quantization, sizes
+            return self.compressor.compress(plan, rel if rel is not None else self.relevance, relevance_of)
 
     def _forward(self, x: torch.Tensor | None = None, cw: CompressedWeights | None = None) -> torch.Tensor:
         """Logits on ``x`` (default: the evaluation set) of the original model, or of ``cw``: the fast exact
@@ -448,6 +456,11 @@ class CompressionSession:
     def _result(self, cw: CompressedWeights, pred: torch.Tensor, seconds: float,
                 subset: torch.Tensor | None = None) -> EvaluationResult:
         """The result of ``cw`` from its predictions on the evaluation set, or (an estimate) on ``subset``."""
+        with one_thread():  # small-tensor bookkeeping
+            return self._assemble(cw, pred, seconds, subset)
+
+    def _assemble(self, cw: CompressedWeights, pred: torch.Tensor, seconds: float,
+                  subset: torch.Tensor | None) -> EvaluationResult:
         layout, keep, klass = cw.layout, cw.keep, cw.quant.klass
         n_cls = self.info.num_classes
         y = self.y_eval if subset is None else self.y_eval[subset]
@@ -601,6 +614,8 @@ class CompressionSession:
         parts = []
         for i in range(0, len(self.x_eval), chunk):
             self._wait_for_foreground()
+            if self.anticipator.stopping:
+                raise XaicompError("background evaluation stopped")
             with self._lock:
                 parts.append(self.compressed_logits(cw, self.x_eval[i:i + chunk]).argmax(1))
         pred = torch.cat(parts)
