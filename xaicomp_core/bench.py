@@ -6,6 +6,9 @@
 * ``fast_forward_ratio`` = median time of the session's forward alone for a new plan's weights (the fast exact
   forward of :mod:`xaicomp_core.evaluate.fast`: BatchNorm folding, backend build and run, near-tie re-runs;
   ``session.compressed_logits`` of weights compressed beforehand) / the same bare forward.
+* ``first_number_ratio`` = median time from a new plan to its first numbers as the app draws them on a slider
+  release (``session.estimate``: compress, forward over the class-balanced subset, result with the estimate and its
+  uncertainty; sizes exact) / the same bare forward.
 * ``relevance_ratio`` = median time of :func:`weight_relevance` on a batch / median time of a plain forward+backward
   (gradients of all parameters) on the same batch.
 * ``backend_ratios``: each fast-forward backend (and the eager forward with a plan's weights) per new plan / the
@@ -158,9 +161,13 @@ def run_bench(model_name: str = "fashion-vgg", repeats: int = 7, threads: int | 
     plans = [lrp_plan(0.3 + 0.01 * i) for i in range(repeats + 1)]
     session.evaluate(plans[-1])  # warm-up (sorting the scores happens here, once)
     fast_cws = [session.compress(lrp_plan(0.6 + 0.01 * i)) for i in range(repeats)]
+    # first numbers of a new plan, as the app draws them on a slider release: session.estimate (compress + forward
+    # over the class-balanced subset + result), a plan never seen before
+    first_plans = [lrp_plan(0.31 + 0.01 * i + 0.005) for i in range(repeats)]
     times = _interleaved({"bare": bare_forward, "update": lambda i: session.evaluate(plans[i]),
-                          "fast": lambda i: session.compressed_logits(fast_cws[i])}, repeats)
-    fwd, upd, fast = times["bare"], times["update"], times["fast"]
+                          "fast": lambda i: session.compressed_logits(fast_cws[i]),
+                          "first": lambda i: session.estimate(first_plans[i])}, repeats)
+    fwd, upd, fast, first = times["bare"], times["update"], times["fast"], times["first"]
     split = profile_evaluate(session, lrp_plan(0.25))
     backend_ratios = compare_backends(session, [lrp_plan(0.7 + 0.01 * i) for i in range(repeats)], repeats) \
         if backends else {}
@@ -184,10 +191,12 @@ def run_bench(model_name: str = "fashion-vgg", repeats: int = 7, threads: int | 
     return {
         "model": info.name, "composite": composite,
         "update_ratio": med(upd) / med(fwd), "relevance_ratio": med(rel) / med(fb),
+        "first_number_ratio": med(first) / med(fwd), "first_number_images": len(session.quick_idx),
         "fast_forward_ratio": med(fast) / med(fwd), "forward_backend": session.forward_backend,
         "backend_ratios": backend_ratios,
         "evaluate_split_seconds": split,
         "evaluate_seconds": med(upd), "forward_seconds": med(fwd), "fast_forward_seconds": med(fast),
+        "first_number_seconds": med(first),
         "relevance_seconds": med(rel), "forward_backward_seconds": med(fb),
         "relevance_full_reference_seconds_estimate": med(rel) * len(session.x_ref) / batch,
         "eval_images": len(x_eval), "relevance_batch": batch, "repeats": repeats,

@@ -325,6 +325,39 @@ class LRPFilter(Criterion):
         return out
 
 
+@register_criterion
+class MagnitudeFilter(Criterion):
+    """Li et al. (2017): the L1 norm of each output channel's weights, divided by the layer's mean channel norm so
+    that layers compare; whole channels are pruned. The like-for-like baseline of ``lrp-filter`` (no relevance)."""
+
+    name = "magnitude-filter"
+    label = "whole filters by L1 norm"
+    description = "prune whole output channels by the L1 norm of their weights (Li et al., structured baseline)"
+    structured = True
+    needs_relevance = False
+    bit_ranking_needs_relevance = False
+    colour = "#393b79"
+
+    def channel_scores(self, inp: ScoreInputs) -> dict[str, torch.Tensor]:
+        """L1 norm per output channel over the layer's mean channel norm."""
+        out = {}
+        for k, w in inp.weights.items():
+            ch = w.detach().double().reshape(w.shape[0], -1).abs().sum(1)
+            mean = ch.mean()
+            out[k] = ch / mean if mean > 0 else ch
+        return out
+
+    def scores(self, inp: ScoreInputs) -> dict[str, torch.Tensor]:  # noqa: D102
+        out = {}
+        for k, ch in self.channel_scores(inp).items():
+            w = inp.weights[k]
+            out[k] = ch.view(-1, *([1] * (w.ndim - 1))).expand(w.shape).contiguous()
+        return out
+
+    def bit_scores(self, inp: ScoreInputs) -> dict[str, torch.Tensor]:  # noqa: D102
+        return Magnitude().scores(inp)
+
+
 #: name -> (description, uses a prune ratio): a live view of the registry (plugins included).
 CRITERIA = RegistryView(CRITERION_REGISTRY, lambda c: (c.description, c.uses_ratio))
 
