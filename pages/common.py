@@ -370,6 +370,48 @@ def get_session() -> CompressionSession | None:
     cached for all browser sessions (``st.cache_resource``); relevance is computed once per composite with a
     progress bar and cached inside the session, so moving a slider never recomputes it.
 
+def budget_gate(settings: Settings, uploads: dict[str, bytes] | None = None) -> bool:
+    """Before the long work for a big model starts: time one batch and, when the first result would take well over
+    :data:`~xaicomp_core.io.fit.TARGET_SECONDS`, propose image counts that fit (buttons: use them, or go on with the
+    sidebar's). Returns whether to go on now. Streamlit's Stop button cancels a run that is under way."""
+    from xaicomp_core.io import fit
+    from xaicomp_core.io.data import as_tensors
+
+    if settings.model.source == "builtin":
+        return True  # the shipped models are small (their first results take seconds, see the README)
+    uploads = uploads or {}
+    model = _cached_model(settings.model.key(), settings.model, uploads.get("weights"))
+    info = model.xaicomp_info
+    pre = info.preprocessing
+    ref, ev, _ = _cached_data(settings.data.key(), settings.data, uploads.get("data"), tuple(pre.input_size),
+                              pre.channels, tuple(info.class_names))
+    key = settings.session_key()
+    budgets = st.session_state.setdefault("_budgets", {})
+    if key not in budgets:
+        xr, yr = as_tensors(ref.subset(list(range(min(32, len(ref))))), pre, info.num_classes, "reference data")
+        xe, _ = as_tensors(ev.subset(list(range(min(128, len(ev))))), pre, info.num_classes, "evaluation data")
+        budgets[key] = fit.plan_budget(model, xr, yr, xe, reference=min(settings.reference_samples, len(ref)),
+                                       evaluation=len(ev), composite=settings.composite,
+                                       num_classes=info.num_classes, target=fit.TARGET_SECONDS)
+    b = budgets[key]
+    if not b.too_slow or st.session_state.get("_budget_ok") == key:
+        return True
+    r, e = max(10, b.proposed_reference), max(50, b.proposed_evaluation)
+    st.warning(f"**{info.name} is a big model for this machine.** One image takes about {b.forward_s * 1e3:.0f} ms "
+               f"forward and {b.relevance_s * 1e3:.0f} ms for LRP: with {b.reference:,} reference and "
+               f"{b.evaluation:,} evaluation images the first result takes about {fit.fmt_seconds(b.seconds)}. "
+               f"With {r:,} and {e:,} images it takes about "
+               f"{fit.fmt_seconds(fit.budget_from_timings(b.forward_s, b.relevance_s, b.fixed_s, r, e).seconds)}.",
+               icon=":material/timer:")
+    c1, c2 = st.columns(2)
+    # callbacks: they run before the next run draws the sidebar, so its widgets take the new counts
+    c1.button(f"Use {r:,} reference and {e:,} evaluation images", type="primary", key="budget_use",
+              on_click=st.session_state.update, kwargs={"sb_ref_samples": r, "sb_eval_samples": e})
+    c2.button(f"Go on with {b.reference:,} and {b.evaluation:,} images", key="budget_go",
+              on_click=st.session_state.update, kwargs={"_budget_ok": key})
+    return False
+
+
     Returns
     -------
     CompressionSession or None
@@ -384,6 +426,8 @@ def get_session() -> CompressionSession | None:
         return None
     except Exception as e:  # anything else (an architecture that does not fit the data, ...) is reported, not raised
         st.error(f"Could not prepare the model and data: {type(e).__name__}: {str(e)[:300]}", icon=":material/warning:")
+        if not budget_gate(settings, st.session_state.get(UPLOADS_KEY)):
+            return None
         return None
     return session
 

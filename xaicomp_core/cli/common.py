@@ -399,8 +399,8 @@ def _budget_line(model: Any, info: Any, splits: Any, sources: Sources, composite
     pre = info.preprocessing
     ref = splits.reference
     ev = splits.evaluation
-    xr, yr = as_tensors(ref.subset(list(range(min(3, len(ref))))), pre, info.num_classes, "reference data")
-    xe, _ = as_tensors(ev.subset(list(range(min(8, len(ev))))), pre, info.num_classes, "evaluation data")
+    xr, yr = as_tensors(ref.subset(list(range(min(32, len(ref))))), pre, info.num_classes, "reference data")
+    xe, _ = as_tensors(ev.subset(list(range(min(128, len(ev))))), pre, info.num_classes, "evaluation data")
     budget = plan_budget(model, xr, yr, xe, reference=len(ref), evaluation=len(ev), composite=composite,
                          num_classes=info.num_classes)
     if budget.too_slow:
