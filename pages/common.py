@@ -363,13 +363,6 @@ def awaiting_input(settings: Settings) -> str | None:
     return None
 
 
-def get_session() -> CompressionSession | None:
-    """The shared, cached session for the sidebar's settings, with relevance for the chosen composite ensured.
-
-    Loading the model and data and measuring the baseline happen once per (model, data, reference samples) and are
-    cached for all browser sessions (``st.cache_resource``); relevance is computed once per composite with a
-    progress bar and cached inside the session, so moving a slider never recomputes it.
-
 def budget_gate(settings: Settings, uploads: dict[str, bytes] | None = None) -> bool:
     """Before the long work for a big model starts: time one batch and, when the first result would take well over
     :data:`~xaicomp_core.io.fit.TARGET_SECONDS`, propose image counts that fit (buttons: use them, or go on with the
@@ -412,6 +405,13 @@ def budget_gate(settings: Settings, uploads: dict[str, bytes] | None = None) -> 
     return False
 
 
+def get_session() -> CompressionSession | None:
+    """The shared, cached session for the sidebar's settings, with relevance for the chosen composite ensured.
+
+    Loading the model and data and measuring the baseline happen once per (model, data, reference samples) and are
+    cached for all browser sessions (``st.cache_resource``); relevance is computed once per composite with a
+    progress bar and cached inside the session, so moving a slider never recomputes it.
+
     Returns
     -------
     CompressionSession or None
@@ -419,6 +419,8 @@ def budget_gate(settings: Settings, uploads: dict[str, bytes] | None = None) -> 
     """
     settings = get_settings()
     try:
+        if not budget_gate(settings, st.session_state.get(UPLOADS_KEY)):
+            return None
         session = session_for(settings, st.session_state.get(UPLOADS_KEY))
         ensure_relevance(session, settings.composite)
     except XaicompError as e:
@@ -426,8 +428,6 @@ def budget_gate(settings: Settings, uploads: dict[str, bytes] | None = None) -> 
         return None
     except Exception as e:  # anything else (an architecture that does not fit the data, ...) is reported, not raised
         st.error(f"Could not prepare the model and data: {type(e).__name__}: {str(e)[:300]}", icon=":material/warning:")
-        if not budget_gate(settings, st.session_state.get(UPLOADS_KEY)):
-            return None
         return None
     return session
 
