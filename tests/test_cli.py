@@ -130,7 +130,7 @@ def test_cli_is_a_package_without_cycles_that_registers_every_command():
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     assert tuple(sub.choices) == CLI_COMMANDS
     assert _cli_imports("common") == set()
-    assert _cli_imports("commands") == _cli_imports("export_cmds") == {"common"}
-    assert _cli_imports("main") == {"commands", "export_cmds"}
+    assert _cli_imports("commands") == _cli_imports("export_cmds") == _cli_imports("auto_cmd") == {"common"}
+    assert _cli_imports("main") == {"commands", "export_cmds", "auto_cmd"}
     handlers = [n for n in ast.walk(ast.parse((CLI_DIR / "main.py").read_text())) if isinstance(n, ast.ExceptHandler)]
     assert not any("ImportError" in ast.unparse(h.type) for h in handlers if h.type is not None)

@@ -1,7 +1,8 @@
 """The ``xaicomp`` command line (also ``python -m xaicomp_core``). Every command has ``--json``.
 
 The parser registers every command module explicitly: :mod:`.commands` (``info``, ``compress``, ``sweep``,
-``bench``) and :mod:`.export_cmds` (``export``, ``verify``, ``report``); both build on :mod:`.common`.
+``bench``), :mod:`.export_cmds` (``export``, ``verify``, ``report``) and :mod:`.auto_cmd` (``auto``); all build
+on :mod:`.common`.
 
 Errors caused by input (files, plans, names, options) or by the machine (a full disk, a read-only folder) print one
 line on stderr and exit with status 2, leaving inputs and previous outputs intact; set ``XAICOMP_DEBUG=1`` for a
@@ -19,12 +20,12 @@ import traceback
 from collections.abc import Sequence
 from typing import NoReturn
 
-from xaicomp_core.cli import commands, export_cmds
+from xaicomp_core.cli import auto_cmd, commands, export_cmds
 from xaicomp_core.errors import XaicompError
 
-CLI_COMMANDS = ("info", "compress", "sweep", "bench", "export", "verify", "report")
+CLI_COMMANDS = ("info", "compress", "sweep", "bench", "export", "verify", "report", "auto")
 #: The modules whose ``register(subparsers)`` adds their subcommands, in the order of :data:`CLI_COMMANDS`.
-COMMAND_MODULES = (commands, export_cmds)
+COMMAND_MODULES = (commands, export_cmds, auto_cmd)
 
 
 class ArgumentParser(argparse.ArgumentParser):

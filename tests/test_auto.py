@@ -1,0 +1,156 @@
+"""The auto search (evaluate/auto.py and ``xaicomp auto``) on the built-in LeNet with small subsets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from xaicomp_core import CompressionPlan, CompressionSession, XaicompError, load_builtin_model
+from xaicomp_core.cli import main
+from xaicomp_core.evaluate.auto import AutoSearch, _hull, auto_compare, auto_search, compare_summary
+from xaicomp_core.evaluate.session import forward_logits
+
+GRID = {"sparsities": (0.0, 0.5, 0.9), "bits": (8, 4, 2)}
+
+
+def test_hull_by_hand():
+    pts = [(100, 0.0, "a"), (80, 0.5, "b"), (60, 1.5, "c"), (50, 4.0, "d"), (40, 4.2, "e"), (70, 3.0, "x"),
+           (60, 2.0, "c2"), (30, 9.0, "f"), (90, 0.6, "g")]
+    # x (70, 3.0) is worse than c with more bytes; c2 is c with more damage; d (50, 4.0) lies above the segment
+    # e-c (4.2 - 2.7 / 2 = 2.85 at 50 bytes); g (90, 0.6) above b-a (0.25 at 90 bytes)
+    assert [p[2] for p in _hull(pts)] == ["a", "b", "c", "e", "f"]
+
+
+@pytest.fixture(scope="module")
+def small_session(fashion_ref, fashion_eval):
+    s = CompressionSession(load_builtin_model("fashion-lenet"), fashion_ref, fashion_eval.balanced_subset(400),
+                           reference_samples=300)
+    s.relevance()
+    return s
+
+
+def test_search_finds_a_plan_within_the_budget(small_session):
+    s = small_session
+    calls = []
+    res = auto_search(s, 1.0, budget=8, progress=lambda d, t: calls.append((d, t)), **GRID)
+    assert res.evaluations <= 8 and calls and all(t == 8 for _, t in calls)
+    assert [d for d, _ in calls] == list(range(1, len(calls) + 1))
+    plan = res.plan
+    names = [n.removesuffix(".weight") for n in s.layout.names]
+    assert set(plan.layer_prune) == set(names) == set(plan.layer_bits)
+    assert set(plan.layer_prune.values()) <= set(GRID["sparsities"]) and set(plan.layer_bits.values()) <= {8, 4, 2}
+    assert CompressionPlan.from_json(plan.to_json()) == plan and plan.criterion == "lrp-x-weight"
+    # searched on the reference images, reported on the evaluation images
+    assert res.search_images == len(s.y_ref)
+    base = float((forward_logits(s.model, s.x_ref).argmax(1) == s.y_ref).double().mean())
+    assert res.search_baseline == pytest.approx(base)
+    assert res.evaluation.images == len(s.y_eval) and res.evaluation.plan == plan
+    assert res.feasible and res.search_accuracy >= base - 0.01 - 1e-12
+    # the smallest plan within the budget among those tried, at its exact packed size
+    within = [h["bytes"] for h in res.history if h["within"]]
+    assert res.estimated_bytes == min(within) == s.evaluate(plan).size.estimated_bytes
+    assert res.compression_ratio > 3
+    # per-layer sparsities are what the plan says
+    for layer in res.evaluation.layers:
+        assert layer.sparsity == pytest.approx(plan.layer_prune[layer.name], abs=0.5 / layer.params + 1e-9)
+        assert layer.mean_bits == plan.layer_bits[layer.name] or layer.sparsity == 1.0
+
+
+@pytest.mark.slow
+def test_the_search_never_looks_at_the_evaluation_images(fashion_ref, fashion_eval):
+    # two sessions with the same reference images and different evaluation images find the same plan
+    model = load_builtin_model("fashion-lenet")
+    found = []
+    for ev in (fashion_eval.balanced_subset(200), fashion_eval.balanced_subset(400)):
+        s = CompressionSession(model, fashion_ref, ev, reference_samples=200)
+        found.append(auto_search(s, 2.0, signal="magnitude", budget=5, **GRID))
+    assert found[0].plan == found[1].plan and found[0].history == found[1].history
+    assert found[0].evaluation.images == 200 and found[1].evaluation.images == 400
+
+
+@pytest.mark.slow
+def test_compare_and_explicit_search_images(small_session):
+    s = small_session
+    x, y = s.x_ref[:150], s.y_ref[:150]
+    res = auto_compare(s, 1.5, budget=4, search_data=(x, y), **GRID)
+    assert set(res) == {"relevance", "magnitude"} and res["magnitude"].plan.criterion == "magnitude"
+    assert all(r.search_images == 150 for r in res.values())
+    summary = compare_summary(res)
+    assert set(summary["signals"]) == {"relevance", "magnitude"}
+    assert summary["ratio_relevance_over_magnitude"] == pytest.approx(
+        res["relevance"].compression_ratio / res["magnitude"].compression_ratio)
+    json.dumps({k: r.to_dict() for k, r in res.items()})
+    with pytest.raises(XaicompError, match="unknown signal"):
+        AutoSearch(s, "vibes")
+    with pytest.raises(XaicompError, match="search_data"):
+        AutoSearch(s, search_data="evaluation")
+    with pytest.raises(XaicompError, match="max drop"):
+        AutoSearch(s, **GRID).run(-1.0)
+    with pytest.raises(XaicompError, match="fine-tuning needs training data"):
+        AutoSearch(s, finetune_epochs=1)
+
+
+def test_search_with_fine_tuning(fashion_ref, fashion_eval):
+    from xaicomp_core import load_builtin_dataset
+
+    train = load_builtin_dataset("fashion-mnist", "train").balanced_subset(300)
+    s = CompressionSession(load_builtin_model("fashion-lenet"), fashion_ref, fashion_eval.balanced_subset(200),
+                           reference_samples=200, train_data=train)
+    res = auto_search(s, 2.0, signal="magnitude", budget=4, finetune_epochs=1, sparsities=(0.0, 0.9),
+                      bits=(8, 2))
+    assert res.plan.finetune_epochs == 1 and res.evaluation.plan.finetune_epochs == 1
+    phases = [h["phase"] for h in res.history]
+    assert phases[0] == "calibration" and "bisection" in phases and len(phases) <= 4
+    # the calibration probes are not fine-tuned, every other evaluated plan is (and cached by the session)
+    assert not s.needs_finetuning(res.plan)
+
+
+FAST = ["--model", "fashion-lenet", "--reference-samples", "200", "--eval-samples", "300", "--threads", "2"]
+
+
+@pytest.mark.slow
+def test_cli_auto_saves_a_plan_that_compress_reproduces(capsys, tmp_path):
+    plan_path = tmp_path / "plan.json"
+    rc = main(["auto", *FAST, "--max-drop", "1.0", "--budget", "4", "--signals", "relevance,magnitude",
+               "--sparsities", "0,0.5,0.9", "--bit-widths", "8,4",
+               "--save-plan", str(plan_path), "--json"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    d = json.loads(out)
+    assert d["primary"] == "relevance" and set(d["results"]) == {"relevance", "magnitude"}
+    assert d["search_images"] == 200 and d["evaluation_images"] == 300
+    rel = d["results"]["relevance"]
+    assert rel["evaluations"] <= 4
+    plan = CompressionPlan.from_json(plan_path.read_text())
+    assert plan.to_dict() == rel["plan"]
+    rc = main(["compress", *FAST, "--plan", str(plan_path), "--json"])
+    again = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    assert again["accuracy"] == rel["evaluation"]["accuracy"]
+    assert again["size"]["estimated_bytes"] == rel["estimated_bytes"]
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--max-drop", "-1"], "--max-drop"),
+    (["--budget", "0"], "--budget"),
+    (["--signals", "relevance,vibes"], "--signals"),
+    (["--sparsities", "0,1.5"], "--sparsities"),
+    (["--bit-widths", "8,x"], "--bit-widths"),
+])
+def test_cli_auto_user_errors_are_one_line(capsys, args, match):
+    rc = main(["auto", *FAST, *args, "--json"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("xaicomp: error:") and match in lines[0]
+
+
+def test_plans_without_per_layer_fields_still_load_as_version_1():
+    old = {"criterion": "magnitude", "prune_ratio": 0.5, "version": 1}
+    plan = CompressionPlan.from_dict(old)
+    assert plan.version == 1 and plan.layer_prune == {} and plan.to_dict()["version"] == 1
+    new = plan.replace(layer_prune={"features.0": 0.5})
+    assert new.to_dict()["version"] == 2 and "layer_prune" in json.loads(new.to_json())
+    torch.manual_seed(0)

@@ -1,0 +1,100 @@
+"""The ``auto`` subcommand: the smallest plan within an accuracy budget (:mod:`xaicomp_core.evaluate.auto`), found
+with relevance and, side by side, with magnitude."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import pathlib
+from typing import Any
+
+from xaicomp_core.cli.common import add_model_args, fmt_bytes, print_json, progress_printer, session_from_args
+from xaicomp_core.errors import XaicompError
+
+
+def cmd_auto(args: argparse.Namespace) -> int:
+    """Search the smallest plan within ``--max-drop`` points, once per signal."""
+    from xaicomp_core.evaluate.auto import BITS, DEFAULT_BUDGET, SIGNALS, SPARSITIES, auto_compare, compare_summary
+
+    if not (math.isfinite(args.max_drop) and 0 <= args.max_drop <= 100):
+        raise XaicompError(f"--max-drop must be a number of points in 0..100, got {args.max_drop}")
+    budget = DEFAULT_BUDGET if args.budget is None else args.budget
+    if budget < 1:
+        raise XaicompError(f"--budget must be at least 1 evaluation, got {budget}")
+    if not 0 <= args.finetune_epochs <= 100:
+        raise XaicompError(f"--finetune-epochs must be in 0..100, got {args.finetune_epochs}")
+    signals = [s.strip() for s in args.signals.split(",") if s.strip()]
+    bad = [s for s in signals if s not in SIGNALS]
+    if not signals or bad or len(set(signals)) != len(signals):
+        raise XaicompError(f"--signals must name distinct signals among {', '.join(SIGNALS)}, got {args.signals!r}")
+    try:
+        sparsities = [float(v) for v in args.sparsities.split(",") if v.strip()] if args.sparsities else SPARSITIES
+        bits = [int(v) for v in args.bit_widths.split(",") if v.strip()] if args.bit_widths else BITS
+    except ValueError:
+        raise XaicompError("--sparsities and --bit-widths are comma-separated numbers, e.g. 0,0.5,0.9 and 8,4,2"
+                           ) from None
+    if not sparsities or any(not (0 <= v < 1) for v in sparsities):
+        raise XaicompError(f"--sparsities must lie in [0, 1), got {args.sparsities!r}")
+    if not bits or any(not 1 <= b <= 8 for b in bits):
+        raise XaicompError(f"--bit-widths must be integers 1-8, got {args.bit_widths!r}")
+    if args.save_plan:
+        out = pathlib.Path(args.save_plan)
+        if out.is_dir() or not out.parent.exists():
+            raise XaicompError(f"cannot write the plan to {out}: not a file in an existing folder")
+    session = session_from_args(args, progress_printer("relevance", not args.json))
+    if args.composite:
+        session.composite = args.composite
+    if args.finetune_epochs and not session.can_finetune:
+        raise XaicompError("--finetune-epochs needs fine-tuning data (--train-data, or built-in data)")
+    results = auto_compare(session, args.max_drop, signals=signals, budget=budget,
+                           finetune_epochs=args.finetune_epochs, sparsities=sparsities, bits=bits,
+                           progress=progress_printer("evaluations", not args.json))
+    primary = results[signals[0]]
+    if args.save_plan:
+        pathlib.Path(args.save_plan).write_text(primary.plan.to_json() + "\n")
+    summary = compare_summary(results)
+    d: dict[str, Any] = {
+        "model": session.info.name, "data": args.data, "max_drop_points": args.max_drop, "budget": budget,
+        "finetune_epochs": args.finetune_epochs, "search_images": len(session.y_ref),
+        "evaluation_images": len(session.y_eval), "sparsities": sorted(set(sparsities)),
+        "bits": sorted(set(bits), reverse=True),
+        "primary": signals[0], "saved_plan": args.save_plan, "comparison": summary,
+        "results": {k: r.to_dict() for k, r in results.items()},
+    }
+    if args.json:
+        print_json(d)
+        return 0
+    print(f"model      {session.info.name}   search on {len(session.y_ref)} reference images, reported on "
+          f"{len(session.y_eval)} evaluation images   budget {budget} evaluations per signal")
+    print(f"{'signal':10s} {'ratio':>7s} {'size':>10s} {'search drop':>12s} {'eval drop':>10s} {'evals':>6s}  plan")
+    for k, r in results.items():
+        row = summary["signals"][k]
+        flag = "" if r.feasible else "  (nothing within the budget; the most accurate plan tried)"
+        print(f"{k:10s} {r.compression_ratio:>6.1f}x {fmt_bytes(r.estimated_bytes):>10s} "
+              f"{row['search_drop_points']:>11.2f}p {row['evaluation_drop_points']:>9.2f}p {r.evaluations:>6d}  "
+              f"{r.plan.describe()}{flag}")
+    if args.save_plan:
+        print(f"wrote the {signals[0]} plan to {args.save_plan} (xaicomp compress --plan {args.save_plan})")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``auto`` subcommand to the ``xaicomp`` parser."""
+    p = subparsers.add_parser("auto", help="search the smallest plan within an accuracy budget (per-layer "
+                                           "sparsity and bits), with relevance and with magnitude")
+    add_model_args(p)
+    g = p.add_argument_group("search")
+    g.add_argument("--max-drop", type=float, default=1.0,
+                   help="accuracy budget in points below the original model, on the search (reference) images")
+    g.add_argument("--budget", type=int, default=None, help="evaluations per signal (default 40)")
+    g.add_argument("--finetune-epochs", type=int, default=0,
+                   help="fine-tune every evaluated plan this many epochs (slow: one fine-tuning per evaluation)")
+    g.add_argument("--signals", default="relevance,magnitude",
+                   help="signals to search with, the first one's plan is saved (relevance, magnitude)")
+    g.add_argument("--sparsities", default=None, help="per-layer prune ratios to choose from (default "
+                                                      "0,0.1,...,0.98)")
+    g.add_argument("--bit-widths", default=None, help="per-layer bit widths to choose from (default 8,7,6,5,4,3,2)")
+    g.add_argument("--composite", default=None, help="LRP composite of the relevance signal (default epsilon)")
+    g.add_argument("--save-plan", default=None, help="write the first signal's plan as JSON to this file")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_auto)

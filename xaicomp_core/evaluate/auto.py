@@ -1,0 +1,501 @@
+"""Search the smallest plan within an accuracy budget (``xaicomp auto``).
+
+The search chooses, for every compressible layer, a prune ratio (from :data:`SPARSITIES`) and a bit width (from
+:data:`BITS`); the result is an ordinary :class:`~xaicomp_core.CompressionPlan` with ``layer_prune`` and
+``layer_bits`` (reproducible with ``xaicomp compress --plan``). A *signal* decides the order and the allocation:
+
+* ``relevance``: weights inside a layer are pruned by the smallest |R|·|w| (criterion ``lrp-x-weight``), and the
+  damage of a layer's setting is predicted as ``sum_i |R_i| |w_i - q_i| / |w_i|`` (the first-order change of the
+  weight's relevance when it is quantized to ``q_i`` or pruned, ``q_i = 0``). LRP conserves relevance from layer to
+  layer, so these sums compare across layers as they are;
+* ``hybrid``: pruning by the smallest |w| inside a layer, the relevance damage to allocate (issue 16's "relevance
+  sets the layer budgets, magnitude selects inside");
+* ``magnitude`` (the same search with relevance replaced by magnitude): pruning by the smallest |w|, damage
+  ``sum_i |w_i - q_i| / sum_i |w_i|`` per layer (weights' scales do not compare across layers, BatchNorm rescales
+  them, so each layer's error is relative to its own total).
+
+How it searches (a rate-distortion allocation calibrated by real evaluations, as in ModelOpt's ``auto_quantize``
+-- scores per layer and format, then a constrained choice -- followed by AIMET-style greedy per-layer steps):
+
+1. **Table** (no evaluation): every (sparsity, bits) setting is applied to all layers at once, once per setting;
+   each layer's packed bytes and predicted damage are read off (both depend on that layer's setting only).
+2. **Calibration** (``probes`` evaluations per layer that matters, default 4): each layer alone compressed to
+   about 50 / 30 / 18 / 10 % of its size along its hull; the predicted damage is mapped onto the measured accuracy
+   drop, piecewise linearly (the sensitivity curves of AIMET's greedy selection, sampled where the signal says the
+   efficient settings are). The signal says how damage grows with sparsity and bits *within* a layer, the
+   measurements how much each layer matters. With ``probes=0`` the signal's damage is compared across layers as
+   it is.
+3. **Chain** (no evaluation): per layer, the lower convex hull of (bytes, damage); all hull steps merged by damage
+   per byte saved give one chain of plans from the most accurate (dense 8 bits) to the smallest -- the plans that
+   minimise ``bytes + lambda * damage`` as ``lambda`` falls.
+4. **Bisection** (about ``log2(chain length)`` evaluations): the longest prefix of the chain whose accuracy on the
+   search images is within ``max_drop`` points of the original model's.
+5. **Greedy** (the rest of the budget): from there, the chain of the settings still allowed is re-derived from the
+   current plan and its first ``m`` steps are tried at once, kept only if the accuracy stays within the budget
+   (``m`` doubles after a success and halves after a failure); a single step that fails rules out its setting and
+   every setting of that layer at least as aggressive (as much sparsity or more and as few bits or fewer).
+
+Accuracy is measured on the *search images* only (by default the session's reference images, which are never its
+evaluation images); the chosen plan is then evaluated once on the evaluation images, which the search never saw.
+The budget counts evaluations on the search images (each one forward pass, after fine-tuning if asked).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from xaicomp_core.errors import XaicompError
+from xaicomp_core.evaluate.session import CompressionSession, EvaluationResult, forward_logits
+from xaicomp_core.plan import CompressionPlan
+
+#: Per-layer prune ratios the search chooses from.
+SPARSITIES: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.93, 0.95,
+                                  0.97, 0.98)
+#: Per-layer bit widths the search chooses from.
+BITS: tuple[int, ...] = (8, 7, 6, 5, 4, 3, 2)
+#: Calibration probes compress one layer to about these fractions of its largest packed size (the first ``probes``).
+PROBE_FRACTIONS = (0.5, 0.3, 0.18, 0.1, 0.06)
+#: Steps of the chain the greedy phase first tries at once.
+GREEDY_START = 4
+#: The signals: the criterion that orders weights inside a layer, and how damage is weighted and normalised.
+SIGNALS: dict[str, dict[str, Any]] = {
+    "relevance": {"criterion": "lrp-x-weight", "importance": "relevance", "normalise": False,
+                  "text": "prune by |R|·|w| inside layers; allocate by predicted relevance damage"},
+    "hybrid": {"criterion": "magnitude", "importance": "relevance", "normalise": False,
+               "text": "prune by |w| inside layers; allocate by predicted relevance damage"},
+    "magnitude": {"criterion": "magnitude", "importance": "magnitude", "normalise": True,
+                  "text": "prune by |w| inside layers; allocate by relative weight error"},
+}
+DEFAULT_BUDGET = 60
+
+ProgressFn = Callable[[int, int], None]
+Setting = tuple[float, int]
+
+
+@dataclass
+class AutoResult:
+    """What one search found.
+
+    Attributes
+    ----------
+    signal : str
+        ``"relevance"`` or ``"magnitude"``.
+    plan : CompressionPlan
+        The smallest plan found within the budget on the search images (the most accurate one tried if none was).
+    feasible : bool
+        Whether ``plan`` is within ``max_drop`` on the search images.
+    search_accuracy, search_baseline : float
+        Accuracy of ``plan`` and of the original model on the search images.
+    search_images : int
+    estimated_bytes : int
+        Packed size of ``plan``.
+    evaluation : EvaluationResult
+        ``plan`` on the session's evaluation images (never used by the search).
+    evaluations : int
+        Evaluations on the search images used (at most the budget).
+    history : list of dict
+        Every evaluated plan: phase, bytes, accuracy on the search images, whether it was within the budget.
+    seconds : float
+    """
+
+    signal: str
+    plan: CompressionPlan
+    feasible: bool
+    max_drop: float
+    search_accuracy: float
+    search_baseline: float
+    search_images: int
+    estimated_bytes: int
+    evaluation: EvaluationResult
+    evaluations: int
+    budget: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def compression_ratio(self) -> float:
+        """fp32 bytes / packed bytes of the plan."""
+        return self.evaluation.compression_ratio
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable summary (the evaluation without per-tensor rows)."""
+        ev = self.evaluation
+        return {
+            "signal": self.signal, "how": SIGNALS[self.signal]["text"], "plan": self.plan.to_dict(),
+            "description": self.plan.describe(), "feasible_on_search_images": self.feasible,
+            "max_drop_points": self.max_drop,
+            "search": {"images": self.search_images, "accuracy": self.search_accuracy,
+                       "baseline_accuracy": self.search_baseline,
+                       "drop_points": 100 * (self.search_baseline - self.search_accuracy)},
+            "evaluation": {"images": ev.images, "accuracy": ev.accuracy, "baseline_accuracy": ev.baseline_accuracy,
+                           "drop_points": -100 * ev.accuracy_change,
+                           "within_max_drop": -100 * ev.accuracy_change <= self.max_drop + 1e-9,
+                           "sparsity": ev.sparsity, "mean_bits": ev.mean_bits},
+            "estimated_bytes": ev.size.estimated_bytes, "fp32_bytes": ev.size.fp32_bytes,
+            "compression_ratio": ev.compression_ratio,
+            "layers": [{"name": la.name, "sparsity": la.sparsity, "bits": la.mean_bits, "bytes": la.bytes}
+                       for la in ev.layers],
+            "evaluations": self.evaluations, "budget": self.budget, "seconds": self.seconds,
+            "history": self.history,
+        }
+
+
+def _hull(points: list[tuple[int, float, Setting]]) -> list[tuple[int, float, Setting]]:
+    """Lower convex hull of (bytes, damage, setting), from the least damage (most bytes) to the fewest bytes."""
+    best: dict[int, tuple[int, float, Setting]] = {}
+    for p in points:  # per byte count, the least damage
+        if p[0] not in best or p[1] < best[p[0]][1]:
+            best[p[0]] = p
+    pts = sorted(best.values(), key=lambda p: (p[0], p[1]))
+    # keep only Pareto points: fewer bytes must mean more damage
+    pareto: list[tuple[int, float, Setting]] = []
+    for p in pts:
+        if not pareto or p[1] < pareto[-1][1]:
+            pareto.append(p)
+    hull: list[tuple[int, float, Setting]] = []
+    for p in pareto:  # ascending bytes, descending damage: the lower-left convex chain
+        while len(hull) >= 2:
+            (b1, d1, _), (b2, d2, _) = hull[-2], hull[-1]
+            # drop the middle point if it lies on or above the segment from hull[-2] to p
+            if (d2 - d1) * (p[0] - b1) >= (p[1] - d1) * (b2 - b1):
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    return hull[::-1]
+
+
+class AutoSearch:
+    """The search for one session and one signal (see the module docstring).
+
+    Parameters
+    ----------
+    session : CompressionSession
+    signal : {"relevance", "magnitude"}
+    search_data : "reference" or (inputs, labels)
+        The images whose accuracy the search optimises: the session's reference images (default) or model-ready
+        tensors given explicitly. Never the evaluation images the result reports.
+    sparsities, bits : sequence
+        The per-layer settings to choose from.
+    finetune_epochs : int
+        Fine-tune every evaluated plan this many epochs first (on the session's training data), as the plan will be.
+    composite, quantizer : str
+        LRP composite of the relevance signal; quantizer of the plans.
+    probes : int
+        Calibration probes per layer (:meth:`_calibrate`); 0: the signal's damage is compared across layers as it
+        is (no evaluation spent on calibration).
+    """
+
+    def __init__(self, session: CompressionSession, signal: str = "relevance", *,
+                 search_data: str | tuple[torch.Tensor, torch.Tensor] = "reference",
+                 sparsities: Sequence[float] = SPARSITIES, bits: Sequence[int] = BITS, finetune_epochs: int = 0,
+                 composite: str | None = None, quantizer: str = "mse", probes: int = 4) -> None:
+        if signal not in SIGNALS:
+            raise XaicompError(f"unknown signal {signal!r}; choose one of {', '.join(SIGNALS)}")
+        if finetune_epochs and not session.can_finetune:
+            raise XaicompError("fine-tuning needs training data; this session has none")
+        self.session = session
+        self.signal = signal
+        self.spec = SIGNALS[signal]
+        self.composite = composite or session.composite
+        self.quantizer = quantizer
+        self.finetune_epochs = int(finetune_epochs)
+        if not 0 <= int(probes) <= len(PROBE_FRACTIONS):
+            raise XaicompError(f"probes per layer must be in 0..{len(PROBE_FRACTIONS)}, got {probes}")
+        self.probes = int(probes)
+        self.sparsities = sorted({float(s) for s in sparsities})
+        self.bits = sorted({int(b) for b in bits}, reverse=True)
+        if not self.sparsities or not self.bits or any(not 0 <= s < 1 for s in self.sparsities):
+            raise XaicompError("the search needs sparsities in [0, 1) and at least one bit width")
+        if search_data == "reference":
+            self.x, self.y = session.x_ref, session.y_ref
+        elif isinstance(search_data, tuple) and len(search_data) == 2:
+            self.x, self.y = search_data
+        else:
+            raise XaicompError("search_data must be 'reference' or (inputs, labels)")
+        if len(self.y) == 0:
+            raise XaicompError("no search images")
+        layout = session.layout
+        self.layers = [layout.names[i].removesuffix(".weight") for i in layout.compressible]
+        self.baseline = float((forward_logits(session.model, self.x).argmax(1) == self.y).double().mean())
+        self._acc: dict[str, float] = {}
+        self.history: list[dict[str, Any]] = []
+
+    # --------------------------------------------------------------------------------------------------------
+    def plan_for(self, state: dict[str, Setting], finetune: bool = True) -> CompressionPlan:
+        """The plan of per-layer settings ``state`` (layer -> (sparsity, bits)), fine-tuned as the search is unless
+        ``finetune`` is False."""
+        levels = sorted({b for _, b in state.values()}, reverse=True)
+        return CompressionPlan(criterion=self.spec["criterion"], prune_ratio=0.0, bit_levels=levels,
+                               bit_split=[0.0] * (len(levels) - 1), bit_ranking="magnitude", granularity="layer",
+                               quantizer=self.quantizer, composite=self.composite,
+                               finetune_epochs=self.finetune_epochs if finetune else 0,
+                               layer_prune={k: s for k, (s, _) in state.items()},
+                               layer_bits={k: b for k, (_, b) in state.items()}).validate()
+
+    def table(self) -> tuple[dict[str, dict[Setting, tuple[int, float]]], int]:
+        """Per layer and setting: (packed bytes of the layer's weight, predicted damage); and the bytes of the
+        rest (biases, normalisation, protected layers), the same for every setting."""
+        s = self.session
+        layout = s.layout
+        w = s.compressor.weights_flat.double()
+        if self.spec["importance"] == "relevance":
+            rel = s.relevance(self.composite)
+            source = rel.abs_by_class if rel.abs_by_class is not None else {k: v.abs() for k, v in rel.weights.items()}
+            importance = layout.flat({n: source[n] for n in layout.names}).double().abs()
+        else:
+            importance = w.abs()
+        ratio = torch.where(w != 0, importance / w.abs().clamp(min=1e-30), torch.zeros_like(w))
+        totals = {i: float(importance[layout.layer_slice(i)].sum()) for i in layout.compressible}
+        table: dict[str, dict[Setting, tuple[int, float]]] = {k: {} for k in self.layers}
+        rest = 0
+        for sp in self.sparsities:
+            for b in self.bits:
+                state = {k: (sp, b) for k in self.layers}
+                cw = s.compressor.compress(self.plan_for(state, finetune=False), s.relevance,
+                                           s.relevance_of)
+                err = (w - cw.quant.values.double()).abs() * ratio
+                sizes = {t.name: t.total for t in cw.size.tensors}
+                rest = sum(v for n, v in sizes.items() if n not in set(layout.names))
+                for k, i in zip(self.layers, layout.compressible):
+                    d = float(err[layout.layer_slice(i)].sum())
+                    if self.spec["normalise"]:
+                        d /= max(totals[i], 1e-30)
+                    table[k][(sp, b)] = (sizes[layout.names[i]], d)
+        return table, rest
+
+    def _calibrate(self, table: dict[str, dict[Setting, tuple[int, float]]],
+                   check: Callable[..., bool | None]) -> dict[str, dict[Setting, tuple[int, float]]]:
+        """Measured sensitivity curves: each layer alone at :attr:`probes` settings of its hull (nearest
+        :data:`PROBE_FRACTIONS` of its largest size), the others at their most accurate setting, never fine-tuned.
+        A layer's predicted damage is then mapped onto the measured accuracy drop (points, non-decreasing,
+        piecewise linear through the probes, linear beyond the last one), so that damage compares across layers
+        as accuracy does while the signal still says how it grows between the probes. Layers whose compression
+        saves under 1 % of the model's bytes are not probed (they get the median drop per unit of damage)."""
+        hulls = {k: _hull([(nb, d, st) for st, (nb, d) in table[k].items()]) for k in self.layers}
+        base_state = {k: hulls[k][0][2] for k in self.layers}
+        total = sum(h[0][0] for h in hulls.values())
+        curves: dict[str, tuple[list[float], list[float]]] = {}
+        for k in sorted(self.layers, key=lambda k: -(hulls[k][0][0] - hulls[k][-1][0])):
+            h = hulls[k]
+            if h[0][0] - h[-1][0] < 0.01 * total or len(h) < 2:
+                continue
+            picks: list[tuple[int, float, Setting]] = []
+            for frac in PROBE_FRACTIONS[:self.probes]:
+                p = min(h[1:], key=lambda q: abs(q[0] - frac * h[0][0]))
+                if p not in picks:
+                    picks.append(p)
+            xs, ys = [h[0][1]], [0.0]
+            for _nb, d, st in sorted(picks, key=lambda q: q[1]):
+                probe = dict(base_state)
+                probe[k] = st
+                if check(probe, "calibration", False) is None:
+                    break
+                drop = 100 * (self.baseline - self._acc[self.plan_for(probe, finetune=False).key()])
+                xs.append(d)
+                ys.append(max(drop, ys[-1], 0.0))
+            if len(xs) > 1:
+                curves[k] = (xs, ys)
+        slopes = sorted(ys[-1] / max(xs[-1] - xs[0], 1e-30) for xs, ys in curves.values())
+        median = slopes[len(slopes) // 2] if slopes else 1.0
+        dmax = max((d for t in table.values() for _, d in t.values()), default=1.0) or 1.0
+
+        def mapped(k: str, d: float) -> float:
+            tie = 1e-6 * d / dmax  # equal measured drops: the signal's damage decides
+            if k not in curves:
+                return median * max(d - hulls[k][0][1], 0.0) + tie
+            xs, ys = curves[k]
+            if d <= xs[0]:
+                return tie
+            for (x1, y1), (x2, y2) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+                if d <= x2:
+                    return y1 + (y2 - y1) * (d - x1) / max(x2 - x1, 1e-30) + tie
+            x1, y1, x2, y2 = xs[-2], ys[-2], xs[-1], ys[-1]
+            slope = max((y2 - y1) / max(x2 - x1, 1e-30), y2 / max(x2 - xs[0], 1e-30), 1e-9)
+            return y2 + slope * (d - x2) + tie
+
+        return {k: {st: (nb, mapped(k, d)) for st, (nb, d) in t.items()} for k, t in table.items()}
+
+    def accuracy(self, plan: CompressionPlan) -> float:
+        """Top-1 of ``plan`` on the search images (cached per plan)."""
+        key = plan.key()
+        if key not in self._acc:
+            cw = self.session.compress(plan)
+            pred = self.session.compressed_logits(cw, self.x).argmax(1)
+            self._acc[key] = float((pred == self.y).double().mean())
+        return self._acc[key]
+
+    # --------------------------------------------------------------------------------------------------------
+    def run(self, max_drop: float = 1.0, budget: int = DEFAULT_BUDGET,
+            progress: ProgressFn | None = None) -> AutoResult:
+        """Search (see the module docstring) and evaluate the plan found on the session's evaluation images.
+
+        Parameters
+        ----------
+        max_drop : float
+            Accuracy budget in percentage points below the original model, on the search images.
+        budget : int
+            Evaluations on the search images, at most.
+        progress : callable, optional
+            ``progress(done, budget)`` after each evaluation.
+        """
+        if not max_drop >= 0:
+            raise XaicompError(f"max drop must be at least 0 points, got {max_drop}")
+        if budget < 1:
+            raise XaicompError(f"the search needs a budget of at least 1 evaluation, got {budget}")
+        t0 = time.perf_counter()
+        table, rest = self.table()
+        limit = self.baseline - max_drop / 100 - 1e-12
+        used = 0
+        best: tuple[int, CompressionPlan, float] | None = None  # smallest feasible: (bytes, plan, accuracy)
+        fallback: tuple[float, CompressionPlan, int] | None = None  # most accurate tried
+
+        def size_of(state: dict[str, Setting]) -> int:
+            return rest + sum(table[k][state[k]][0] for k in self.layers)
+
+        def check(state: dict[str, Setting], phase: str, finetune: bool = True) -> bool | None:
+            """Whether ``state`` is within the budget (None when the evaluation budget is spent)."""
+            nonlocal used, best, fallback
+            plan = self.plan_for(state, finetune)
+            cached = plan.key() in self._acc
+            if not cached and used >= (budget - 1 if phase == "calibration" else budget):
+                return None  # (calibration leaves one evaluation for the search itself)
+            acc = self.accuracy(plan)
+            nbytes = size_of(state)
+            ok = acc >= limit
+            if not cached:
+                used += 1
+                self.history.append({"phase": phase, "bytes": nbytes, "search_accuracy": acc, "within": ok,
+                                     "layers": {k: list(v) for k, v in state.items()}})
+                if progress is not None:
+                    progress(used, budget)
+            if finetune or not self.finetune_epochs:  # a fine-tuning search returns a fine-tuned plan
+                if ok and (best is None or nbytes < best[0]):
+                    best = (nbytes, plan, acc)
+                if fallback is None or acc > fallback[0]:
+                    fallback = (acc, plan, nbytes)
+            return ok
+
+        if self.probes:
+            table = self._calibrate(table, check)
+        # chain: every layer's hull steps, merged by (calibrated) damage per byte saved
+        hulls = {k: _hull([(nb, d, st) for st, (nb, d) in table[k].items()]) for k in self.layers}
+        state = {k: hulls[k][0][2] for k in self.layers}
+        steps = []
+        for k, h in hulls.items():
+            for (b1, d1, _), (b2, d2, st) in zip(h, h[1:]):
+                steps.append(((d2 - d1) / max(b1 - b2, 1), k, st))
+        steps.sort(key=lambda t: t[0])
+        chain = [dict(state)]
+        for _, k, st in steps:
+            state = dict(chain[-1])
+            state[k] = st
+            chain.append(state)
+        # bisection: the longest feasible prefix (the end of the chain, the smallest plan, is taken as infeasible
+        # unless everything before it is feasible)
+        lo, hi = 0, len(chain)
+        if check(chain[0], "bisection"):
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                ok = check(chain[mid], "bisection")
+                if ok is None:
+                    break
+                lo, hi = (mid, hi) if ok else (lo, mid)
+        current = dict(chain[lo])
+        # greedy: from there, the (calibrated) chain of the settings still allowed, re-derived from the current
+        # plan; try its first m steps at once (m doubles after a success, halves after a failure); a single step
+        # that fails rules out that setting and every setting of that layer at least as aggressive
+        rejected: dict[str, list[Setting]] = {k: [] for k in self.layers}
+
+        def allowed(k: str, st: Setting) -> bool:
+            return not any(st[0] >= r[0] and st[1] <= r[1] for r in rejected[k])
+
+        m = GREEDY_START
+        while best is not None and used < budget:
+            steps = []
+            for k in self.layers:
+                nb0, d0 = table[k][current[k]]
+                pts = [(nb, d, st) for st, (nb, d) in table[k].items()
+                       if (nb < nb0 and allowed(k, st)) or st == current[k]]
+                h = _hull(pts)
+                if h[0][2] != current[k]:
+                    h = [(nb0, d0, current[k]), *h]
+                for (b1, d1, _), (b2, d2, st) in zip(h, h[1:]):
+                    steps.append(((d2 - d1) / max(b1 - b2, 1), k, st))
+            if not steps:
+                break
+            steps.sort(key=lambda t: t[0])
+            m = max(1, min(m, len(steps)))
+            trial = dict(current)
+            for _, k, st in steps[:m]:
+                trial[k] = st
+            ok = check(trial, "greedy")
+            if ok is None:
+                break
+            if ok:
+                current = trial
+                m *= 2
+            elif m > 1:
+                m //= 2
+            else:
+                rejected[steps[0][1]].append(steps[0][2])
+        if best is not None:
+            nbytes, plan, acc = best
+            feasible = True
+        else:
+            assert fallback is not None
+            acc, plan, nbytes = fallback
+            feasible = False
+        evaluation = self.session.evaluate(plan)
+        return AutoResult(self.signal, plan, feasible, float(max_drop), acc, self.baseline, len(self.y),
+                          evaluation.size.estimated_bytes, evaluation, used, int(budget), self.history,
+                          time.perf_counter() - t0)
+
+
+def auto_search(session: CompressionSession, max_drop: float = 1.0, *, signal: str = "relevance",
+                budget: int = DEFAULT_BUDGET, finetune_epochs: int = 0,
+                search_data: str | tuple[torch.Tensor, torch.Tensor] = "reference",
+                progress: ProgressFn | None = None, **kwargs: Any) -> AutoResult:
+    """The smallest plan within ``max_drop`` points found with ``budget`` evaluations (see :class:`AutoSearch`)."""
+    search = AutoSearch(session, signal, search_data=search_data, finetune_epochs=finetune_epochs, **kwargs)
+    return search.run(max_drop, budget, progress)
+
+
+def auto_compare(session: CompressionSession, max_drop: float = 1.0, *,
+                 signals: Sequence[str] = ("relevance", "magnitude"), budget: int = DEFAULT_BUDGET,
+                 finetune_epochs: int = 0, search_data: str | tuple[torch.Tensor, torch.Tensor] = "reference",
+                 progress: ProgressFn | None = None, **kwargs: Any) -> dict[str, AutoResult]:
+    """The same search once per signal, with the same budget each (``progress(done, total)`` over all of them)."""
+    out: dict[str, AutoResult] = {}
+    total = budget * len(signals)
+    for n, sig in enumerate(signals):
+        offset = n * budget
+
+        def step(done: int, _total: int, offset: int = offset) -> None:
+            if progress is not None:
+                progress(offset + done, total)
+
+        out[sig] = auto_search(session, max_drop, signal=sig, budget=budget, finetune_epochs=finetune_epochs,
+                               search_data=search_data, progress=step, **kwargs)
+        if progress is not None:
+            progress(offset + budget, total)
+    return out
+
+
+def compare_summary(results: dict[str, AutoResult]) -> dict[str, Any]:
+    """Side by side: per signal the ratio, bytes and accuracies, and which signal found the smaller plan."""
+    rows = {k: {"compression_ratio": r.compression_ratio, "estimated_bytes": r.estimated_bytes,
+                "search_drop_points": 100 * (r.search_baseline - r.search_accuracy),
+                "evaluation_drop_points": -100 * r.evaluation.accuracy_change, "feasible": r.feasible,
+                "evaluations": r.evaluations} for k, r in results.items()}
+    feasible = {k: r for k, r in results.items() if r.feasible}
+    smallest = min(feasible, key=lambda k: feasible[k].estimated_bytes) if feasible else None
+    return {"signals": rows, "smallest": smallest,
+            "ratio_relevance_over_magnitude": (results["relevance"].compression_ratio
+                                               / results["magnitude"].compression_ratio)
+            if {"relevance", "magnitude"} <= set(results) else None}
