@@ -55,7 +55,8 @@ _GRADIENT = (nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn
 def one_thread() -> Iterator[None]:
     """Run torch on the calling thread alone inside the block: for small-tensor work (bookkeeping, the 16-sample
     check, copying and folding the model), where waking the thread pool costs more than it saves -- on a busy
-    machine each wake-up can cost milliseconds."""
+    machine each wake-up can cost milliseconds. The count is saved and restored for the calling thread (under
+    OpenMP torch's intra-op thread count is per thread), so concurrent blocks in other threads do not interfere."""
     n = torch.get_num_threads()
     if n == 1:
         yield
