@@ -604,7 +604,7 @@ def needs_reference(logits: torch.Tensor) -> torch.Tensor:
 def exact_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
     """Logits of ``model`` on ``x`` as a session computes them: the fast exact forward where the model is
     supported (top-1 equal to the eager forward's on every image), else the eager forward in batches."""
-    from xaicomp_core.evaluate.session import forward_logits
+    from xaicomp_core.evaluate.forward import forward_logits
 
     def reference(t: torch.Tensor) -> torch.Tensor:
         return forward_logits(model, t, batch_size)

@@ -26,6 +26,7 @@ from xaicomp_core.compress.layout import LayerLayout
 from xaicomp_core.compress.quantize import quantize
 from xaicomp_core.errors import PlanError, XaicompError
 from xaicomp_core.evaluate.fast import TRIAL_IMAGES, FastForward
+from xaicomp_core.evaluate.forward import EVAL_BATCH_SIZE, accuracy_counts, forward_logits  # noqa: F401
 from xaicomp_core.evaluate.progressive import QUICK_IMAGES, Anticipator, estimate_accuracy, quick_indices
 from xaicomp_core.format.size import SizeBreakdown
 from xaicomp_core.io.data import DataLike, as_tensors
@@ -33,8 +34,6 @@ from xaicomp_core.io.models import model_info, state_dict_hash
 from xaicomp_core.plan import FP32, CompressionPlan
 from xaicomp_core.relevance.lrp import DEFAULT_COMPOSITE, RelevanceResult, compute_relevance
 from xaicomp_core.threads import full_pool, one_thread
-
-EVAL_BATCH_SIZE = 1000
 
 ProgressFn = Callable[[int, int], None]
 
@@ -158,23 +157,6 @@ class EvaluationResult:
             "accuracy_stderr": self.accuracy_stderr,
             "eval_images": self.eval_images,
         }
-
-
-def forward_logits(model: nn.Module, x: torch.Tensor, batch_size: int = EVAL_BATCH_SIZE) -> torch.Tensor:
-    """Logits of ``model`` on ``x`` in batches under ``torch.inference_mode`` (how the session evaluates)."""
-    outs = []
-    with torch.inference_mode():
-        for i in range(0, len(x), batch_size):
-            outs.append(model(x[i:i + batch_size]))
-    return torch.cat(outs)
-
-
-def accuracy_counts(pred: torch.Tensor, y: torch.Tensor, n_classes: int) -> tuple[int, list[float]]:
-    """Number of correct predictions and the accuracy of each class (0 for a class with no samples)."""
-    correct = pred == y
-    per = torch.bincount(y[correct], minlength=n_classes).double() / torch.bincount(y, minlength=n_classes).clamp(
-        min=1).double()
-    return int(correct.sum()), per.tolist()
 
 
 class CompressionSession:

@@ -22,7 +22,7 @@ from torch import nn
 
 from xaicomp_core.errors import FormatError, XaicompError
 from xaicomp_core.evaluate.fast import exact_logits
-from xaicomp_core.evaluate.session import EVAL_BATCH_SIZE, accuracy_counts, forward_logits  # noqa: F401
+from xaicomp_core.evaluate.forward import EVAL_BATCH_SIZE, accuracy_counts, forward_logits  # noqa: F401
 from xaicomp_core.format.packing import PackedModel, PackResult, pack, read_packed, unpack
 from xaicomp_core.plan import CompressionPlan
 
