@@ -24,6 +24,7 @@ import copy
 import hashlib
 import math
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from xaicomp_core import (
     WeightsError,
     XaicompError,
 )
+from xaicomp_core.evaluate.progressive import neighbour_plans
 from xaicomp_core.io.models import BUILTIN_MODELS, MODELS_DIR, TORCHVISION_ARCHS
 from xaicomp_core.io.onnx_import import InputSpec, parse_class_names, parse_floats, parse_size
 from xaicomp_core.io.sources import DataSource, ModelSource, Sources, reference_subset, resolve_data
@@ -61,6 +63,11 @@ DEFAULT_EVAL_SAMPLES = 2000
 #: Reference and fine-tuning images taken from the training split of a torchvision folder (balanced, disjoint).
 FOLDER_REFERENCE_IMAGES = 1000
 FOLDER_TRAIN_IMAGES = 5000
+
+
+#: The Compress page's slider steps (prune ratio and bit thresholds): anticipation computes one step each way.
+RATIO_STEP = 0.05
+SPLIT_STEP = 0.05
 
 
 def default_plan(composite: str = DEFAULT_COMPOSITE) -> CompressionPlan:
@@ -644,11 +651,17 @@ def comparison_plan(plan: CompressionPlan, result: EvaluationResult) -> Compress
     """The same plan with the classic ``magnitude`` criterion (or ``lrp`` if the plan already uses magnitude),
     pruning the same share of weights, so that the effect of the XAI criterion is visible.
 
-    Ratio criteria keep their ratio; rule and structured criteria (``paper``, ``lrp-zero``, ``lrp-filter``) are
-    matched by the share of weights they actually pruned.
+    Ratio criteria keep their ratio; rule criteria (``paper``, ``lrp-zero``) are matched by the share of weights
+    they actually pruned. Structured criteria (whole filters) are compared with the other filter criterion
+    (``lrp-filter`` against ``magnitude-filter``, the L1-norm baseline) at the share they pruned.
     """
+    from xaicomp_core.compress.criteria import get_criterion
+
+    if get_criterion(plan.criterion).structured:  # filters against filters: like for like
+        other = "lrp-filter" if plan.criterion == "magnitude-filter" else "magnitude-filter"
+        return plan.replace(criterion=other, prune_ratio=min(round(result.sparsity, 4), 0.99))
     other = "lrp" if plan.criterion == "magnitude" else "magnitude"
-    if plan.uses_ratio and plan.criterion not in ("lrp-filter",):
+    if plan.uses_ratio:
         ratio = plan.prune_ratio
     else:
         ratio = min(round(result.sparsity, 4), 0.99)
@@ -682,6 +695,33 @@ def with_finetuning(session: CompressionSession, plan: CompressionPlan,
     return run_with_progress(f"Fine-tuning ({plan.finetune_epochs} epochs, {plan.criterion})…", work)
 
 
+def first_numbers(session: CompressionSession, plan: CompressionPlan) -> EvaluationResult | None:
+    """The quickest numbers of ``plan``: the exact result if the session has it (a step the user made before, or one
+    anticipated in the background), else an estimate from a class-balanced subset (``result.estimate``); None when
+    there is nothing quick to show (a plan that must be fine-tuned first, or an invalid plan: :func:`evaluate` then
+    shows the reason)."""
+    if session.needs_finetuning(plan):
+        return None
+    try:
+        return session.estimate(plan)
+    except XaicompError:
+        return None
+
+
+def browser_owner() -> str:
+    """An id of this browser session (anticipated work is kept and cancelled per browser session)."""
+    return st.session_state.setdefault("_owner", uuid.uuid4().hex)
+
+
+def anticipate_neighbours(session: CompressionSession, plan: CompressionPlan, result: EvaluationResult) -> None:
+    """While the user reads, evaluate the slider positions one step away (and their comparison plans) in the
+    background; the user's next step is then a cache hit. Replaces this browser session's earlier wishes."""
+    nbrs = neighbour_plans(plan, ratio_step=RATIO_STEP, split_step=SPLIT_STEP)
+    plans = [*nbrs[:2], comparison_plan(plan, result), *nbrs[2:]]
+    plans += [comparison_plan(p, result) for p in nbrs[:2] if p.uses_ratio]
+    session.anticipate(plans, owner=browser_owner())
+
+
 def evaluate(session: CompressionSession, plan: CompressionPlan) -> EvaluationResult | None:
     """``session.evaluate(plan)`` (fine-tuning first with a progress bar if the plan asks for it); a plan error is
     shown as a readable message and None is returned."""
@@ -705,12 +745,23 @@ def pp_delta(dx: float) -> dict[str, Any]:
 
 
 def result_metrics(result: EvaluationResult) -> None:
-    """Three tiles in a row: accuracy (and its change), size (and the reduction against fp32), compression ratio."""
+    """Three tiles in a row: accuracy (and its change), size (and the reduction against fp32), compression ratio.
+
+    An estimate (``result.estimate``: first numbers from a class-balanced subset) says so in the label and gives
+    its 95 % interval; the exact numbers replace it when they arrive."""
     size = result.size
     c1, c2, c3 = st.columns(3)
-    c1.metric("Accuracy", fmt_pct(result.accuracy), **pp_delta(result.accuracy_change), border=True,
-              help=f"{result.correct} of {result.images} evaluation images correct "
-                   f"(original: {result.baseline_correct}).")
+    if result.estimate:
+        c1.metric("Accuracy (estimate)", f"≈{fmt_pct(result.accuracy, 1)}",
+                  f"± {100 * result.accuracy_half_width:.1f} pp (95 %)", delta_color="off", delta_arrow="off",
+                  border=True,
+                  help=f"Estimated from {result.images} of the {result.eval_images:,} evaluation images (class-"
+                       "balanced): the original model's exact accuracy plus the change seen on those images. The "
+                       "exact number on all images replaces it in a moment.")
+    else:
+        c1.metric("Accuracy", fmt_pct(result.accuracy), **pp_delta(result.accuracy_change), border=True,
+                  help=f"{result.correct} of {result.images} evaluation images correct "
+                       f"(original: {result.baseline_correct}).")
     c2.metric("Size", fmt_bytes(size.estimated_bytes), f"{-100 * size.reduction:.1f}% vs fp32",
               delta_color="inverse", border=True,
               help=f"{size.estimated_bytes:,} bytes estimated for the packed file vs {size.fp32_bytes:,} fp32 bytes.")
@@ -794,7 +845,7 @@ def run_with_progress(label: str, work: Callable[[Callable[[int, int], None]], A
 
 
 __all__ = [
-    "declared_inputs",
+    "declared_inputs", "first_numbers", "browser_owner", "anticipate_neighbours", "RATIO_STEP", "SPLIT_STEP",
     "COMPOSITES", "Control", "DEFAULT_MODEL", "DataSpec", "ModelSpec", "PIXEL_COMPOSITE", "Settings", "awaiting_input",
     "builtin_available", "comparison_plan", "composite", "control", "control_key", "control_value", "cuts_to_split",
     "default_plan", "digest", "ensure_relevance", "evaluate", "explain_collapse", "few_images_warning", "fit_plan",

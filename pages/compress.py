@@ -15,11 +15,13 @@ import math
 import streamlit as st
 
 from pages.common import (
+    anticipate_neighbours,
     comparison_plan,
     control,
     cuts_to_split,
     evaluate,
     explain_collapse,
+    first_numbers,
     fit_plan,
     fmt_bytes,
     fmt_pct,
@@ -170,14 +172,9 @@ def show_explanation(session: CompressionSession, plan: CompressionPlan) -> None
                f"{expl.images} evaluation images (before BatchNorm).")
 
 
-def show_result(session: CompressionSession, plan: CompressionPlan, notes: list[str]) -> EvaluationResult | None:
-    """The engine's evaluation of ``plan``: tiles, a one-line summary, per-layer / per-class / bytes charts."""
-    for note in notes:
-        st.info(note, icon=":material/info:")
-    result = evaluate(session, plan)
-    if result is None:
-        return None
-    size = result.size
+def result_tiles(result: EvaluationResult) -> None:
+    """The six tiles and the one-line summary of a result (an estimate says what it is and how sure it is)."""
+    plan, size = result.plan, result.size
     result_metrics(result)
     c4, c5, c6 = st.columns(3)
     c4.metric("Weights pruned", fmt_pct(result.sparsity, 1), border=True,
@@ -185,9 +182,33 @@ def show_result(session: CompressionSession, plan: CompressionPlan, notes: list[
     c5.metric("Mean bits (kept)", f"{result.mean_bits:.2f}", border=True,
               help="Average bit width of the kept weights (32 = fp32).")
     c6.metric("Original accuracy", fmt_pct(result.baseline_accuracy), border=True)
-    st.caption(f"**{plan.describe()}** — {result.correct:,} / {result.images:,} images correct; "
-               f"{size.estimated_bytes:,} bytes vs {size.fp32_bytes:,} bytes fp32 "
-               f"(evaluated in {result.seconds:.2f} s).")
+    if result.estimate:
+        st.caption(f"**{plan.describe()}** — first numbers: sizes exact, accuracy estimated from {result.images} "
+                   f"class-balanced images of {result.eval_images:,} ({result.seconds:.2f} s); the exact accuracy "
+                   "on all images follows.")
+    else:
+        st.caption(f"**{plan.describe()}** — {result.correct:,} / {result.images:,} images correct (exact); "
+                   f"{size.estimated_bytes:,} bytes vs {size.fp32_bytes:,} bytes fp32 "
+                   f"(evaluated in {result.seconds:.2f} s).")
+
+
+def show_result(session: CompressionSession, plan: CompressionPlan, notes: list[str]) -> EvaluationResult | None:
+    """The engine's numbers of ``plan``, drawn first: an estimate from a class-balanced subset at once (unless the
+    exact result is cached), replaced in place by the exact numbers; then the charts."""
+    for note in notes:
+        st.info(note, icon=":material/info:")
+    tiles = st.empty()
+    first = first_numbers(session, plan)
+    if first is not None and first.estimate:
+        with tiles.container():
+            result_tiles(first)
+    result = evaluate(session, plan)
+    if result is None:
+        tiles.empty()
+        return None
+    with tiles.container():
+        result_tiles(result)
+    size = result.size
     why = explain_collapse(plan, result)
     if why:
         st.warning(why, icon=":material/psychology_alt:")
@@ -266,6 +287,7 @@ def compress_panel(session: CompressionSession) -> None:
         return
     st.divider()
     show_comparison(session, plan, result)
+    anticipate_neighbours(session, plan, result)
 
 
 session = page_session(
