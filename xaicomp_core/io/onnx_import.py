@@ -965,12 +965,20 @@ def load_onnx_model(source: str | os.PathLike | bytes, name: str | None = None, 
 
 
 def input_statement(info: ModelInfo) -> str | None:
-    """The line stating how images become the model's inputs (ONNX models: the declared or default policy)."""
-    onnx_card = info.card.get("onnx") if isinstance(info.card, dict) else None
-    if not onnx_card:
+    """The line stating how images become the model's inputs: for an ONNX or Python model the declared (or default)
+    policy, for a torchvision or weights-file model its preprocessing; None for a built-in model (its card says)."""
+    card = info.card if isinstance(info.card, dict) else {}
+    own = card.get("onnx") or card.get("python")
+    if own:
+        notes = "; ".join(own.get("notes") or [])
+        return f"{info.name}: {info.num_classes} classes; {own['input']}" + (f"; {notes}" if notes else "")
+    if info.source in ("builtin", "packed file"):
         return None
-    notes = "; ".join(onnx_card.get("notes") or [])
-    return f"{info.name}: {info.num_classes} classes; {onnx_card['input']}" + (f"; {notes}" if notes else "")
+    pre = info.preprocessing
+    fmt = lambda vs: ",".join(f"{v:g}" for v in vs)  # noqa: E731
+    return (f"{info.name}: {info.num_classes} classes; images resized to {pre.input_size[0]}x{pre.input_size[1]} "
+            f"(bilinear, aspect ratio not kept, no crop), {'RGB' if pre.channels == 3 else 'grey'}, pixels scaled "
+            f"to [0, 1], mean {fmt(pre.mean)}, std {fmt(pre.std)}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
