@@ -27,7 +27,13 @@ from xaicomp_core import CompressionPlan, CompressionSession, compute_relevance,
 from xaicomp_core.cli import main  # noqa: E402
 from xaicomp_core.errors import DataError, WeightsError  # noqa: E402
 from xaicomp_core.io.export import export_packed, verify_packed  # noqa: E402
-from xaicomp_core.io.onnx_import import InputSpec, convert_onnx, input_statement, load_onnx_model  # noqa: E402
+from xaicomp_core.io.onnx_import import (  # noqa: E402
+    InputSpec,
+    architecture_record,
+    convert_onnx,
+    input_statement,
+    load_onnx_model,
+)
 from xaicomp_core.io.sources import DataSource, ModelSource, Sources  # noqa: E402
 
 SIZE = 16
@@ -479,6 +485,46 @@ def test_export_verify_round_trip(files):
     other.write_bytes(export(random_bn(ResNetLike(width=4))))
     with pytest.raises(WeightsError, match="do not fit|shape"):
         verify_packed(res.data, x, y, model_file=other)
+
+
+def _with_header(data: bytes, change) -> bytes:
+    """The packed file ``data`` with its JSON header changed by ``change(header)`` (checksum recomputed: what a
+    hostile writer can do)."""
+    import zlib
+
+    from xaicomp_core.format.packing import FORMAT_VERSION, MAGIC, PREAMBLE, read_header
+
+    header, start = read_header(data)
+    change(header)
+    h = json.dumps(header, separators=(",", ":")).encode()
+    return PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(h), zlib.crc32(h)) + h + data[start:]
+
+
+def test_hostile_architecture_records_are_refused(files):
+    from xaicomp_core.errors import FormatError, XaicompError
+
+    model = load_model(str(files["model"]))
+    splits = Sources(ModelSource(str(files["model"])), DataSource.parse(str(files["zip"]))).load_data(
+        model.xaicomp_info)
+    res = export_packed(CompressionSession(model, splits.reference, splits.evaluation), CompressionPlan())
+
+    def huge(h):
+        h["architecture"]["stripped"][0]["dims"] = [2**15, 2**15]  # 4 GiB of placeholder weights
+
+    def garbage(h):
+        h["architecture"]["graph"] = "not base64!"
+
+    def other_graph(h):  # a valid record of another model: its tensors do not fit
+        other = load_onnx_model(export(random_bn(ResNetLike(width=4))), "other.onnx")
+        h["architecture"] = architecture_record(other)
+
+    for change, kind, text in ((huge, FormatError, "more weights"), (garbage, FormatError, "not valid"),
+                               (other_graph, XaicompError, "do not fit|shape")):
+        with pytest.raises(kind, match=text):
+            verify_packed(_with_header(res.data, change))
+    del_arch = _with_header(res.data, lambda h: h.pop("architecture"))
+    with pytest.raises(FormatError, match="architecture record is missing"):
+        verify_packed(del_arch)
 
 
 def test_session_accuracy_equals_onnxruntime(files):

@@ -1055,8 +1055,9 @@ def architecture_record(model: nn.Module) -> dict[str, Any] | None:
     raise WeightsError("the ONNX graph cannot be stored so that it rebuilds this model exactly")
 
 
-def _check_record(rec: Any) -> tuple[bytes, list[dict[str, Any]]]:
-    """The graph bytes and stripped list of an untrusted architecture record, validated."""
+def _check_record(rec: Any, most_elements: int = MAX_STRIPPED_ELEMENTS) -> tuple[bytes, list[dict[str, Any]]]:
+    """The graph bytes and stripped list of an untrusted architecture record, validated; the stripped weights may
+    hold at most ``most_elements`` values in all (they stand for the weights the payload holds)."""
     from xaicomp_core.errors import FormatError
 
     if not isinstance(rec, dict) or rec.get("format") != RECORD_FORMAT:
@@ -1082,7 +1083,7 @@ def _check_record(rec: Any) -> tuple[bytes, list[dict[str, Any]]]:
                 and isinstance(s.get("data_type"), int) and not isinstance(s.get("data_type"), bool)):
             raise FormatError("the file's stored graph lists a malformed weight")
         total += math.prod(s["dims"])
-        if total > MAX_STRIPPED_ELEMENTS:
+        if total > min(most_elements, MAX_STRIPPED_ELEMENTS):
             raise FormatError("the file's stored graph lists more weights than a packed file may hold")
     return graph, stripped
 
@@ -1097,7 +1098,9 @@ def model_from_record(rec: Any, info: ModelInfo, state: dict[str, torch.Tensor])
     WeightsError
         If the graph cannot be converted or the tensors do not fit it.
     """
-    graph, stripped = _check_record(rec)
+    # the left-out weights stand for the payload's tensors: never more values than those (plus a little slack)
+    floats = sum(v.numel() for v in state.values() if v.is_floating_point())
+    graph, stripped = _check_record(rec, floats + 2**20)
     model = _rebuild(_fill(graph, stripped, 0.0), info, state, "packed file")
     model.xaicomp_onnx = None  # type: ignore[assignment]
     return model
