@@ -41,6 +41,7 @@ from xaicomp_core import (
     WeightsError,
     XaicompError,
 )
+from xaicomp_core.compress.criteria import get_criterion
 from xaicomp_core.evaluate.progressive import neighbour_plans
 from xaicomp_core.io.models import BUILTIN_MODELS, MODELS_DIR, TORCHVISION_ARCHS
 from xaicomp_core.io.onnx_import import InputSpec, parse_class_names, parse_floats, parse_size
@@ -655,8 +656,6 @@ def comparison_plan(plan: CompressionPlan, result: EvaluationResult) -> Compress
     they actually pruned. Structured criteria (whole filters) are compared with the other filter criterion
     (``lrp-filter`` against ``magnitude-filter``, the L1-norm baseline) at the share they pruned.
     """
-    from xaicomp_core.compress.criteria import get_criterion
-
     if get_criterion(plan.criterion).structured:  # filters against filters: like for like
         other = "lrp-filter" if plan.criterion == "magnitude-filter" else "magnitude-filter"
         return plan.replace(criterion=other, prune_ratio=min(round(result.sparsity, 4), 0.99))
@@ -716,9 +715,11 @@ def browser_owner() -> str:
 def anticipate_neighbours(session: CompressionSession, plan: CompressionPlan, result: EvaluationResult) -> None:
     """While the user reads, evaluate the slider positions one step away (and their comparison plans) in the
     background; the user's next step is then a cache hit. Replaces this browser session's earlier wishes."""
-    nbrs = neighbour_plans(plan, ratio_step=RATIO_STEP, split_step=SPLIT_STEP)
-    plans = [*nbrs[:2], comparison_plan(plan, result), *nbrs[2:]]
-    plans += [comparison_plan(p, result) for p in nbrs[:2] if p.uses_ratio]
+    plans = []
+    for p in neighbour_plans(plan, ratio_step=RATIO_STEP, split_step=SPLIT_STEP):
+        plans.append(p)  # nearest first, each followed by the comparison the page shows for it
+        if p.uses_ratio and not get_criterion(p.criterion).structured:
+            plans.append(comparison_plan(p, result))
     session.anticipate(plans, owner=browser_owner())
 
 

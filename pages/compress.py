@@ -265,7 +265,18 @@ def show_comparison(session: CompressionSession, plan: CompressionPlan, result: 
 
 @st.fragment
 def compress_panel(session: CompressionSession) -> None:
-    """Controls, live metrics and charts (rerun alone when a control changes)."""
+    """Controls, live metrics and charts (rerun alone when a control changes). The whole run has priority over the
+    session's background work (anticipated neighbours wait between chunks until it ends)."""
+    with session.foreground():
+        _compress_panel(session)
+    # only now, when this run is done, the neighbours of what is on screen are computed in the background
+    result = st.session_state.get("_cp_last_result")
+    if result is not None:
+        anticipate_neighbours(session, result.plan, result)
+
+
+def _compress_panel(session: CompressionSession) -> None:
+    st.session_state.pop("_cp_last_result", None)
     stored = get_plan()
     left, right = st.columns([1, 2.2], gap="large")
     with left, st.container(key="cp_plan"):
@@ -287,7 +298,7 @@ def compress_panel(session: CompressionSession) -> None:
         return
     st.divider()
     show_comparison(session, plan, result)
-    anticipate_neighbours(session, plan, result)
+    st.session_state["_cp_last_result"] = result
 
 
 session = page_session(

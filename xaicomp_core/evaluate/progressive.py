@@ -27,8 +27,10 @@ from xaicomp_core.plan import CompressionPlan
 
 #: Images in the first, estimated numbers of a plan (class-balanced).
 QUICK_IMAGES = 250
+#: Images per chunk of a background evaluation: the longest a foreground call waits for the background.
+BACKGROUND_CHUNK = 250
 #: At most this many plans wait per owner; older wishes are dropped, never queued.
-MAX_ANTICIPATED = 8
+MAX_ANTICIPATED = 12
 
 
 def quick_indices(labels: torch.Tensor, n: int = QUICK_IMAGES, num_classes: int | None = None) -> torch.Tensor:

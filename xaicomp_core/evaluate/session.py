@@ -27,7 +27,13 @@ from xaicomp_core.compress.quantize import quantize
 from xaicomp_core.errors import PlanError, XaicompError
 from xaicomp_core.evaluate.fast import TRIAL_IMAGES, FastForward
 from xaicomp_core.evaluate.forward import EVAL_BATCH_SIZE, accuracy_counts, forward_logits  # noqa: F401
-from xaicomp_core.evaluate.progressive import QUICK_IMAGES, Anticipator, estimate_accuracy, quick_indices
+from xaicomp_core.evaluate.progressive import (
+    BACKGROUND_CHUNK,
+    QUICK_IMAGES,
+    Anticipator,
+    estimate_accuracy,
+    quick_indices,
+)
 from xaicomp_core.format.size import SizeBreakdown
 from xaicomp_core.io.data import DataLike, as_tensors
 from xaicomp_core.io.models import model_info, state_dict_hash
@@ -592,7 +598,7 @@ class CompressionSession:
                 return self._results[key]
             t0 = time.perf_counter()
             cw = self.compress(plan)
-        chunk = max(1, min(self.eval_batch_size, 500))
+        chunk = max(1, min(self.eval_batch_size, BACKGROUND_CHUNK))
         parts = []
         for i in range(0, len(self.x_eval), chunk):
             self._wait_for_foreground()
