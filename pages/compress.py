@@ -15,6 +15,7 @@ import math
 import streamlit as st
 
 from pages.common import (
+    UPLOADS_KEY,
     anticipate_neighbours,
     comparison_plan,
     control,
@@ -27,11 +28,13 @@ from pages.common import (
     fmt_pct,
     fmt_pp,
     get_plan,
+    get_settings,
     model_label,
     page_session,
     pp_delta,
     remember_plan,
     result_metrics,
+    sources_for,
     split_to_cuts,
 )
 from xaicomp_core import CRITERIA, CompressionPlan, CompressionSession, EvaluationResult, PlanError, XaicompError
@@ -230,7 +233,13 @@ def show_result(session: CompressionSession, plan: CompressionPlan, notes: list[
         st.plotly_chart(figures.size_sections_figure(size.section_totals(), size.fp32_bytes), width="stretch",
                         key="cp_sections")
     with st.expander("Reproduce on the command line"):
-        st.code(f"xaicomp compress --model <model> {plan.cli_args()}", language="bash")
+        try:
+            command = str(sources_for(get_settings(), st.session_state.get(UPLOADS_KEY)).command("compress", plan))
+        except XaicompError:
+            command = f"xaicomp compress {plan.cli_args()}"
+        st.code(command, language="bash")
+        st.caption("The same model, data and plan on the command line (an uploaded file appears as a placeholder "
+                   "path to replace with your file).")
     return result
 
 
