@@ -120,8 +120,15 @@ class Criterion:
     budgeted: bool = False
 
     def scores(self, inp: ScoreInputs) -> dict[str, torch.Tensor]:
-        """Per-weight importance, same shapes as the weights (higher = keep)."""
-        raise NotImplementedError
+        """Per-weight importance, same shapes as the weights (higher = keep). A structured criterion gives every
+        weight of an output channel its channel's :meth:`channel_scores`."""
+        if not self.structured:
+            raise NotImplementedError
+        out = {}
+        for k, ch in self.channel_scores(inp).items():
+            w = inp.weights[k]
+            out[k] = ch.view(-1, *([1] * (w.ndim - 1))).expand(w.shape).contiguous()
+        return out
 
     def budget_scores(self, inp: ScoreInputs) -> dict[str, torch.Tensor]:
         """For budgeted criteria (``budgeted = True``): scores whose *global* ranking decides how many weights each
@@ -317,13 +324,6 @@ class LRPFilter(Criterion):
             out[k] = ch / total if total > 0 else ch
         return out
 
-    def scores(self, inp: ScoreInputs) -> dict[str, torch.Tensor]:  # noqa: D102
-        out = {}
-        for k, ch in self.channel_scores(inp).items():
-            w = inp.weights[k]
-            out[k] = ch.view(-1, *([1] * (w.ndim - 1))).expand(w.shape).contiguous()
-        return out
-
 
 @register_criterion
 class MagnitudeFilter(Criterion):
@@ -347,12 +347,6 @@ class MagnitudeFilter(Criterion):
             out[k] = ch / mean if mean > 0 else ch
         return out
 
-    def scores(self, inp: ScoreInputs) -> dict[str, torch.Tensor]:  # noqa: D102
-        out = {}
-        for k, ch in self.channel_scores(inp).items():
-            w = inp.weights[k]
-            out[k] = ch.view(-1, *([1] * (w.ndim - 1))).expand(w.shape).contiguous()
-        return out
 
     def bit_scores(self, inp: ScoreInputs) -> dict[str, torch.Tensor]:  # noqa: D102
         return Magnitude().scores(inp)
