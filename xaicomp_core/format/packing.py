@@ -456,15 +456,6 @@ def pack(compressed: CompressedWeights, state: dict[str, torch.Tensor], info: Mo
                       time.perf_counter() - t0)
 
 
-def write_packed(path: str | pathlib.Path, compressed: CompressedWeights, state: dict[str, torch.Tensor],
-                 info: ModelInfo, *,
-                 codec: str = "none", extra: dict[str, Any] | None = None) -> PackResult:
-    """:func:`pack` and write the file to ``path``."""
-    res = pack(compressed, state, info, codec=codec, extra=extra)
-    res.write(path)
-    return res
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # reader
 # ----------------------------------------------------------------------------------------------------------------
