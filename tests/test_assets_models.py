@@ -174,8 +174,9 @@ def test_nan_weights_are_refused(tmp_path):
         load_model("fashion-lenet", weights=tmp_path / "nan.pt")
 
 
-def test_torchvision_arch_offline_is_a_clear_message_and_random_only_on_request():
-    with pytest.raises(WeightsError, match="pretrained weights for resnet18"):
+def test_torchvision_arch_offline_is_a_clear_message_and_random_only_on_request(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty torch cache: nothing to load, nothing downloaded
+    with pytest.raises(WeightsError, match="pretrained weights of resnet18 are not on this machine: place resnet18-"):
         load_torchvision_model("resnet18", pretrained=True)
     m = load_torchvision_model("resnet18", pretrained=False, allow_random=True, num_classes=10)
     assert model_info(m).source == "random" and model_info(m).num_classes == 10
