@@ -74,7 +74,7 @@ def test_the_search_never_looks_at_the_evaluation_images(fashion_ref, fashion_ev
 def test_compare_and_explicit_search_images(small_session):
     s = small_session
     x, y = s.x_ref[:150], s.y_ref[:150]
-    res = auto_compare(s, 1.5, budget=4, search_data=(x, y), **GRID)
+    res = auto_compare(s, 1.5, budget=4, search_data=(x, y), signals=("relevance", "magnitude"), **GRID)
     assert set(res) == {"relevance", "magnitude"} and res["magnitude"].plan.criterion == "magnitude"
     assert all(r.search_images == 150 for r in res.values())
     summary = compare_summary(res)

@@ -86,14 +86,18 @@ def register(subparsers: Any) -> None:
     g = p.add_argument_group("search")
     g.add_argument("--max-drop", type=float, default=1.0,
                    help="accuracy budget in points below the original model, on the search (reference) images")
-    g.add_argument("--budget", type=int, default=None, help="evaluations per signal (default 40)")
+    g.add_argument("--budget", type=int, default=None, help="evaluations on the search images per signal "
+                                                           "(default 80)")
     g.add_argument("--finetune-epochs", type=int, default=0,
                    help="fine-tune every evaluated plan this many epochs (slow: one fine-tuning per evaluation)")
-    g.add_argument("--signals", default="relevance,magnitude",
-                   help="signals to search with, the first one's plan is saved (relevance, magnitude)")
+    g.add_argument("--signals", default="hybrid,magnitude",
+                   help="signals to search with, side by side; the first one's plan is saved. hybrid: relevance "
+                        "allocates, |w| prunes inside a layer; relevance: |R|·|w| inside too; magnitude: no "
+                        "relevance at all (default hybrid,magnitude)")
     g.add_argument("--sparsities", default=None, help="per-layer prune ratios to choose from (default "
                                                       "0,0.1,...,0.98)")
-    g.add_argument("--bit-widths", default=None, help="per-layer bit widths to choose from (default 8,7,6,5,4,3,2)")
+    g.add_argument("--bit-widths", default=None, help="per-layer bit widths to choose from (default "
+                                                      "8,7,6,5,4,3,2)")
     g.add_argument("--composite", default=None, help="LRP composite of the relevance signal (default epsilon)")
     g.add_argument("--save-plan", default=None, help="write the first signal's plan as JSON to this file")
     p.add_argument("--json", action="store_true")

@@ -19,12 +19,12 @@ How it searches (a rate-distortion allocation calibrated by real evaluations, as
 
 1. **Table** (no evaluation): every (sparsity, bits) setting is applied to all layers at once, once per setting;
    each layer's packed bytes and predicted damage are read off (both depend on that layer's setting only).
-2. **Calibration** (``probes`` evaluations per layer that matters, default 4): each layer alone compressed to
-   about 50 / 30 / 18 / 10 % of its size along its hull; the predicted damage is mapped onto the measured accuracy
-   drop, piecewise linearly (the sensitivity curves of AIMET's greedy selection, sampled where the signal says the
-   efficient settings are). The signal says how damage grows with sparsity and bits *within* a layer, the
-   measurements how much each layer matters. With ``probes=0`` the signal's damage is compared across layers as
-   it is.
+2. **Calibration** (``probes`` evaluations per layer that matters, default 3): each layer alone compressed to
+   about 25 and 10 % of its size along its hull and to its smallest setting; the predicted damage is mapped onto
+   the measured accuracy drop, piecewise linearly (the sensitivity curves of AIMET's greedy selection, sampled where
+   the signal says the efficient settings are). The signal says how damage grows with sparsity and bits *within*
+   a layer, the measurements how much each layer matters. With ``probes=0`` the signal's damage is compared across
+   layers as it is.
 3. **Chain** (no evaluation): per layer, the lower convex hull of (bytes, damage); all hull steps merged by damage
    per byte saved give one chain of plans from the most accurate (dense 8 bits) to the smallest -- the plans that
    minimise ``bytes + lambda * damage`` as ``lambda`` falls.
@@ -33,7 +33,8 @@ How it searches (a rate-distortion allocation calibrated by real evaluations, as
 5. **Greedy** (the rest of the budget): from there, the chain of the settings still allowed is re-derived from the
    current plan and its first ``m`` steps are tried at once, kept only if the accuracy stays within the budget
    (``m`` doubles after a success and halves after a failure); a single step that fails rules out its setting and
-   every setting of that layer at least as aggressive (as much sparsity or more and as few bits or fewer).
+   every setting of that layer at least as aggressive (as much sparsity or more and as few bits or fewer; with any
+   number of bits when the step added sparsity without taking bits away).
 
 Accuracy is measured on the *search images* only (by default the session's reference images, which are never its
 evaluation images); the chosen plan is then evaluated once on the evaluation images, which the search never saw.
@@ -58,8 +59,9 @@ SPARSITIES: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.65, 0.7, 0
                                   0.97, 0.98)
 #: Per-layer bit widths the search chooses from.
 BITS: tuple[int, ...] = (8, 7, 6, 5, 4, 3, 2)
-#: Calibration probes compress one layer to about these fractions of its largest packed size (the first ``probes``).
-PROBE_FRACTIONS = (0.5, 0.3, 0.18, 0.1, 0.06)
+#: Calibration probes compress one layer to its smallest setting and to about these fractions of its largest packed
+#: size (the first ``probes - 1``).
+PROBE_FRACTIONS = (0.25, 0.1, 0.5, 0.04)
 #: Steps of the chain the greedy phase first tries at once.
 GREEDY_START = 4
 #: The signals: the criterion that orders weights inside a layer, and how damage is weighted and normalised.
@@ -71,7 +73,7 @@ SIGNALS: dict[str, dict[str, Any]] = {
     "magnitude": {"criterion": "magnitude", "importance": "magnitude", "normalise": True,
                   "text": "prune by |w| inside layers; allocate by relative weight error"},
 }
-DEFAULT_BUDGET = 60
+DEFAULT_BUDGET = 80
 
 ProgressFn = Callable[[int, int], None]
 Setting = tuple[float, int]
@@ -194,7 +196,7 @@ class AutoSearch:
     def __init__(self, session: CompressionSession, signal: str = "relevance", *,
                  search_data: str | tuple[torch.Tensor, torch.Tensor] = "reference",
                  sparsities: Sequence[float] = SPARSITIES, bits: Sequence[int] = BITS, finetune_epochs: int = 0,
-                 composite: str | None = None, quantizer: str = "mse", probes: int = 4) -> None:
+                 composite: str | None = None, quantizer: str = "mse", probes: int = 3) -> None:
         if signal not in SIGNALS:
             raise XaicompError(f"unknown signal {signal!r}; choose one of {', '.join(SIGNALS)}")
         if finetune_epochs and not session.can_finetune:
@@ -271,8 +273,9 @@ class AutoSearch:
 
     def _calibrate(self, table: dict[str, dict[Setting, tuple[int, float]]],
                    check: Callable[..., bool | None]) -> dict[str, dict[Setting, tuple[int, float]]]:
-        """Measured sensitivity curves: each layer alone at :attr:`probes` settings of its hull (nearest
-        :data:`PROBE_FRACTIONS` of its largest size), the others at their most accurate setting, never fine-tuned.
+        """Measured sensitivity curves: each layer alone at :attr:`probes` settings of its hull (its smallest one and
+        those nearest :data:`PROBE_FRACTIONS` of its largest size), the others at their most accurate setting, never
+        fine-tuned.
         A layer's predicted damage is then mapped onto the measured accuracy drop (points, non-decreasing,
         piecewise linear through the probes, linear beyond the last one), so that damage compares across layers
         as accuracy does while the signal still says how it grows between the probes. Layers whose compression
@@ -286,7 +289,8 @@ class AutoSearch:
             if h[0][0] - h[-1][0] < 0.01 * total or len(h) < 2:
                 continue
             picks: list[tuple[int, float, Setting]] = []
-            for frac in PROBE_FRACTIONS[:self.probes]:
+            picks = [h[-1]]  # the smallest setting: between the probes the curve is interpolated, not extrapolated
+            for frac in PROBE_FRACTIONS[:self.probes - 1]:
                 p = min(h[1:], key=lambda q: abs(q[0] - frac * h[0][0]))
                 if p not in picks:
                     picks.append(p)
@@ -409,7 +413,8 @@ class AutoSearch:
         current = dict(chain[lo])
         # greedy: from there, the (calibrated) chain of the settings still allowed, re-derived from the current
         # plan; try its first m steps at once (m doubles after a success, halves after a failure); a single step
-        # that fails rules out that setting and every setting of that layer at least as aggressive
+        # that fails rules out that setting and every setting of that layer at least as aggressive (as sparse or
+        # sparser with as few bits or fewer; with any bits when the step added sparsity and no fewer bits)
         rejected: dict[str, list[Setting]] = {k: [] for k in self.layers}
 
         def allowed(k: str, st: Setting) -> bool:
@@ -443,7 +448,10 @@ class AutoSearch:
             elif m > 1:
                 m //= 2
             else:
-                rejected[steps[0][1]].append(steps[0][2])
+                _, k, st = steps[0]
+                # a failed step that adds sparsity while keeping as many bits or more condemns the sparsity itself
+                sp0, b0 = current[k]
+                rejected[k].append((st[0], 99) if st[0] > sp0 and st[1] >= b0 else st)
         if best is not None:
             nbytes, plan, acc = best
             feasible = True
@@ -467,7 +475,7 @@ def auto_search(session: CompressionSession, max_drop: float = 1.0, *, signal: s
 
 
 def auto_compare(session: CompressionSession, max_drop: float = 1.0, *,
-                 signals: Sequence[str] = ("relevance", "magnitude"), budget: int = DEFAULT_BUDGET,
+                 signals: Sequence[str] = ("hybrid", "magnitude"), budget: int = DEFAULT_BUDGET,
                  finetune_epochs: int = 0, search_data: str | tuple[torch.Tensor, torch.Tensor] = "reference",
                  progress: ProgressFn | None = None, **kwargs: Any) -> dict[str, AutoResult]:
     """The same search once per signal, with the same budget each (``progress(done, total)`` over all of them)."""
