@@ -138,6 +138,7 @@ def test_cli_auto_saves_a_plan_that_compress_reproduces(capsys, tmp_path):
     (["--signals", "relevance,vibes"], "--signals"),
     (["--sparsities", "0,1.5"], "--sparsities"),
     (["--bit-widths", "8,x"], "--bit-widths"),
+    (["--probes", "9"], "--probes"),
 ])
 def test_cli_auto_user_errors_are_one_line(capsys, args, match):
     rc = main(["auto", *FAST, *args, "--json"])

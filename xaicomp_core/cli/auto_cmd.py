@@ -37,6 +37,9 @@ def cmd_auto(args: argparse.Namespace) -> int:
         raise XaicompError(f"--sparsities must lie in [0, 1), got {args.sparsities!r}")
     if not bits or any(not 1 <= b <= 8 for b in bits):
         raise XaicompError(f"--bit-widths must be integers 1-8, got {args.bit_widths!r}")
+    probes = 3 if args.probes is None else args.probes
+    if not 0 <= probes <= 5:
+        raise XaicompError(f"--probes must be in 0..5, got {probes}")
     if args.save_plan:
         out = pathlib.Path(args.save_plan)
         if out.is_dir() or not out.parent.exists():
@@ -47,7 +50,7 @@ def cmd_auto(args: argparse.Namespace) -> int:
     if args.finetune_epochs and not session.can_finetune:
         raise XaicompError("--finetune-epochs needs fine-tuning data (--train-data, or built-in data)")
     results = auto_compare(session, args.max_drop, signals=signals, budget=budget,
-                           finetune_epochs=args.finetune_epochs, sparsities=sparsities, bits=bits,
+                           finetune_epochs=args.finetune_epochs, sparsities=sparsities, bits=bits, probes=probes,
                            progress=progress_printer("evaluations", not args.json))
     primary = results[signals[0]]
     if args.save_plan:
@@ -58,7 +61,7 @@ def cmd_auto(args: argparse.Namespace) -> int:
         "finetune_epochs": args.finetune_epochs, "search_images": len(session.y_ref),
         "evaluation_images": len(session.y_eval), "sparsities": sorted(set(sparsities)),
         "bits": sorted(set(bits), reverse=True),
-        "primary": signals[0], "saved_plan": args.save_plan, "comparison": summary,
+        "probes": probes, "primary": signals[0], "saved_plan": args.save_plan, "comparison": summary,
         "results": {k: r.to_dict() for k, r in results.items()},
     }
     if args.json:
@@ -98,6 +101,8 @@ def register(subparsers: Any) -> None:
                                                       "0,0.1,...,0.98)")
     g.add_argument("--bit-widths", default=None, help="per-layer bit widths to choose from (default "
                                                       "8,7,6,5,4,3,2)")
+    g.add_argument("--probes", type=int, default=None,
+                   help="calibration probes per layer (0-5, default 3; 0: allocate by the signal alone)")
     g.add_argument("--composite", default=None, help="LRP composite of the relevance signal (default epsilon)")
     g.add_argument("--save-plan", default=None, help="write the first signal's plan as JSON to this file")
     p.add_argument("--json", action="store_true")

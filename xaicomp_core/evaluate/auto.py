@@ -34,11 +34,16 @@ How it searches (a rate-distortion allocation calibrated by real evaluations, as
    current plan and its first ``m`` steps are tried at once, kept only if the accuracy stays within the budget
    (``m`` doubles after a success and halves after a failure); a single step that fails rules out its setting and
    every setting of that layer at least as aggressive (as much sparsity or more and as few bits or fewer; with any
-   number of bits when the step added sparsity without taking bits away).
+   number of bits when the step added sparsity without taking bits away). When no step is left, **exchanges**: one
+   layer tightened and another relaxed, saving at least 1 % of the bytes in all, the least predicted net damage per
+   byte first; a successful exchange reopens the single steps.
 
 Accuracy is measured on the *search images* only (by default the session's reference images, which are never its
 evaluation images); the chosen plan is then evaluated once on the evaluation images, which the search never saw.
-The budget counts evaluations on the search images (each one forward pass, after fine-tuning if asked).
+The budget counts evaluations on the search images (each one forward pass; with ``finetune_epochs`` every plan but
+the calibration probes is fine-tuned first, as the saved plan will be). The built-in reference images come from the
+training split, where the original model is more accurate (96.2 % vs 93.6 % for ``fashion-vgg``); the reported
+evaluation drop can therefore differ from the search drop either way, and the result says both.
 """
 
 from __future__ import annotations
@@ -64,6 +69,8 @@ BITS: tuple[int, ...] = (8, 7, 6, 5, 4, 3, 2)
 PROBE_FRACTIONS = (0.25, 0.1, 0.5, 0.04)
 #: Steps of the chain the greedy phase first tries at once.
 GREEDY_START = 4
+#: An exchange (one layer tightened, another relaxed) must save at least this fraction of the plan's bytes.
+EXCHANGE_MIN = 0.01
 #: The signals: the criterion that orders weights inside a layer, and how damage is weighted and normalised.
 SIGNALS: dict[str, dict[str, Any]] = {
     "relevance": {"criterion": "lrp-x-weight", "importance": "relevance", "normalise": False,
@@ -207,8 +214,8 @@ class AutoSearch:
         self.composite = composite or session.composite
         self.quantizer = quantizer
         self.finetune_epochs = int(finetune_epochs)
-        if not 0 <= int(probes) <= len(PROBE_FRACTIONS):
-            raise XaicompError(f"probes per layer must be in 0..{len(PROBE_FRACTIONS)}, got {probes}")
+        if not 0 <= int(probes) <= len(PROBE_FRACTIONS) + 1:
+            raise XaicompError(f"probes per layer must be in 0..{len(PROBE_FRACTIONS) + 1}, got {probes}")
         self.probes = int(probes)
         self.sparsities = sorted({float(s) for s in sparsities})
         self.bits = sorted({int(b) for b in bits}, reverse=True)
@@ -421,6 +428,8 @@ class AutoSearch:
             return not any(st[0] >= r[0] and st[1] <= r[1] for r in rejected[k])
 
         m = GREEDY_START
+        tried: set[tuple] = set()
+        hulls_all = {k: _hull([(nb, d, st) for st, (nb, d) in table[k].items()]) for k in self.layers}
         while best is not None and used < budget:
             steps = []
             for k in self.layers:
@@ -433,7 +442,41 @@ class AutoSearch:
                 for (b1, d1, _), (b2, d2, st) in zip(h, h[1:]):
                     steps.append(((d2 - d1) / max(b1 - b2, 1), k, st))
             if not steps:
-                break
+                # exchange: tighten one layer and relax another for fewer bytes in all, the least predicted net
+                # damage per net byte saved first (pairs of hull settings; each pair tried once)
+                total_now = size_of(current)
+                pairs = []
+                for k in self.layers:
+                    nbk, dk = table[k][current[k]]
+                    for j in self.layers:
+                        nbj, dj = table[j][current[j]]
+                        if j == k:
+                            continue
+                        for nb1, d1, s1 in hulls_all[k]:
+                            if nb1 >= nbk:
+                                continue
+                            for nb2, d2, s2 in hulls_all[j]:
+                                net = (nbk - nb1) - (nb2 - nbj)
+                                if nb2 <= nbj or d2 >= dj or net < EXCHANGE_MIN * total_now:
+                                    continue
+                                key = (k, s1, j, s2, tuple(sorted(current.items())))
+                                if key not in tried:
+                                    pairs.append(((d1 - dk + d2 - dj) / net, -net, key))
+                if not pairs:
+                    break
+                _, _, key = min(pairs)
+                tried.add(key)
+                k, s1, j, s2, _ = key
+                trial = dict(current)
+                trial[k], trial[j] = s1, s2
+                ok = check(trial, "exchange")
+                if ok is None:
+                    break
+                if ok:
+                    current = trial
+                    rejected = {k: [] for k in self.layers}  # a new neighbourhood: single steps may pass again
+                    m = GREEDY_START
+                continue
             steps.sort(key=lambda t: t[0])
             m = max(1, min(m, len(steps)))
             trial = dict(current)
