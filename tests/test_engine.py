@@ -98,8 +98,8 @@ def test_criteria_scores():
     expect = rel["b.weight"].sum(1).double()
     torch.testing.assert_close(ch, expect / expect.abs().sum())
     assert set(CRITERION_REGISTRY) == {"paper", "lrp", "lrp-signed", "lrp-zero", "magnitude", "random", "lrp-filter",
-                                       "magnitude-filter", "lrp-x-weight", "lrp-budget-magnitude", "lrp-budget-x-weight", "lrp-iterative",
-                                       "lrp-x-weight-iterative"}
+                                       "magnitude-filter", "lrp-x-weight", "lrp-budget-magnitude",
+                                       "lrp-budget-x-weight", "lrp-iterative", "lrp-x-weight-iterative"}
     with pytest.raises(PlanError, match="needs LRP relevance"):
         get_criterion("lrp").scores(ScoreInputs(w, None))
 
