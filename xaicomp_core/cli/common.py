@@ -258,26 +258,25 @@ def parse_per_layer(text: str, flag: str, cast: Callable[[str], Any]) -> dict[st
     return out
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer of at least 1."""
+def _int_at_least(text: str, low: int) -> int:
+    """An integer of at least ``low`` from option text (argparse's error on anything else)."""
     try:
         v = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {v}")
+    if v < low:
+        raise argparse.ArgumentTypeError(f"must be at least {low}, not {v}")
     return v
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    return _int_at_least(text, 1)
 
 
 def nonnegative_int(text: str) -> int:
     """argparse type: an integer of at least 0."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, not {v}")
-    return v
+    return _int_at_least(text, 0)
 
 
 def finite_float(text: str) -> float:
