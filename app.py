@@ -197,6 +197,7 @@ pages = [
     st.Page(PAGES / "relevance.py", title="Relevance", icon=":material/local_fire_department:"),
     st.Page(PAGES / "compress.py", title="Compress", icon=":material/compress:"),
     st.Page(PAGES / "tradeoffs.py", title="Trade-offs", icon=":material/show_chart:"),
+    st.Page(PAGES / "auto.py", title="Auto", icon=":material/auto_awesome:"),
 ]
 if (PAGES / "export.py").exists():
     pages.append(st.Page(PAGES / "export.py", title="Export", icon=":material/inventory_2:"))

@@ -61,8 +61,22 @@ def _cut_defaults(plan: CompressionPlan, n: int) -> list[int]:
 def plan_controls(plan: CompressionPlan, session: CompressionSession) -> CompressionPlan | None:
     """Draw the plan's controls; return the plan they describe (None, with a message, if it is invalid).
 
-    Each control starts from its stored value, or from ``plan`` (the current plan) the first time.
+    Each control starts from its stored value, or from ``plan`` (the current plan) the first time. A plan with
+    per-layer settings (``layer_prune`` / ``layer_bits``, e.g. from the Auto page) keeps them: they are shown as a
+    table, the controls set the rest, and a button drops them.
     """
+    if plan.layer_prune or plan.layer_bits:
+        layers = list(dict.fromkeys([*plan.layer_prune, *plan.layer_bits]))
+        st.info(f"**A per-layer plan** (e.g. from the Auto page): {len(plan.layer_prune)} layer(s) have their own "
+                f"prune ratio and {len(plan.layer_bits)} their own bit width (table). For those layers the prune "
+                "ratio, bit shares and granularity below do not apply; the criterion still chooses the weights "
+                "inside each layer, and the quantizer and fine-tuning apply. Removing a bit level the table uses "
+                "makes the plan invalid.", icon=":material/layers:")
+        st.dataframe([{"layer": k, "pruned": f"{plan.layer_prune[k]:.0%}" if k in plan.layer_prune else "ratio below",
+                       "bits": str(plan.layer_bits[k]) if k in plan.layer_bits else "levels below"} for k in layers],
+                     hide_index=True, width="stretch", key="cp_layer_plan")
+        st.button("Drop the per-layer settings (the controls alone)", key="cp_drop_layers", on_click=remember_plan,
+                  args=(plan.replace(layer_prune={}, layer_bits={}),))
     names = list(CRITERIA)
     c = control("cp_criterion", plan.criterion)
     criterion = c.keep(st.selectbox(
@@ -80,9 +94,10 @@ def plan_controls(plan: CompressionPlan, session: CompressionSession) -> Compres
 
     st.markdown("**Bit widths of the kept weights**")
     c = control("cp_levels", list(plan.bit_levels))
+    max_levels = max(MAX_LEVELS, len(plan.bit_levels)) if plan.layer_bits else MAX_LEVELS  # per-layer widths
     levels = c.keep(st.multiselect(
-        "Bit levels", LEVEL_OPTIONS, default=[b for b in c.value if b in LEVEL_OPTIONS][:MAX_LEVELS], key=c.key,
-        on_change=c.commit, format_func=_bits_label, max_selections=MAX_LEVELS,
+        "Bit levels", LEVEL_OPTIONS, default=[b for b in c.value if b in LEVEL_OPTIONS][:max_levels], key=c.key,
+        on_change=c.commit, format_func=_bits_label, max_selections=max_levels,
         help="Higher-ranked kept weights get the first level, the rest the next ones."))
     levels = sorted(set(levels), reverse=True)
     n = len(levels)
@@ -151,7 +166,8 @@ def plan_controls(plan: CompressionPlan, session: CompressionSession) -> Compres
                                protect="first-last" if protect else "none", bit_levels=levels,
                                bit_split=cuts_to_split(cuts), bit_ranking=ranking, granularity=granularity,
                                quantizer=quantizer, composite=plan.composite, seed=seed, finetune_epochs=epochs,
-                               finetune_lr=plan.finetune_lr).validate()
+                               finetune_lr=plan.finetune_lr, layer_prune=dict(plan.layer_prune),
+                               layer_bits=dict(plan.layer_bits)).validate()
     except PlanError as e:
         st.error(str(e), icon=":material/warning:")
         return None

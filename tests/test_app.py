@@ -26,7 +26,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # the app's pages package
 DEFAULT_MODEL = "fashion-vgg"
 MODEL = os.environ.get("XAICOMP_TEST_MODEL", DEFAULT_MODEL)
-PAGES = ["overview", "relevance", "compress", "tradeoffs", "learn"]
+PAGES = ["overview", "relevance", "compress", "tradeoffs", "auto", "learn"]
 TIMEOUT = 300
 DEFAULT_PLAN = CompressionPlan(criterion="lrp", prune_ratio=0.5, bit_levels=[8, 4, 2], bit_split=[0.2, 0.5])
 
@@ -178,8 +178,8 @@ def test_every_page_renders(app, engine, page):
         ok(app)
     elif page == "compress":
         assert_shows(app, engine.evaluate(DEFAULT_PLAN))
-    elif page == "tradeoffs":
-        assert any(b.label == "Run sweep" for b in app.button)
+    elif page in ("tradeoffs", "auto"):
+        assert any(b.label == ("Run sweep" if page == "tradeoffs" else "Run search") for b in app.button)
 
 
 def test_export_page_is_listed_and_renders(app):
@@ -634,3 +634,85 @@ def test_torchvision_without_weights_is_explained_not_an_error():
     ok(at)
     assert "needs weights" in infos(at) and "random weights" in infos(at)
     assert not at.metric  # nothing loaded until the user decides
+
+
+# ------------------------------------------------------------------------------------------------------- auto
+def test_auto_panel_shows_the_engine_search_and_hands_the_plan_to_compress(tmp_path, capsys):
+    """The Auto page runs the engine's search (the same numbers as ``auto_compare`` with the same arguments), says
+    which signal won in the engine's words, hands a per-layer plan to Compress (which shows and evaluates exactly
+    that plan), renders CLI commands that reproduce it, and reports a bad request as one readable line."""
+    import json
+    import shlex
+
+    from pages.common import DataSpec, ModelSpec, Settings, session_for
+    from xaicomp_core.cli.main import main as cli_main
+    from xaicomp_core.evaluate.auto import auto_compare, verdict
+
+    at = new_app("fashion-lenet")
+    at.sidebar.number_input(key="sb_eval_samples").set_value(300).run()
+    at.sidebar.number_input(key="sb_ref_samples").set_value(200).run()
+    goto(at, "auto")
+    ok(at)
+    assert "Run search" in infos(at) and not at.metric
+    # no signal: one readable line, and the page keeps working
+    at.multiselect(key="au_signals").set_value([])
+    next(b for b in at.button if b.label == "Run search").click()
+    at.run()
+    assert errors(at) == "Choose at least one signal."
+    at.number_input(key="au_budget").set_value(6)
+    at.number_input(key="au_max_drop").set_value(1.5)
+    at.multiselect(key="au_signals").set_value(["hybrid", "magnitude"])
+    next(b for b in at.button if b.label == "Run search").click()
+    at.run()
+    ok(at)
+    session = session_for(Settings(model=ModelSpec("builtin", "fashion-lenet"), data=DataSpec(eval_samples=300),
+                                   reference_samples=200))
+    assert (len(session.y_eval), len(session.y_ref)) == (300, 200)
+    expect = auto_compare(session, 1.5, signals=["hybrid", "magnitude"], budget=6, composite="epsilon")
+    shown = next(iter(at.session_state["_cache"]["auto"].values()))
+    assert list(shown) == ["hybrid", "magnitude"]
+    for k, r in expect.items():
+        assert shown[k].plan == r.plan and shown[k].history == r.history
+    assert verdict(expect) in infos(at)
+    tiles = [(m.label, m.value, m.delta) for m in at.metric]
+    assert len(tiles) == 8  # four per signal, side by side
+    for r, chunk, frame in zip(expect.values(), (tiles[:4], tiles[4:]), at.dataframe):
+        ev = r.evaluation
+        assert chunk[0][1] == f"{r.compression_ratio:.2f}×"
+        assert chunk[1][1] == fmt_bytes(r.estimated_bytes)
+        assert (chunk[2][1], chunk[2][2]) == (fmt_pct(ev.accuracy), fmt_pp(ev.accuracy_change))
+        search_drop = 100 * (r.search_baseline - r.search_accuracy)
+        assert chunk[3][1] == f"{search_drop:.2f} / {-100 * ev.accuracy_change:.2f} pt"
+        table = frame.value
+        assert list(table["layer"]) == [la.name for la in ev.layers]
+        assert list(table["bits"]) == [r.plan.layer_bits[la.name] for la in ev.layers]
+    # the commands reproduce the search on the command line (same model, data, split and plan)
+    code = at.code[0].value.splitlines()
+    auto_cmd = shlex.split(code[0])
+    assert auto_cmd[:2] == ["xaicomp", "auto"] and code[1].split()[:2] == ["xaicomp", "compress"]
+    saved = tmp_path / "plan.json"
+    argv = [str(saved) if w == "plan.json" else w for w in auto_cmd[1:]]
+    assert cli_main([*argv, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["results"]["hybrid"]["plan"] == expect["hybrid"].plan.to_dict()
+    assert out["results"]["hybrid"]["compression_ratio"] == expect["hybrid"].compression_ratio
+    assert CompressionPlan.from_json(saved.read_text()) == expect["hybrid"].plan
+    # the hand-over: Compress shows the per-layer plan and evaluates exactly it
+    at.button(key="au_open_hybrid").click().run()
+    ok(at)
+    plan = expect["hybrid"].plan
+    assert at.session_state["plan"] == plan
+    if at.title[0].value != "Compress":  # AppTest does not follow a script's st.switch_page; a browser does
+        goto(at, "compress")
+        ok(at)
+    assert at.session_state["plan"] == plan
+    assert "per-layer plan" in infos(at)
+    layer_table = at.dataframe[0].value  # the per-layer table above the controls
+    assert list(layer_table["bits"]) == [str(plan.layer_bits[k]) for k in plan.layer_bits]
+    assert controls(at)["criterion"] == plan.criterion
+    assert controls(at)["levels"] == plan.bit_levels
+    assert_shows(at, expect["hybrid"].evaluation)
+    # the search stays on its page (per browser session) after the visit
+    goto(at, "auto")
+    ok(at)
+    assert verdict(expect) in infos(at)

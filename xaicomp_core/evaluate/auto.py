@@ -550,3 +550,100 @@ def compare_summary(results: dict[str, AutoResult]) -> dict[str, Any]:
             "ratio_relevance_over_magnitude": (results["relevance"].compression_ratio
                                                / results["magnitude"].compression_ratio)
             if {"relevance", "magnitude"} <= set(results) else None}
+
+
+#: Signals that use relevance (to order weights inside a layer, to allocate across layers, or both).
+RELEVANCE_SIGNALS: tuple[str, ...] = ("relevance", "hybrid")
+
+
+def _kb(nbytes: float) -> str:
+    return f"{nbytes / 1000:,.1f} kB"
+
+
+def _setting(r: AutoResult, layer: str) -> str:
+    sp, b = r.plan.layer_prune.get(layer, 0.0), r.plan.layer_bits.get(layer)
+    return f"{sp:.0%} pruned at {'?' if b is None else b} bits"
+
+
+def verdict(results: dict[str, AutoResult]) -> str:
+    """Which signal found the smallest plan and by how much, in plain words (Markdown), from the results' own numbers.
+
+    The winner is the smallest plan within the accuracy budget on the search images. The text names the margin
+    (bytes and ratio), says plainly when magnitude (no relevance) wins, locates the difference (the layer whose
+    packed bytes differ most between the two smallest plans, with both settings), and gives every plan's drop on the
+    evaluation images, which the search never saw (flagging drops above the budget).
+
+    Parameters
+    ----------
+    results : dict of str to AutoResult
+        One search per signal (:func:`auto_compare`), on the same session and budget.
+
+    Returns
+    -------
+    str
+    """
+    if not results:
+        raise XaicompError("no search results to compare")
+    first = next(iter(results.values()))
+    drop, n_eval = first.max_drop, first.evaluation.images
+    feasible = sorted((k for k, r in results.items() if r.feasible), key=lambda k: results[k].estimated_bytes)
+    parts: list[str] = []
+    if not feasible:
+        parts.append(f"No signal found a plan within {drop:g} points on the {first.search_images:,} search images "
+                     f"with {first.budget} evaluations each; shown is each signal's most accurate plan tried. Allow "
+                     "a larger drop or more evaluations.")
+    else:
+        win = feasible[0]
+        w = results[win]
+        if len(results) == 1:
+            parts.append(f"**{win}** found {w.compression_ratio:.1f}× ({_kb(w.estimated_bytes)}) within {drop:g} "
+                         f"points on the search images.")
+        elif len(feasible) == 1:
+            others = ", ".join(k for k in results if k != win)
+            parts.append(f"**{win}** found {w.compression_ratio:.1f}× ({_kb(w.estimated_bytes)}); {others} found "
+                         f"no plan within {drop:g} points with the same {w.budget} evaluations.")
+        else:
+            second = feasible[1]
+            o = results[second]
+            if w.estimated_bytes == o.estimated_bytes:
+                parts.append(f"**{win} and {second} tie** at {w.compression_ratio:.1f}× ({_kb(w.estimated_bytes)}).")
+            else:
+                saved = 1 - w.estimated_bytes / o.estimated_bytes
+                parts.append(f"**{win}** found the smallest plan: {w.compression_ratio:.1f}× "
+                             f"({_kb(w.estimated_bytes)}) against {second}'s {o.compression_ratio:.1f}× "
+                             f"({_kb(o.estimated_bytes)}), {saved:.1%} fewer bytes.")
+                diff = {la.name: la.bytes for la in w.evaluation.layers}
+                gaps = [(abs(la.bytes - diff.get(la.name, la.bytes)), la) for la in o.evaluation.layers]
+                gap, layer = max(gaps, key=lambda t: t[0]) if gaps else (0, None)
+                if layer is not None and gap > 0:
+                    total = sum(la.params for la in o.evaluation.layers) or 1
+                    wb = diff[layer.name]
+                    parts.append(f"The largest difference is in `{layer.name}` ({layer.params:,} weights, "
+                                 f"{layer.params / total:.0%} of the compressible ones): {win} "
+                                 f"{_setting(w, layer.name)} ({_kb(wb)}), {second} {_setting(o, layer.name)} "
+                                 f"({_kb(layer.bytes)}).")
+            if "magnitude" in results:
+                mag = results["magnitude"]
+                best_rel = next((k for k in feasible if k in RELEVANCE_SIGNALS), None)
+                if win == "magnitude":
+                    parts.append("**Relevance did not help here**: magnitude alone, with the same search and the "
+                                 "same number of evaluations, found the smallest plan"
+                                 + (f" ({best_rel}: {results[best_rel].compression_ratio:.1f}×)." if best_rel
+                                    else "; no relevance signal found a plan within the budget."))
+                elif win in RELEVANCE_SIGNALS and mag.feasible:
+                    parts.append(f"Relevance helped: {win} is {w.compression_ratio / mag.compression_ratio:.2f}× "
+                                 f"the ratio magnitude reached ({mag.compression_ratio:.1f}×).")
+    drops = []
+    for k, r in results.items():
+        d = -100 * r.evaluation.accuracy_change
+        drops.append(f"{k} {d:.2f}" + (" (above the budget)" if d > drop + 1e-9 else ""))
+    parts.append(f"On the {n_eval:,} evaluation images, which the search never saw, the drops are "
+                 + ", ".join(drops) + " points. The search measures on its own images (by default the reference "
+                 "images, from the training split), so the two drops can differ either way.")
+    if feasible:
+        over = {k for k, r in results.items() if -100 * r.evaluation.accuracy_change > drop + 1e-9}
+        held = [k for k in feasible[1:] if k not in over]
+        if feasible[0] in over and held:
+            parts.append(f"**Caution**: {feasible[0]}'s plan is over the budget on the evaluation images while "
+                         f"{', '.join(held)}'s is not, so its win on the search images does not carry over here.")
+    return " ".join(parts)
