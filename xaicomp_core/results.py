@@ -13,6 +13,7 @@ per criterion, without and with fine-tuning; the benchmark. Writes ``results/sum
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import io
 import json
@@ -20,7 +21,7 @@ import pathlib
 import platform
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -71,6 +72,12 @@ def auc(xs: Sequence[float], ys: Sequence[float]) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+def curve_plan(criterion: str, ratio: float) -> CompressionPlan:
+    """The plan of one point of a pruning curve (fp32 weights)."""
+    return CompressionPlan(criterion=criterion, prune_ratio=ratio,
+                           composite=CRITERION_COMPOSITE.get(criterion, "epsilon"))
+
+
 def pruning_curves(s: CompressionSession, ratios: Sequence[float], ft_ratios: Sequence[float],
                    criteria: Sequence[str]) -> dict[str, Any]:
     """Accuracy vs sparsity per criterion (fp32 weights), without and with fine-tuning."""
@@ -78,8 +85,7 @@ def pruning_curves(s: CompressionSession, ratios: Sequence[float], ft_ratios: Se
     for crit in criteria:
         pts = []
         for ratio in ratios:
-            plan = CompressionPlan(criterion=crit, prune_ratio=ratio,
-                                   composite=CRITERION_COMPOSITE.get(crit, "epsilon"))
+            plan = curve_plan(crit, ratio)
             r = s.evaluate(plan)
             row = {"prune_ratio": ratio, "sparsity": r.sparsity, "accuracy": r.accuracy}
             if ratio in ft_ratios and s.can_finetune:
@@ -128,25 +134,28 @@ def paper_rule(s: CompressionSession, composites: Sequence[str]) -> dict[str, An
     return out
 
 
-def mixed_precision(s: CompressionSession, ratios: Sequence[float]) -> list[dict[str, Any]]:
-    """Size vs accuracy for uniform bits and relevance- vs magnitude-ranked mixed precision."""
-    rows = []
+def mixed_precision_plans(ratios: Sequence[float]) -> Iterator[tuple[CompressionPlan, dict[str, Any]]]:
+    """The plans of :func:`mixed_precision`, each with the fields of its row."""
     for ratio in ratios:
         for crit in ("lrp", "magnitude"):
             base = CompressionPlan(criterion=crit, prune_ratio=ratio)
             for b in UNIFORM_BITS:
-                r = s.evaluate(base.replace(bit_levels=[b], bit_split=[]))
-                rows.append(_row(r, family=f"uniform ({crit} pruning)", bits=str(b), ranking="-",
-                                 granularity="weight"))
+                yield (base.replace(bit_levels=[b], bit_split=[]),
+                       {"family": f"uniform ({crit} pruning)", "bits": str(b), "ranking": "-", "granularity": "weight"})
             for levels, split in MIXED:
                 for ranking in ("relevance", "magnitude"):
                     for gran in ("weight", "channel", "layer"):
-                        r = s.evaluate(base.replace(bit_levels=list(levels), bit_split=list(split),
-                                                    bit_ranking=ranking, granularity=gran))
-                        rows.append(_row(r, family=f"{ranking}-ranked bits ({crit} pruning)",
-                                         bits="/".join(map(str, levels)) + " (" + "/".join(
-                                             f"{x * 100:.0f}" for x in (*split, 1 - sum(split))) + ")",
-                                         ranking=ranking, granularity=gran))
+                        yield (base.replace(bit_levels=list(levels), bit_split=list(split), bit_ranking=ranking,
+                                            granularity=gran),
+                               {"family": f"{ranking}-ranked bits ({crit} pruning)",
+                                "bits": "/".join(map(str, levels)) + " (" + "/".join(
+                                    f"{x * 100:.0f}" for x in (*split, 1 - sum(split))) + ")",
+                                "ranking": ranking, "granularity": gran})
+
+
+def mixed_precision(s: CompressionSession, ratios: Sequence[float]) -> list[dict[str, Any]]:
+    """Size vs accuracy for uniform bits and relevance- vs magnitude-ranked mixed precision."""
+    rows = [_row(s.evaluate(plan), **extra) for plan, extra in mixed_precision_plans(ratios)]
     flags = pareto_flags([r["estimated_bytes"] for r in rows], [r["accuracy"] for r in rows])
     for r, f in zip(rows, flags):
         r["pareto"] = f
@@ -233,9 +242,41 @@ def yeom_equal_size(s: CompressionSession, mp_rows: list[dict[str, Any]]) -> lis
     return out
 
 
+def known_plans(s: CompressionSession, ratios: Sequence[float], ft_ratios: Sequence[float],
+                criteria: Sequence[str], composites: Sequence[str], mp_ratios: Sequence[float],
+                candidates: dict[str, list[CompressionPlan]]) -> list[CompressionPlan]:
+    """The plans :func:`run_model` evaluates that are known before any result (for ``--ray``; a plan missing here
+    is still evaluated, in this process)."""
+    ft = s.can_finetune
+    plans = [curve_plan(c, r) for c in criteria for r in ratios]
+    plans += [curve_plan(c, r).replace(finetune_epochs=FT_EPOCHS_CURVE) for c in criteria for r in ratios
+              if ft and r in ft_ratios]
+    for comp in composites:
+        plans += [CompressionPlan(criterion="paper", composite=comp),
+                  CompressionPlan(criterion="lrp-zero", composite=comp)]
+        plans += [CompressionPlan(criterion="paper", composite=comp, finetune_epochs=FT_EPOCHS_CURVE)] if ft else []
+    plans += [plan for plan, _ in mixed_precision_plans(mp_ratios)]
+    plans += [plan for group in candidates.values() for plan in group]
+    return plans
+
+
+def _ray_progress(name: str) -> Any:
+    state = {"t": 0.0}
+
+    def progress(done: int, total: int) -> None:
+        if done == total or time.time() - state["t"] > 30:
+            state["t"] = time.time()
+            _log(f"  {name}: {done}/{total} plans done on Ray, {total - done} left")
+
+    return progress
+
+
 # ----------------------------------------------------------------------------------------------------------------
-def run_model(name: str, quick: bool = False, threads: int = 2) -> dict[str, Any]:
-    """All experiments for one built-in model."""
+def run_model(name: str, quick: bool = False, threads: int = 2, ray: bool = False) -> dict[str, Any]:
+    """All experiments for one built-in model; with ``ray`` the plans known before any result (every one but the
+    fine-tuning bisection of the headline and the paper rule's equal-sparsity comparisons) are first evaluated on
+    the Ray workers of the running instance (see :func:`xaicomp_core.evaluate.distributed.ray_instance`), each
+    task with ``threads`` torch threads like this process, so the numbers are the same as without Ray."""
     t0 = time.time()
     torch.set_num_threads(threads)
     model = load_builtin_model(name)
@@ -249,15 +290,24 @@ def run_model(name: str, quick: bool = False, threads: int = 2) -> dict[str, Any
     ratios = [0.0, 0.5, 0.9] if quick else CURVE_RATIOS
     ft_ratios = [0.9] if quick else FT_RATIOS
     criteria = ["lrp", "magnitude", "lrp-filter"] if quick else CURVE_CRITERIA
+    composites = ["epsilon"] if quick else PAPER_COMPOSITES
+    mp_ratios = [0.5] if quick else MP_RATIOS
+    hl_ratios = [0.5, 0.8] if quick else [0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95]
+    hl_criteria = ["lrp", "magnitude"] if quick else HEADLINE_CRITERIA
+    if ray:
+        from xaicomp_core.evaluate.distributed import RayEvaluator
+
+        plans = known_plans(s, ratios, ft_ratios, criteria, composites, mp_ratios,
+                            headline_candidates(hl_criteria, hl_ratios))
+        n = RayEvaluator(s, threads=threads).prefetch(plans, _ray_progress(name))
+        _log(f"{name}: {n} plans evaluated on Ray")
     res: dict[str, Any] = {"model": name, "baseline_accuracy": s.baseline_accuracy, "fp32_bytes": s.fp32_bytes(),
                            "parameters": sum(p.numel() for p in model.parameters()), "eval_images": len(s.y_eval),
                            "reference_images": len(s.y_ref), "train_images": len(train),
                            "card": {k: builtin_card(name)[k] for k in ("test_accuracy", "eval_accuracy")}}
     res["pruning_curves"] = pruning_curves(s, ratios, ft_ratios, criteria)
-    res["paper_rule"] = paper_rule(s, ["epsilon"] if quick else PAPER_COMPOSITES)
-    res["mixed_precision"] = mixed_precision(s, [0.5] if quick else MP_RATIOS)
-    hl_ratios = [0.5, 0.8] if quick else [0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95]
-    hl_criteria = ["lrp", "magnitude"] if quick else HEADLINE_CRITERIA
+    res["paper_rule"] = paper_rule(s, composites)
+    res["mixed_precision"] = mixed_precision(s, mp_ratios)
     res["best_by_criterion"] = headline(s, headline_candidates(hl_criteria, hl_ratios),
                                         ft_attempts=1 if quick else 5)
     best_nf = max((v["no_finetune"] for v in res["best_by_criterion"].values() if v["no_finetune"]),
@@ -487,7 +537,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT), help="folder receiving results/, docs/results/ and RESULTS.md")
     ap.add_argument("--from-summary", action="store_true", help="only re-render plots and RESULTS.md")
+    ap.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                    help="evaluate the plans on Ray workers (--threads each): on the cluster at ADDRESS (e.g. "
+                         "HEAD:6379), or on a local instance sized to this machine without ADDRESS or with 'local'")
     args = ap.parse_args(argv)
+    if args.ray is not None and not args.from_summary:
+        from xaicomp_core.errors import XaicompError
+        from xaicomp_core.evaluate.distributed import import_ray
+
+        try:
+            import_ray()
+        except XaicompError as e:
+            print(f"xaicomp: error: {e}", file=sys.stderr)
+            return 2
     out = pathlib.Path(args.out)
     (out / "results").mkdir(parents=True, exist_ok=True)
     plot_dir = out / "docs" / "results"
@@ -497,7 +559,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.from_summary:
         summary = json.loads(summary_path.read_text())
     else:
-        models = {name: run_model(name, args.quick, args.threads) for name in args.models.split(",")}
+        with contextlib.ExitStack() as stack:
+            if args.ray is not None:
+                from xaicomp_core.evaluate.distributed import ray_instance
+
+                stack.enter_context(ray_instance(args.ray or None))
+            models = {name: run_model(name, args.quick, args.threads, ray=args.ray is not None)
+                      for name in args.models.split(",")}
         summary = {"meta": {"date": datetime.date.today().isoformat(), "seconds": time.time() - t0,
                             "machine": f"{platform.machine()}, {_cpu_name()}, {args.threads} threads",
                             "torch": torch.__version__, "python": platform.python_version(), "quick": args.quick,

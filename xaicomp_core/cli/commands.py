@@ -112,9 +112,19 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     except ValueError:
         raise XaicompError(f"cannot parse --ratios {args.ratios!r}; use e.g. 0,0.5,0.9") from None
     bits = [BitSetting.parse(b) for b in (args.bit_settings or ["fp32"])]
+    if args.ray is not None:
+        from xaicomp_core.evaluate.distributed import import_ray
+
+        import_ray()  # without ray: one line, before any work
     session = session_from_args(args, progress_printer("relevance", True))
     session.composite = base.composite
-    rows = run_sweep(session, criteria, ratios, bits, base, progress_printer("plans", True))
+    if args.ray is None:
+        rows = run_sweep(session, criteria, ratios, bits, base, progress_printer("plans", True))
+    else:
+        from xaicomp_core.evaluate.distributed import run_sweep_ray
+
+        rows = run_sweep_ray(session, criteria, ratios, bits, base, progress_printer("plans", True),
+                             address=args.ray or None, threads=args.threads or 1)
     if args.output:
         out = pathlib.Path(args.output)
         outputs.add("-o", json.dumps(rows, indent=2) if out.suffix.lower() == ".json" else rows_to_csv(rows))
@@ -165,6 +175,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--bit-settings", nargs="*", default=None,
                    help="bit settings such as fp32 8 4 8,4,2:0.2,0.5 (default fp32)")
     p.add_argument("-o", "--output", default=None, help="write CSV (or .json) here")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="evaluate the plans on Ray workers: on the cluster at ADDRESS (e.g. HEAD:6379), or on a "
+                        "local instance sized to this machine without ADDRESS; --threads is then per worker task "
+                        "(needs pip install 'xaicomp[ray]')")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_sweep)
 

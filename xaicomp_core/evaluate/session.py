@@ -290,6 +290,43 @@ class CompressionSession:
         """Whether relevance for ``composite`` is already cached."""
         return (composite or self.composite) in self._relevance
 
+    def set_relevance(self, relevance: RelevanceResult, composite: str | None = None) -> None:
+        """Seed the relevance cache with ``relevance`` computed elsewhere (e.g. by the driver of a Ray sweep from
+        the same model, reference images and settings), so :meth:`relevance` never recomputes it.
+
+        Parameters
+        ----------
+        relevance : RelevanceResult
+            Per-weight relevance of this session's model; every compressible weight must be present with its shape.
+        composite : str, optional
+            The composite it was computed with (default: ``relevance.composite``).
+
+        Raises
+        ------
+        XaicompError
+            If a compressible weight is missing or has another shape.
+        """
+        for name in self.layout.names:
+            value = relevance.weights.get(name)
+            if value is None or tuple(value.shape) != tuple(self._weights[name].shape):
+                raise XaicompError(f"set_relevance: no relevance of shape {tuple(self._weights[name].shape)} for "
+                                   f"{name!r}; it was computed for another model")
+        with self._lock:
+            self._relevance[composite or relevance.composite] = relevance
+
+    def add_result(self, result: EvaluationResult) -> EvaluationResult:
+        """Seed the result cache with the exact ``result`` of ``result.plan`` computed elsewhere (e.g. by a Ray
+        worker holding the same model, data and relevance); :meth:`evaluate` then returns it at once.
+
+        Raises
+        ------
+        XaicompError
+            If ``result`` is an estimate or counts another number of evaluation images.
+        """
+        if result.estimate or result.images != len(self.y_eval):
+            raise XaicompError("add_result takes exact results over this session's evaluation images only")
+        return self._store(result.plan.key(), result)
+
     def layout_for(self, protect: str) -> LayerLayout:
         """Layer layout for a protection setting."""
         return self.compressor.layout_for(protect)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from xaicomp_core.errors import PlanError
-from xaicomp_core.evaluate.session import CompressionSession
+from xaicomp_core.evaluate.session import CompressionSession, EvaluationResult
 from xaicomp_core.plan import FP32, CompressionPlan
 
 ProgressFn = Callable[[int, int], None]
@@ -90,21 +90,36 @@ def pareto_flags(sizes: Sequence[float], accuracies: Sequence[float]) -> list[bo
 def run_sweep(session: CompressionSession, criteria: Sequence[str], ratios: Sequence[float] = DEFAULT_RATIOS,
               bits: Sequence[BitSetting] = (BitSetting(),), base: CompressionPlan | None = None,
               progress: ProgressFn | None = None) -> list[dict[str, Any]]:
-    """Evaluate the grid; one row per plan with accuracy, sparsity, bits, size and a Pareto flag per criterion."""
+    """Evaluate the grid; one row per plan with accuracy, sparsity, bits, size and a Pareto flag per criterion.
+
+    This is the single-process path; :func:`xaicomp_core.evaluate.distributed.run_sweep_ray` evaluates the same
+    plans on Ray workers and builds the same rows with :func:`sweep_rows`.
+    """
     plans = sweep_plans(criteria, ratios, bits, base)
-    rows = []
+    results = []
     for i, plan in enumerate(plans):
-        r = session.evaluate(plan)
-        rows.append({
-            "criterion": plan.criterion, "prune_ratio": plan.prune_ratio,
-            "bits": BitSetting.of(plan).label,
-            "granularity": plan.granularity, "scope": plan.scope, "composite": plan.composite,
-            "accuracy": r.accuracy, "baseline_accuracy": r.baseline_accuracy, "sparsity": r.sparsity,
-            "mean_bits": r.mean_bits, "estimated_bytes": r.size.estimated_bytes, "fp32_bytes": r.size.fp32_bytes,
-            "compression_ratio": r.compression_ratio, "reduction": r.reduction, "plan": plan.to_json(indent=None),
-        })
+        results.append(session.evaluate(plan))
         if progress is not None:
             progress(i + 1, len(plans))
+    return sweep_rows(plans, results)
+
+
+def sweep_row(plan: CompressionPlan, r: EvaluationResult) -> dict[str, Any]:
+    """The sweep row of ``plan`` from its exact result ``r`` (without the Pareto flag :func:`sweep_rows` adds)."""
+    return {
+        "criterion": plan.criterion, "prune_ratio": plan.prune_ratio,
+        "bits": BitSetting.of(plan).label,
+        "granularity": plan.granularity, "scope": plan.scope, "composite": plan.composite,
+        "accuracy": r.accuracy, "baseline_accuracy": r.baseline_accuracy, "sparsity": r.sparsity,
+        "mean_bits": r.mean_bits, "estimated_bytes": r.size.estimated_bytes, "fp32_bytes": r.size.fp32_bytes,
+        "compression_ratio": r.compression_ratio, "reduction": r.reduction, "plan": plan.to_json(indent=None),
+    }
+
+
+def sweep_rows(plans: Sequence[CompressionPlan], results: Sequence[EvaluationResult]) -> list[dict[str, Any]]:
+    """One row per plan (``results[i]`` is the exact result of ``plans[i]``), in the order of ``plans``, each with
+    a ``pareto`` flag among the rows of its criterion."""
+    rows = [sweep_row(p, r) for p, r in zip(plans, results, strict=True)]
     for crit in set(row["criterion"] for row in rows):
         idx = [i for i, row in enumerate(rows) if row["criterion"] == crit]
         flags = pareto_flags([rows[i]["estimated_bytes"] for i in idx], [rows[i]["accuracy"] for i in idx])
