@@ -16,11 +16,11 @@ and the same arithmetic as zennit:
 * max pooling, flatten, dropout (eval) and identities keep their gradient, as in zennit, where they carry no rule.
 
 It computes in the memory layout of the inputs, as the model itself does (the built-in data is channels-last
-strided, which the CPU convolutions run fastest in); zennit's hooks make the first layer's input contiguous NCHW.
-Given contiguous inputs both compute the same numbers (to rounding); in another layout float32 convolutions round
-differently, which the epsilon rule amplifies where ``z`` is near zero (1e-4 to 5e-3 relative on the built-in
-models, as far as zennit's own float32 result is from float64), and max pooling may route a tie between equal
-inputs to another one of them.
+strided, which the CPU convolutions run fastest in). The zennit path computes in the same layout
+(:func:`~xaicomp_core.relevance.lrp.compute_relevance` restores it after zennit's hooks), so both give the same
+numbers to rounding in either layout. Computed in two different layouts, float32 convolutions would round
+differently, which the epsilon rule amplifies where ``z`` is near zero (up to 1e-3 relative on the built-in ResNet,
+each as far from float64 as the other), and max pooling may route a tie between equal inputs to another of them.
 
 A model with any other leaf module, a module registered twice, or a conv/linear layer called more than once per
 forward pass is refused with :class:`FusedUnsupported`; :func:`~xaicomp_core.relevance.lrp.compute_relevance` then

@@ -17,9 +17,10 @@ index.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -360,7 +361,10 @@ def compute_relevance(model: nn.Module, inputs: torch.Tensor, targets: torch.Ten
     comp = make_composite(composite, work, epsilon, canonizers=canonizers, stabilizer=stabilizer)
     _wrap_module_map(comp, store, flows)
 
+    batch: list[torch.Tensor] = []
+
     def forward(x: torch.Tensor) -> torch.Tensor:
+        batch[:] = [x]
         return work(x)
 
     def backward(out: torch.Tensor, x: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
@@ -368,12 +372,53 @@ def compute_relevance(model: nn.Module, inputs: torch.Tensor, targets: torch.Ten
         return grad
 
     try:
-        with comp.context(work):
+        with comp.context(work), _in_model_layout(work, batch):
             drop_identity_batchnorms(work)
             return _run_batches(model, forward, backward, store, flows, **run)
     finally:
         if was_training:
             model.train()
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    """Whether PyTorch runs a 4-d batch channels-last: its channel stride is 1 and it is dense in that layout (the
+    shipped 1-channel data, whose strides fit both layouts, is such a batch)."""
+    return x.dim() == 4 and x.stride(1) == 1 and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _as_channels_last(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (4-d) with exactly channels-last strides: a view where only the strides of size-1 dimensions differ
+    (the same elements at the same places), a copy otherwise (the same values)."""
+    n, c, h, w = t.shape
+    want = (h * w * c, 1, w * c, c)
+    if t.stride() == want:
+        return t
+    if t.is_contiguous(memory_format=torch.channels_last):
+        return t.as_strided(t.shape, want, t.storage_offset())
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+@contextlib.contextmanager
+def _in_model_layout(work: nn.Module, batch: list[torch.Tensor]) -> Iterator[None]:
+    """Make zennit's hooked model compute in the memory layout the plain model computes in, as the fused pass does.
+
+    PyTorch runs a channels-last batch channels-last through every layer. zennit's hooks hand each layer a tensor
+    made by an autograd identity, which turns the ambiguous strides of a 1-channel batch into contiguous NCHW, and
+    its residual ``Sum`` stacks its inputs into NCHW: from there the float32 convolutions round differently (up to
+    1e-3 relative on the built-in ResNet). A forward pre-hook on every leaf module, run after zennit's, gives each
+    4-d input the channels-last strides again when the batch (``batch[0]``) is channels-last; values never change.
+    """
+    def restride(module: nn.Module, args: tuple) -> tuple | None:
+        if not batch or not _channels_last(batch[0]):
+            return None
+        return tuple(_as_channels_last(a) if isinstance(a, torch.Tensor) and a.dim() == 4 else a for a in args)
+
+    handles = [m.register_forward_pre_hook(restride) for m in work.modules() if next(m.children(), None) is None]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _fused_relevance(model: nn.Module, *, epsilon: float, stabilizer: float, **run) -> RelevanceResult:
