@@ -59,6 +59,28 @@ def test_estimate_then_exact(session):
     assert session.estimate(plan) is exact  # once exact numbers exist, they are the first numbers
 
 
+def test_each_image_runs_once_per_plan(session, monkeypatch):
+    """The exact evaluation after an estimate runs only the images the estimate did not, on the same prepared
+    fast forward, and its predictions equal a plan evaluated at once (the eager forward's top-1 on every image)."""
+    fast = session._fast
+    seen, prepared = [], []
+    real_raw, real_prepare = fast.raw_logits, fast.prepare
+    monkeypatch.setattr(fast, "raw_logits", lambda state, x, prep=None: seen.append(len(x)) or real_raw(state, x,
+                                                                                                          prep))
+    monkeypatch.setattr(fast, "prepare", lambda state: prepared.append(1) or real_prepare(state))
+    plan = PLAN.replace(prune_ratio=0.71)
+    session.estimate(plan)
+    exact = session.evaluate(plan)
+    assert seen == [250, 1750] and len(prepared) == 1
+    at_once = PLAN.replace(prune_ratio=0.71, seed=1)  # magnitude ignores the seed: the same weights, a new key
+    assert torch.equal(session.evaluate(at_once).predictions, exact.predictions)
+    assert seen[-1] == 2000
+    from xaicomp_core.evaluate.forward import forward_logits
+    with torch.inference_mode():
+        eager = forward_logits(session.compressed_model(plan), session.x_eval)
+    assert torch.equal(eager.argmax(1), exact.predictions)
+
+
 def test_anticipated_neighbours_are_cache_hits_equal_to_direct_evaluation(session):
     plan = PLAN.replace(prune_ratio=0.7)
     nbrs = neighbour_plans(plan)

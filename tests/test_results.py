@@ -28,8 +28,29 @@ def test_quick_pipeline_writes_everything_and_plans_recheck(tmp_path, capsys):
     summary = json.loads((tmp_path / "results" / "summary.json").read_text())
     m = summary["models"]["fashion-lenet"]
     for key in ("pruning_curves", "paper_rule", "mixed_precision", "best_by_criterion", "best_ratio_at_1pt",
-                "yeom_equal_size"):
+                "yeom_equal_size", "auto", "within_1pt", "where_relevance_helps"):
         assert key in m
+    # hybrid criteria have curves; the auto search ran per signal and its plans recheck
+    assert {"lrp-x-weight", "lrp-budget-magnitude"} <= set(m["pruning_curves"])
+    auto = m["auto"]
+    assert set(auto["signals"]) == {"relevance", "hybrid", "magnitude"}
+    assert auto["summary"]["smallest"] in (*auto["signals"], None) and auto["verdict"]
+    for a in auto["signals"].values():
+        assert a["evaluations"] <= auto["budget"] and a["plan"]["layer_prune"] and a["plan"]["layer_bits"]
+        assert "finetuned" in a
+    rows = m["within_1pt"]["rows"]
+    assert all(r["drop_points"] <= 1.0 + 1e-9 for r in rows)
+    assert m["within_1pt"]["best_with_relevance"] == max((r for r in rows if r["uses_relevance"]),
+                                                         key=lambda r: r["ratio"], default={})
+    where = {r["what"]: r for r in m["where_relevance_helps"]}
+    assert {"pruning 90%", "bit allocation"} <= set(where)
+    p90 = where["pruning 90%"]
+    curve = {c: next(p["accuracy"] for p in v["points"] if p["prune_ratio"] == 0.9)
+             for c, v in m["pruning_curves"].items()}
+    assert p90["magnitude_value"] == curve["magnitude"] and p90["relevance_value"] == curve[p90["relevance"]]
+    assert p90["helps"] == (curve[p90["relevance"]] > curve["magnitude"])
+    assert "## Where relevance helps and where it does not" in (tmp_path / "RESULTS.md").read_text()
+    assert "### Auto search" in (tmp_path / "RESULTS.md").read_text()
     for name in ("fashion-lenet-pruning.png", "fashion-lenet-pareto.png", "fashion-lenet-paper-rule.png"):
         assert (tmp_path / "docs" / "results" / name).stat().st_size > 5000
     text = (tmp_path / "RESULTS.md").read_text()
@@ -39,6 +60,10 @@ def test_quick_pipeline_writes_everything_and_plans_recheck(tmp_path, capsys):
                   "--eval-samples", "400")
     assert d["accuracy"] == best["accuracy"]
     assert d["size"]["estimated_bytes"] == best["estimated_bytes"]
+    a = auto["signals"]["hybrid"]
+    d = _compress(capsys, a["plan"], tmp_path, "fashion-lenet", "--reference-samples", "200", "--eval-samples", "400")
+    assert d["accuracy"] == a["evaluation"]["accuracy"]
+    assert d["size"]["estimated_bytes"] == a["estimated_bytes"]
 
 
 @pytest.mark.parametrize("model", ["fashion-vgg", "fashion-lenet", "fashion-resnet"])

@@ -6,8 +6,10 @@ For every built-in model: pruning curves (accuracy vs sparsity 0-95 %) per crite
 fine-tuning and their areas; the paper's rule (shares of weights with relevance <= 0, = 0, < 0 per layer, and what
 pruning them does) per composite; mixed-precision size-vs-accuracy Pareto fronts (relevance-ranked vs
 magnitude-ranked vs uniform bits, per weight / channel / layer); the smallest packed size within 1 point of top-1
-per criterion, without and with fine-tuning; the benchmark. Writes ``results/summary.json``, PNG plots under
-``docs/results/`` and ``RESULTS.md``.
+per criterion, without and with fine-tuning; the auto search (``xaicomp auto``) with the relevance, hybrid and
+magnitude signals side by side; every plan within 1 point, with and without relevance; the table "where relevance
+helps and where it does not" (pruning, bit allocation, auto search, each with its measured reason); the benchmark.
+Writes ``results/summary.json``, PNG plots under ``docs/results/`` and ``RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -36,7 +38,19 @@ from xaicomp_core.io.models import builtin_card, load_builtin_model
 from xaicomp_core.plan import CompressionPlan
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-CURVE_CRITERIA = ["lrp", "lrp-signed", "magnitude", "random", "lrp-filter"]
+#: The criteria that combine relevance and magnitude (compress/hybrid_criteria.py).
+HYBRID_CRITERIA = ["lrp-x-weight", "lrp-budget-magnitude", "lrp-budget-x-weight", "lrp-iterative",
+                   "lrp-x-weight-iterative"]
+CURVE_CRITERIA = ["lrp", "lrp-signed", "magnitude", "random", "lrp-filter", *HYBRID_CRITERIA]
+#: Criteria whose curves also get fine-tuned points (the hybrid ones are not fine-tuned: 25 more fine-tunings per
+#: model would take ``make results`` past its hour on a 2-core machine).
+FT_CURVE_CRITERIA = ["lrp", "lrp-signed", "magnitude", "random", "lrp-filter"]
+#: The auto search (``xaicomp auto``) in ``make results``: its signals, accuracy budget and evaluations per signal.
+AUTO_SIGNALS = ("relevance", "hybrid", "magnitude")
+AUTO_MAX_DROP = 1.0
+AUTO_BUDGET = 80
+#: Prune ratios of the "where relevance helps" table.
+WHERE_RATIOS = (0.7, 0.8, 0.9)
 CURVE_RATIOS = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
 FT_RATIOS = [0.5, 0.7, 0.8, 0.9, 0.95]
 PAPER_COMPOSITES = ["epsilon", "epsilon-plus", "alpha2beta1"]
@@ -88,7 +102,7 @@ def pruning_curves(s: CompressionSession, ratios: Sequence[float], ft_ratios: Se
             plan = curve_plan(crit, ratio)
             r = s.evaluate(plan)
             row = {"prune_ratio": ratio, "sparsity": r.sparsity, "accuracy": r.accuracy}
-            if ratio in ft_ratios and s.can_finetune:
+            if ratio in ft_ratios and s.can_finetune and crit in FT_CURVE_CRITERIA:
                 row["accuracy_finetuned"] = s.evaluate(plan.replace(finetune_epochs=FT_EPOCHS_CURVE)).accuracy
             pts.append(row)
         ft_pts = [p for p in pts if "accuracy_finetuned" in p]
@@ -242,6 +256,144 @@ def yeom_equal_size(s: CompressionSession, mp_rows: list[dict[str, Any]]) -> lis
     return out
 
 
+def auto_section(s: CompressionSession, quick: bool = False) -> dict[str, Any]:
+    """The auto search (:mod:`xaicomp_core.evaluate.auto`) once per signal in :data:`AUTO_SIGNALS`, without
+    fine-tuning during the search (one fine-tuning per evaluation is too slow here); each plan found is then also
+    fine-tuned :data:`FT_EPOCHS_HEADLINE` epochs once, to show what recovery adds. ``quick``: 6 evaluations on a
+    coarse grid."""
+    from xaicomp_core.evaluate.auto import auto_compare, compare_summary, verdict
+
+    grid: dict[str, Any] = {"sparsities": (0.0, 0.5, 0.8, 0.9), "bits": (8, 4, 3, 2)} if quick else {}
+    budget = 6 if quick else AUTO_BUDGET
+    t0 = time.time()
+    results = auto_compare(s, AUTO_MAX_DROP, signals=AUTO_SIGNALS, budget=budget, **grid)
+    out: dict[str, Any] = {"max_drop_points": AUTO_MAX_DROP, "budget": budget, "search_images": len(s.y_ref),
+                           "grid": "coarse (quick)" if quick else "default", "summary": compare_summary(results),
+                           "verdict": verdict(results), "signals": {}}
+    for sig, r in results.items():
+        d = r.to_dict()
+        d["history_length"] = len(d.pop("history"))
+        if s.can_finetune:
+            rf = s.evaluate(r.plan.replace(finetune_epochs=FT_EPOCHS_HEADLINE))
+            d["finetuned"] = {"epochs": FT_EPOCHS_HEADLINE, "accuracy": rf.accuracy,
+                              "drop_points": -100 * rf.accuracy_change, "plan": rf.plan.to_dict()}
+        out["signals"][sig] = d
+        _log(f"  auto {sig}: {r.compression_ratio:.1f}x, search drop "
+             f"{100 * (r.search_baseline - r.search_accuracy):.2f} pt, evaluation drop "
+             f"{-100 * r.evaluation.accuracy_change:.2f} pt ({r.evaluations} evaluations)")
+    out["seconds"] = time.time() - t0
+    return out
+
+
+def within_one_point(s: CompressionSession, best_by_criterion: dict[str, Any], auto: dict[str, Any],
+                     max_drop: float = 0.01) -> dict[str, Any]:
+    """Every plan within ``max_drop`` of the baseline on the evaluation images, without fine-tuning: the grid's best
+    per criterion (chosen on the evaluation images) and each auto plan (chosen on the reference images) that holds
+    on the evaluation images; and the largest ratio among those that use relevance (to prune, rank bits or allocate
+    per layer) and among those that do not."""
+    from xaicomp_core.compress.criteria import get_criterion
+    from xaicomp_core.evaluate.auto import RELEVANCE_SIGNALS
+
+    rows = []
+    for crit, e in best_by_criterion.items():
+        b = e["no_finetune"]
+        if b:
+            rows.append({"source": "grid", "name": crit, "uses_relevance": bool(get_criterion(crit).needs_relevance),
+                         "ratio": b["ratio"], "accuracy": b["accuracy"], "drop_points": 100 * b["accuracy_drop"],
+                         "estimated_bytes": b["estimated_bytes"], "plan": b["plan"]})
+    for sig, d in auto["signals"].items():
+        ev = d["evaluation"]
+        if ev["drop_points"] <= 100 * max_drop + 1e-9:
+            rows.append({"source": "auto", "name": f"auto {sig}", "uses_relevance": sig in RELEVANCE_SIGNALS,
+                         "ratio": d["compression_ratio"], "accuracy": ev["accuracy"], "drop_points": ev["drop_points"],
+                         "estimated_bytes": d["estimated_bytes"], "plan": d["plan"]})
+    rows.sort(key=lambda r: -r["ratio"])
+
+    def best(flag: bool) -> dict[str, Any]:
+        return next((r for r in rows if r["uses_relevance"] == flag), {})
+
+    return {"rows": rows, "best_with_relevance": best(True), "best_without_relevance": best(False)}
+
+
+def where_relevance_helps(s: CompressionSession, curves: dict[str, Any], mp_rows: list[dict[str, Any]],
+                          auto: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows of "where relevance helps and where it does not", each from measured numbers: pruning at
+    :data:`WHERE_RATIOS` (the best relevance-using curve criterion vs magnitude; why: the sparsity each gives the
+    largest layer), bit allocation (relevance- vs magnitude-ranked bits on the same pruning; why: in how many of the
+    pairs and at what size), and the auto search (the smallest relevance-using plan vs magnitude's; why: the largest
+    layer's setting in each)."""
+    from xaicomp_core.compress.criteria import get_criterion
+    from xaicomp_core.evaluate.auto import RELEVANCE_SIGNALS
+
+    layout = s.layout
+    largest = max(layout.compressible, key=lambda i: layout.sizes[i])
+    big, big_n = layout.names[largest].removesuffix(".weight"), layout.sizes[largest]
+    share = big_n / sum(layout.sizes[i] for i in layout.compressible)
+    big_text = f"{big} ({share:.0%} of the weights)"
+    rows: list[dict[str, Any]] = []
+    rel_crits = [c for c in curves if get_criterion(c).needs_relevance]
+
+    def layer_sparsity(crit: str, ratio: float) -> float:
+        res = s.evaluate(curve_plan(crit, ratio))  # cached: the curve evaluated it
+        return next(la.sparsity for la in res.layers if la.name == big)
+
+    for ratio in WHERE_RATIOS:
+        acc = {c: p["accuracy"] for c, v in curves.items() for p in v["points"] if abs(p["prune_ratio"] - ratio) < 1e-9}
+        if "magnitude" not in acc or not any(c in acc for c in rel_crits):
+            continue
+        best = max((c for c in rel_crits if c in acc), key=lambda c: acc[c])
+        sp = {c: layer_sparsity(c, ratio) for c in dict.fromkeys([best, "lrp", "magnitude"]) if c in acc}
+        why = f"{big_text} pruned " + ", ".join(f"{v:.1%} by {c}" for c, v in sp.items())
+        rows.append({"what": f"pruning {ratio:.0%}", "relevance": best, "relevance_value": acc[best],
+                     "magnitude_value": acc["magnitude"], "unit": "accuracy", "gain_points":
+                     100 * (acc[best] - acc["magnitude"]), "helps": acc[best] > acc["magnitude"], "why": why,
+                     "largest_layer_sparsity": sp})
+    pairs: dict[tuple, dict[str, dict[str, Any]]] = {}
+    for r in mp_rows:
+        if r["ranking"] in ("relevance", "magnitude"):
+            p = r["plan"]
+            pairs.setdefault((p["criterion"], p["prune_ratio"], r["bits"], r["granularity"]), {})[r["ranking"]] = r
+    both = [d for d in pairs.values() if len(d) == 2]
+    if both:
+        gains = [d["relevance"]["accuracy"] - d["magnitude"]["accuracy"] for d in both]
+        sizes = [d["relevance"]["estimated_bytes"] / d["magnitude"]["estimated_bytes"] - 1 for d in both]
+        wins = sum(g > 0 for g in gains)
+        ties = sum(g == 0 for g in gains)
+        rows.append({"what": "bit allocation", "relevance": "relevance-ranked bits",
+                     "relevance_value": float(np.mean([d["relevance"]["accuracy"] for d in both])),
+                     "magnitude_value": float(np.mean([d["magnitude"]["accuracy"] for d in both])),
+                     "unit": "mean accuracy", "gain_points": 100 * float(np.mean(gains)),
+                     "helps": float(np.mean(gains)) > 0, "pairs": len(both), "wins": wins, "ties": ties,
+                     "why": f"more accurate in {wins} of {len(both)} pairs ({ties} ties; same pruning, bit widths and "
+                            f"shares), best {100 * max(gains):+.2f} pt, worst {100 * min(gains):+.2f} pt, size "
+                            f"{100 * float(np.mean(sizes)):+.1f}% on average"})
+    sig = auto["signals"]
+    rel = [k for k in sig if k in RELEVANCE_SIGNALS and sig[k]["feasible_on_search_images"]]
+    if "magnitude" in sig and rel:
+        k = min(rel, key=lambda k: sig[k]["estimated_bytes"])
+        a, m = sig[k], sig["magnitude"]
+        la = {x["name"]: x for x in a["layers"]}
+        lm = {x["name"]: x for x in m["layers"]}
+        gap = max(la, key=lambda n: abs(la[n]["bytes"] - lm[n]["bytes"]))
+        a_plan, m_plan = CompressionPlan.from_dict(a["plan"]), CompressionPlan.from_dict(m["plan"])
+
+        def setting(plan: CompressionPlan, layer: str) -> str:
+            return f"{plan.layer_prune.get(layer, 0):.0%}/{plan.layer_bits.get(layer)}b"
+
+        why = (f"{big_text}: {setting(a_plan, big)} ({k}) vs {setting(m_plan, big)} (magnitude)"
+               + (f"; largest byte difference in {gap}: {setting(a_plan, gap)} vs {setting(m_plan, gap)}"
+                  if gap != big else "")
+               + f"; evaluation drops {a['evaluation']['drop_points'] + 0.0:.2f} vs "
+                 f"{m['evaluation']['drop_points'] + 0.0:.2f} pt")
+        rows.append({"what": f"auto search (≤ {auto['max_drop_points']:g} pt on the search images)",
+                     "relevance": f"auto {k}", "relevance_value": a["compression_ratio"],
+                     "magnitude_value": m["compression_ratio"] if m["feasible_on_search_images"] else None,
+                     "unit": "ratio", "gain_ratio": a["compression_ratio"] / m["compression_ratio"],
+                     "helps": (not m["feasible_on_search_images"]) or a["estimated_bytes"] < m["estimated_bytes"],
+                     "why": why})
+    return rows
+
+
 def known_plans(s: CompressionSession, ratios: Sequence[float], ft_ratios: Sequence[float],
                 criteria: Sequence[str], composites: Sequence[str], mp_ratios: Sequence[float],
                 candidates: dict[str, list[CompressionPlan]]) -> list[CompressionPlan]:
@@ -250,7 +402,7 @@ def known_plans(s: CompressionSession, ratios: Sequence[float], ft_ratios: Seque
     ft = s.can_finetune
     plans = [curve_plan(c, r) for c in criteria for r in ratios]
     plans += [curve_plan(c, r).replace(finetune_epochs=FT_EPOCHS_CURVE) for c in criteria for r in ratios
-              if ft and r in ft_ratios]
+              if ft and r in ft_ratios and c in FT_CURVE_CRITERIA]
     for comp in composites:
         plans += [CompressionPlan(criterion="paper", composite=comp),
                   CompressionPlan(criterion="lrp-zero", composite=comp)]
@@ -289,7 +441,7 @@ def run_model(name: str, quick: bool = False, threads: int = 2, ray: bool = Fals
     _log(f"{name}: baseline {s.baseline_accuracy:.2%} on {len(s.y_eval)} images")
     ratios = [0.0, 0.5, 0.9] if quick else CURVE_RATIOS
     ft_ratios = [0.9] if quick else FT_RATIOS
-    criteria = ["lrp", "magnitude", "lrp-filter"] if quick else CURVE_CRITERIA
+    criteria = ["lrp", "magnitude", "lrp-filter", "lrp-x-weight", "lrp-budget-magnitude"] if quick else CURVE_CRITERIA
     composites = ["epsilon"] if quick else PAPER_COMPOSITES
     mp_ratios = [0.5] if quick else MP_RATIOS
     hl_ratios = [0.5, 0.8] if quick else [0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95]
@@ -316,6 +468,9 @@ def run_model(name: str, quick: bool = False, threads: int = 2, ray: bool = Fals
                   key=lambda b: b.get("ratio", 0), default={})
     res["best_ratio_at_1pt"] = {"no_finetune": best_nf, "finetune": best_ft}
     res["yeom_equal_size"] = yeom_equal_size(s, res["mixed_precision"])
+    res["auto"] = auto_section(s, quick)
+    res["within_1pt"] = within_one_point(s, res["best_by_criterion"], res["auto"])
+    res["where_relevance_helps"] = where_relevance_helps(s, res["pruning_curves"], res["mixed_precision"], res["auto"])
     if not quick:
         res["bench"] = run_bench(name, repeats=5, threads=threads)
     res["seconds"] = time.time() - t0
@@ -349,11 +504,12 @@ def plot_model(res: dict[str, Any], out_dir: pathlib.Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     for crit, c in res["pruning_curves"].items():
         xs = [p["sparsity"] for p in c["points"]]
-        ax.plot(xs, [p["accuracy"] for p in c["points"]], "-o", ms=3, color=colors.get(crit), label=crit)
+        ax.plot(xs, [p["accuracy"] for p in c["points"]], "-o", ms=3, color=colors.get(crit) or _colour(crit),
+                label=crit)
         ft = [p for p in c["points"] if "accuracy_finetuned" in p]
         if ft:
-            ax.plot([p["sparsity"] for p in ft], [p["accuracy_finetuned"] for p in ft], "--", color=colors.get(crit),
-                    alpha=0.8)
+            ax.plot([p["sparsity"] for p in ft], [p["accuracy_finetuned"] for p in ft], "--",
+                    color=colors.get(crit) or _colour(crit), alpha=0.8)
     ax.axhline(res["baseline_accuracy"], color="k", lw=0.8, ls=":")
     ax.set_xlabel("sparsity (fraction of conv/linear weights pruned)")
     ax.set_ylabel("top-1 accuracy (shipped eval set)")
@@ -406,8 +562,81 @@ def plot_model(res: dict[str, Any], out_dir: pathlib.Path) -> list[str]:
     return files
 
 
+def _colour(criterion: str) -> str | None:
+    """The registered colour of a criterion (None for one not registered here)."""
+    from xaicomp_core.compress.criteria import get_criterion
+
+    try:
+        return get_criterion(criterion).colour
+    except Exception:  # a summary from a run with a plugin criterion
+        return None
+
+
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{x * 100:.2f}%"
+
+
+def _where_lines(summary: dict[str, Any]) -> list[str]:
+    """The cross-model table "where relevance helps and where it does not" (empty for summaries without it)."""
+    rows = [(name, r) for name, m in summary["models"].items() for r in m.get("where_relevance_helps", [])]
+    if not rows:
+        return []
+    L = ["## Where relevance helps and where it does not", "",
+         "Measured in this run (no fine-tuning). Pruning: the most accurate relevance-using curve criterion vs "
+         "magnitude at the same share of weights removed; bit allocation: relevance- vs magnitude-ranked bit widths "
+         "on the same pruning, bit widths and shares (all pairs of the mixed-precision grid); auto search: the "
+         "smallest plan a relevance-using signal found within the budget vs the magnitude signal's, with the same "
+         "number of evaluations. *Why* gives the measured quantity behind the difference.", "",
+         "| model | comparison | with relevance | magnitude | helps? | why (measured) |", "|---|---|---|---|---|---|"]
+    for name, r in rows:
+        if r["unit"] == "ratio":
+            mag = "nothing within" if r["magnitude_value"] is None else f"{r['magnitude_value']:.1f}×"
+            rel, diff = f"{r['relevance_value']:.1f}× ({r['relevance']})", f"{r['gain_ratio']:.2f}× the ratio"
+        else:
+            rel = f"{_pct(r['relevance_value'])} ({r['relevance']})"
+            mag, diff = _pct(r["magnitude_value"]), f"{r['gain_points']:+.2f} pt"
+        L.append(f"| {name} | {r['what']} | {rel} | {mag} | {'yes' if r['helps'] else '**no**'}, {diff} | "
+                 f"{r['why']} |")
+    return [*L, ""]
+
+
+def _auto_lines(m: dict[str, Any]) -> list[str]:
+    """Per model: the auto search per signal and every plan within 1 point (empty for summaries without them)."""
+    a = m.get("auto")
+    if not a:
+        return []
+    L = ["", f"### Auto search: smallest plan within {a['max_drop_points']:g} point (`xaicomp auto`)", "",
+         f"Per-layer sparsity and bit width searched with {a['budget']} evaluations per signal on the "
+         f"{a['search_images']:,} reference images ({a['grid']} grid, {a['seconds'] / 60:.1f} minutes for all "
+         "signals), the plan found then evaluated once on the evaluation images, which the search never saw. No "
+         "fine-tuning during the search (one fine-tuning per evaluation is too slow for `make results`); the last "
+         "column fine-tunes the plan found, once.", "",
+         "| signal | ratio | size | search drop | evaluation drop | fine-tuned drop | evaluations | plan |",
+         "|---|---|---|---|---|---|---|---|"]
+    for sig, d in a["signals"].items():
+        ft = d.get("finetuned")
+        flag = "" if d["feasible_on_search_images"] else " (nothing within the budget; most accurate tried)"
+        ft_cell = "–" if not ft else f"{ft['drop_points'] + 0.0:.2f} pt ({ft['epochs']} epochs)"
+        L.append(f"| {sig} | {d['compression_ratio']:.1f}× | {d['estimated_bytes'] / 1000:.1f} kB | "
+                 f"{d['search']['drop_points'] + 0.0:.2f} pt | {d['evaluation']['drop_points'] + 0.0:.2f} pt | "
+                 f"{ft_cell} | {d['evaluations']} | {d['description']}{flag} |")
+    L += ["", a["verdict"]]
+    w = m.get("within_1pt")
+    if w:
+        L += ["", "### Within 1 point on the evaluation images, with and without relevance", "",
+              "Grid plans are the best per criterion of the headline grid (chosen on the evaluation images); auto "
+              "plans were chosen on the reference images and are listed when they also hold on the evaluation "
+              "images. *Uses relevance*: to prune, rank bits or allocate per layer.", "",
+              "| plan | uses relevance | ratio | accuracy | drop |", "|---|---|---|---|---|"]
+        for r in w["rows"]:
+            L.append(f"| {r['name']} ({r['source']}) | {'yes' if r['uses_relevance'] else 'no'} | "
+                     f"{r['ratio']:.1f}× | {_pct(r['accuracy'])} | {r['drop_points'] + 0.0:.2f} pt |")
+        br, bn = w["best_with_relevance"], w["best_without_relevance"]
+        if br and bn:
+            L += ["", f"Best with relevance: **{br['ratio']:.1f}×** ({br['name']}); best without: **{bn['ratio']:.1f}×"
+                  f"** ({bn['name']}): relevance {'reaches at least' if br['ratio'] >= bn['ratio'] else 'stays below'}"
+                  f" the size of the best plan without it ({br['ratio'] / bn['ratio']:.2f}×)."]
+    return L
 
 
 def write_markdown(summary: dict[str, Any], path: pathlib.Path, plot_dir: str, discussion: str) -> None:
@@ -440,6 +669,7 @@ def write_markdown(summary: dict[str, Any], path: pathlib.Path, plot_dir: str, d
                  " |")
     L += ["", "The paper reports a 64% size reduction; the project's goal on `fashion-vgg` is ≥ 10× without and "
           "≥ 20× with fine-tuning.", ""]
+    L += _where_lines(summary)
     for name, m in summary["models"].items():
         L += [f"## {name}", "", f"Baseline {_pct(m['baseline_accuracy'])} on the evaluation set "
               f"({_pct(m['card']['test_accuracy'])} on the full 10k test set); {m['parameters']:,} parameters, "
@@ -470,7 +700,10 @@ def write_markdown(summary: dict[str, Any], path: pathlib.Path, plot_dir: str, d
         L += ["", "Cells: accuracy % without (with) fine-tuning. `lrp-filter` is Yeom et al.'s filter pruning with "
               "their z+ rule on the convolutions (composite `epsilon-plus`); removed filters output exactly zero "
               "(their bias and BatchNorm are zeroed); its sparsity is the closest whole-channel count to the ratio "
-              "and the classifier is never filter-pruned.", ""]
+              "and the classifier is never filter-pruned. The hybrid criteria ("
+              + ", ".join(f"`{c}`" for c in HYBRID_CRITERIA) + ") combine relevance and magnitude (recipes in "
+              "`compress/hybrid_criteria.py`); they are not fine-tuned here, to keep `make results` within its hour "
+              "on two cores.", ""]
         L += ["### The paper's rule (prune relevance ≤ 0)", "", f"![paper rule]({plot_dir}/{name}-paper-rule.png)", "",
               "| composite | relevance ≤ 0 | = 0 | < 0 | accuracy after pruning ≤ 0 | fine-tuned | after pruning = 0 "
               "only | lrp / magnitude / random at the same sparsity |", "|---|---|---|---|---|---|---|---|"]
@@ -516,6 +749,7 @@ def write_markdown(summary: dict[str, Any], path: pathlib.Path, plot_dir: str, d
             L.append(f"| {y['filter_ratio']:.0%} of weights, {y['bits']}-bit | {y['filter_bytes'] / 1000:.1f} kB | "
                      f"{_pct(y['filter_accuracy'])} | `{lp}` ({(y['lrp_bytes'] or 0) / 1000:.1f} kB) | "
                      f"{_pct(y['lrp_accuracy'])} |")
+        L += _auto_lines(m)
         if "bench" in m:
             b = m["bench"]
             L += ["", "### Performance (`xaicomp bench`)", "",

@@ -635,7 +635,7 @@ def verdict(results: dict[str, AutoResult]) -> str:
                                  f"the ratio magnitude reached ({mag.compression_ratio:.1f}×).")
     drops = []
     for k, r in results.items():
-        d = -100 * r.evaluation.accuracy_change
+        d = -100 * r.evaluation.accuracy_change + 0.0  # (no "-0.00")
         drops.append(f"{k} {d:.2f}" + (" (above the budget)" if d > drop + 1e-9 else ""))
     parts.append(f"On the {n_eval:,} evaluation images, which the search never saw, the drops are "
                  + ", ".join(drops) + " points. The search measures on its own images (by default the reference "

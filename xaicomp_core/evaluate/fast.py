@@ -561,15 +561,21 @@ class FastForward:
         """Folded float32 weight and bias (or scale and shift) of every op from a full state dict."""
         return [fold(op, state) for op in self.ops]
 
-    def raw_logits(self, state: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    def prepare(self, state: Mapping[str, torch.Tensor]) -> Any:
+        """The backend's ready form of ``state`` (an onnxruntime session holding its folded weights, or folded
+        tensors): pass it to :meth:`logits` to run more images of the same weights without preparing again."""
+        return self._backend.prepare(self.params(state))
+
+    def raw_logits(self, state: Mapping[str, torch.Tensor], x: torch.Tensor, prepared: Any = None) -> torch.Tensor:
         """Fast logits without the near-tie safeguard of :meth:`logits`."""
-        prepared = self._backend.prepare(self.params(state))
+        prepared = self.prepare(state) if prepared is None else prepared
         x = x.detach().float().contiguous()
         with torch.inference_mode():
             n = self._backend.chunk
             return torch.cat([self._backend.run(prepared, x[i:i + n]) for i in range(0, len(x), n)])
 
-    def logits(self, state: Mapping[str, torch.Tensor], x: torch.Tensor, reference: Reference) -> torch.Tensor:
+    def logits(self, state: Mapping[str, torch.Tensor], x: torch.Tensor, reference: Reference, prepared: Any = None
+               ) -> torch.Tensor:
         """Logits of the model holding ``state`` on ``x``, with the same top-1 as ``reference``.
 
         Parameters
@@ -581,8 +587,10 @@ class FastForward:
         reference : callable
             ``x_subset -> logits``, the eager forward of the model holding ``state``: images at a near-tie (see
             :func:`needs_reference`) take its logits. Called only when there are any.
+        prepared : optional
+            :meth:`prepare` of ``state``, made earlier (e.g. for another part of the images).
         """
-        out = self.raw_logits(state, x)
+        out = self.raw_logits(state, x, prepared)
         redo = needs_reference(out).nonzero().flatten()
         if len(redo):
             with torch.inference_mode():

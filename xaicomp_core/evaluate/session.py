@@ -42,6 +42,8 @@ from xaicomp_core.relevance.lrp import DEFAULT_COMPOSITE, RelevanceResult, compu
 from xaicomp_core.threads import full_pool, one_thread
 
 ProgressFn = Callable[[int, int], None]
+#: Plans whose partial predictions (and prepared fast forward) a session keeps until their exact result is in.
+PARTIAL_PLANS = 4
 
 
 @dataclass
@@ -234,6 +236,8 @@ class CompressionSession:
         self._cache_size = cache_size
         self._compressed: OrderedDict[str, CompressedWeights] = OrderedDict()
         self._estimates: OrderedDict[str, EvaluationResult] = OrderedDict()
+        # per plan not yet evaluated exactly: [compressed weights, prepared fast forward, predictions (-1: not yet)]
+        self._partial: OrderedDict[str, list[Any]] = OrderedDict()
         self._fg_waiting = 0
         self._fg_cond = threading.Condition()
         self.anticipator = Anticipator(self._evaluate_background, self.is_cached)
@@ -396,10 +400,12 @@ class CompressionSession:
         with one_thread():  # small-tensor bookkeeping: scores, masks, bit classes, quantization, sizes
             return self.compressor.compress(plan, rel if rel is not None else self.relevance, relevance_of)
 
-    def _forward(self, x: torch.Tensor | None = None, cw: CompressedWeights | None = None) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor | None = None, cw: CompressedWeights | None = None, prepared: Any = None
+                 ) -> torch.Tensor:
         """Logits on ``x`` (default: the evaluation set) of the original model, or of ``cw``: the fast exact
-        forward where the model is supported (same top-1 as the eager one on every image), else the eager forward
-        of the working model. Call with the lock held."""
+        forward where the model is supported (same top-1 as the eager one on every image; ``prepared``: its
+        :meth:`~xaicomp_core.evaluate.fast.FastForward.prepare` of ``cw``, made before), else the eager forward of
+        the working model. Call with the lock held."""
         x = self.x_eval if x is None else x
 
         def eager(xs: torch.Tensor) -> torch.Tensor:
@@ -411,7 +417,30 @@ class CompressionSession:
 
         if self._fast is None:
             return eager(x)
-        return self._fast.logits(self._state if cw is None else cw.state_dict(self._state), x, eager)
+        return self._fast.logits(self._state if cw is None else cw.state_dict(self._state), x, eager, prepared)
+
+    def _predictions(self, key: str, cw: CompressedWeights, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Top-1 predictions of ``cw`` (the plan ``key``) on the evaluation images ``idx`` (default: all).
+
+        Each image is run once per plan: the first numbers' subset, the background's chunks and the exact
+        evaluation fill one table of predictions, and one prepared fast forward (for onnxruntime: one session
+        holding the plan's weights) serves them all. Every prediction is the exact path's, so a table filled in
+        parts equals one computed at once. Call with the lock held."""
+        part = self._partial.get(key)
+        if part is None or part[0] is not cw:
+            part = [cw, None, torch.full((len(self.y_eval),), -1, dtype=torch.long)]
+            self._partial[key] = part
+            while len(self._partial) > PARTIAL_PLANS:
+                self._partial.popitem(last=False)
+        self._partial.move_to_end(key)
+        pred = part[2]
+        todo = (pred < 0).nonzero().flatten() if idx is None else idx[pred[idx] < 0]
+        if len(todo):
+            if self._fast is not None and part[1] is None:
+                part[1] = self._fast.prepare(cw.state_dict(self._state))
+            x = self.x_eval if len(todo) == len(pred) else self.x_eval[todo]
+            pred[todo] = self._forward(x, cw, part[1]).argmax(1)
+        return pred.clone() if idx is None else pred[idx]
 
     def _load(self, cw: CompressedWeights | None) -> None:
         """Copy a compressed model's weights (or, with None, the original ones) into the working model."""
@@ -467,13 +496,13 @@ class CompressionSession:
                 return self._results[key]
             t0 = time.perf_counter()
             cw = self.compress(plan, progress)
-            logits = self._forward(cw=cw)
-            result = self._result(cw, logits.argmax(1), time.perf_counter() - t0)
+            result = self._result(cw, self._predictions(key, cw), time.perf_counter() - t0)
             return self._store(key, result)
 
     def _store(self, key: str, result: EvaluationResult) -> EvaluationResult:
         with self._lock:
             self._results[key] = result
+            self._partial.pop(key, None)  # the exact result is in: its partial predictions are done with
             if len(self._results) > self._cache_size:
                 self._results.popitem(last=False)
             return result
@@ -606,8 +635,7 @@ class CompressionSession:
                     return self._evaluate(plan)
                 cw = self.compress(plan)
                 idx = self.quick_idx
-                pred = self.compressed_logits(cw, self.x_eval[idx]).argmax(1)
-                res = self._result(cw, pred, time.perf_counter() - t0, idx)
+                res = self._result(cw, self._predictions(key, cw, idx), time.perf_counter() - t0, idx)
                 self._estimates[key] = res
                 if len(self._estimates) > self._cache_size:
                     self._estimates.popitem(last=False)
@@ -636,15 +664,19 @@ class CompressionSession:
             t0 = time.perf_counter()
             cw = self.compress(plan)
         chunk = max(1, min(self.eval_batch_size, BACKGROUND_CHUNK))
-        parts = []
-        for i in range(0, len(self.x_eval), chunk):
+        n = len(self.x_eval)
+        for i in range(0, n, chunk):
             self._wait_for_foreground()
             if self.anticipator.stopping:
                 raise XaicompError("background evaluation stopped")
             with self._lock:
-                parts.append(self.compressed_logits(cw, self.x_eval[i:i + chunk]).argmax(1))
-        pred = torch.cat(parts)
-        return self._store(key, self._result(cw, pred, time.perf_counter() - t0))
+                if key in self._results:  # the foreground finished it meanwhile (from the chunks done here)
+                    return self._results[key]
+                self._predictions(key, cw, torch.arange(i, min(i + chunk, n)))
+        with self._lock:
+            if key in self._results:
+                return self._results[key]
+            return self._store(key, self._result(cw, self._predictions(key, cw), time.perf_counter() - t0))
 
     def check_unchanged(self) -> bool:
         """Whether the session's model still has the state dict it was given."""
