@@ -89,6 +89,8 @@ if st.session_state.pop("au_requested", False):
             st.error(str(e), icon=":material/warning:")
 
 shown: tuple | None = request if request in cache else next(iter(cache), None)
+if shown is not None and shown[0] != request[0]:  # a search of another model or data set: not shown here
+    shown = None
 if shown is None:
     st.info("Set the budget and the signals, then press **Run search**. On the built-in models a search of 80 "
             "evaluations per signal takes seconds (LeNet) to a few minutes (VGG).", icon=":material/info:")

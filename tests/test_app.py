@@ -712,7 +712,10 @@ def test_auto_panel_shows_the_engine_search_and_hands_the_plan_to_compress(tmp_p
     assert controls(at)["criterion"] == plan.criterion
     assert controls(at)["levels"] == plan.bit_levels
     assert_shows(at, expect["hybrid"].evaluation)
-    # the search stays on its page (per browser session) after the visit
+    # the search stays on its page (per browser session) after the visit, and only for the data it was run on
     goto(at, "auto")
     ok(at)
     assert verdict(expect) in infos(at)
+    at.sidebar.number_input(key="sb_eval_samples").set_value(350).run()
+    ok(at)
+    assert verdict(expect) not in infos(at) and "Run search" in infos(at) and not at.metric
