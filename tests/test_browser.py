@@ -108,8 +108,9 @@ def browser():
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
-def wait_idle(page, timeout: int = LOAD_TIMEOUT_MS) -> None:
-    """Wait until no script or fragment run is going on (for half a second) and no spinner is left."""
+def wait_idle(page, timeout: int = LOAD_TIMEOUT_MS) -> float:
+    """Wait until no script or fragment run is going on (for half a second) and no spinner is left; return when the
+    page became idle (a ``time.perf_counter()`` value: the half second of checking is not part of the wait)."""
     page.wait_for_function(
         """() => {
             const app = document.querySelector('[data-testid="stApp"]');
@@ -120,6 +121,8 @@ def wait_idle(page, timeout: int = LOAD_TIMEOUT_MS) -> None:
             if (window.__xcIdleSince === undefined) { window.__xcIdleSince = now; }
             return now - window.__xcIdleSince > 500;
         }""", timeout=timeout, polling=100)
+    idle_for_ms = page.evaluate("() => performance.now() - window.__xcIdleSince")
+    return time.perf_counter() - idle_for_ms / 1000
 
 
 def no_exception(page) -> None:
@@ -198,6 +201,7 @@ def prune_slider(page):
 def drag_prune_slider(page, percent: float) -> float:
     """Drag the prune-ratio thumb to about ``percent`` (the slider spans 0..95 %); returns the release time."""
     thumb = prune_slider(page).locator("xpath=../..")  # the positioned thumb around the range input
+    thumb.scroll_into_view_if_needed()
     box = thumb.bounding_box()
     track = thumb.locator("xpath=..").bounding_box()
     assert box is not None and track is not None
@@ -279,24 +283,35 @@ def test_every_page_and_slider(browser, app_url, artifacts):
     assert before["Weights pruned"] == "50.0%"
     slider = prune_slider(page)
     assert slider.input_value() == "50"
-    # the user reads for a while (the server anticipates neighbouring positions meanwhile), then the denominator is
-    # measured in this run, on the now quiet machine, right before the slider moves
-    page.wait_for_timeout(8000)
-    bare = bare_forward_seconds()
-    t_release = drag_prune_slider(page, 65)
-    page.wait_for_function(CHANGED_JS, arg=before["Size"], timeout=60_000, polling=10)
-    latency = time.perf_counter() - t_release
-    wait_idle(page)
-    idle = time.perf_counter() - t_release
-    no_exception(page)
-    ratio = int(slider.input_value())
-    after = {k: metric(page, k) for k in ("Accuracy", "Size", "Weights pruned")}
-    assert ratio > 50
-    assert after["Size"] != before["Size"]
-    assert after["Weights pruned"] == f"{ratio:.1f}%"
-    shots.append(shot(page, "compress"))
-    scroll_to(page, "Does the explanation help?")
-    shots.append(shot(page, "compress-comparison"))
+    # Three drags to positions never seen before (each at least three steps from every position visited: the
+    # background anticipates one and two steps away). Before each, the user reads for a while (the server
+    # anticipates meanwhile); then the denominator is measured in this run, on the now quiet machine, right before
+    # the slider moves.
+    drags = []
+    for target in (65, 85, 25):
+        page.wait_for_timeout(8000)
+        bare = bare_forward_seconds()
+        t_release = drag_prune_slider(page, target)
+        page.wait_for_function(CHANGED_JS, arg=before["Size"], timeout=60_000, polling=10)
+        latency = time.perf_counter() - t_release
+        idle = wait_idle(page) - t_release  # when the page became idle, not when the check ended
+        no_exception(page)
+        ratio = int(slider.input_value())
+        after = {k: metric(page, k) for k in ("Accuracy", "Size", "Weights pruned")}
+        assert abs(ratio - target) <= 5
+        assert after["Size"] != before["Size"]
+        assert after["Weights pruned"] == f"{ratio:.1f}%"
+        drags.append({"prune_ratio": ratio, "release_to_metrics_s": round(latency, 3),
+                      "release_to_idle_s": round(idle, 3), "bare_forward_s": round(bare, 3),
+                      "release_to_metrics_ratio": round(latency / bare, 3),
+                      "release_to_idle_ratio": round(idle / bare, 3), "load_average": list(os.getloadavg())})
+        print(f"[{time.perf_counter() - T0:6.1f} s] drag to {ratio} %: metrics {latency:.3f} s, idle {idle:.3f} s, "
+              f"bare forward {bare:.3f} s")
+        if target == 65:
+            shots.append(shot(page, "compress"))
+            scroll_to(page, "Does the explanation help?")
+            shots.append(shot(page, "compress-comparison"))
+        before = after
 
     # ---------------------------------------------------------------- Trade-offs: run a sweep
     goto_page(page, "Trade-offs")
@@ -333,16 +348,19 @@ def test_every_page_and_slider(browser, app_url, artifacts):
     assert after["Size"] == fmt_bytes(res.size.estimated_bytes)
     assert after["Accuracy"] == fmt_pct(res.accuracy)
 
-    report = {"model": MODEL, "slider_release_to_metrics_s": round(latency, 3), "prune_ratio": ratio,
-              "slider_release_to_idle_s": round(idle, 3), "bare_forward_s": round(bare, 3),
-              "release_to_metrics_ratio": round(latency / bare, 3), "release_to_idle_ratio": round(idle / bare, 3),
+    import statistics
+
+    report = {"model": MODEL, "drags": drags,
+              "release_to_metrics_ratio": statistics.median(d["release_to_metrics_ratio"] for d in drags),
+              "release_to_idle_ratio": statistics.median(d["release_to_idle_ratio"] for d in drags),
               "goals": {"release_to_metrics_ratio": 0.35, "release_to_idle_ratio": 1.0},
               "load_average": list(os.getloadavg()),
               "engine_evaluate_s": round(res.seconds, 3), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
               "torch_threads": torch.get_num_threads(), "screenshots": [os.path.relpath(p, ROOT) for p in shots]}
     (artifacts / "browser-latency.json").write_text(json.dumps(report, indent=2))
-    print(f"\nslider release -> updated metrics: {latency:.3f} s = {latency / bare:.2f}x a bare forward, -> idle "
-          f"{idle:.3f} s = {idle / bare:.2f}x ({MODEL}; bare forward {bare:.3f} s; engine {res.seconds:.3f} s)")
+    print(f"\nslider release -> updated metrics: median {report['release_to_metrics_ratio']:.2f}x a bare forward, "
+          f"-> idle {report['release_to_idle_ratio']:.2f}x over {len(drags)} drags to positions never seen ({MODEL}; "
+          f"engine {res.seconds:.3f} s)")
     page.close()
 
 
