@@ -14,6 +14,11 @@
 * ``backend_ratios``: each fast-forward backend (and the eager forward with a plan's weights) per new plan / the
   bare forward (:func:`compare_backends`).
 * ``evaluate_split``: where one ``session.evaluate`` spends its time (:func:`profile_evaluate`).
+* ``peak_rss_mb`` per stage (``evaluation``: building the session, i.e. the fast forward and the baseline pass over
+  the evaluation set; ``relevance``: the session's relevance pass): the process's peak resident memory during the
+  stage (``resource.getrusage``; the peak is reset before each stage where Linux allows it, see
+  ``peak_rss_per_stage``), next to ``rss_before_mb``; on CUDA also ``peak_cuda_mb``
+  (``torch.cuda.max_memory_allocated``, reset before each stage).
 
 Bare and measured passes alternate within each repeat, so that a change of machine load hits both.
 """
@@ -31,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from xaicomp_core.device import current_rss_mb, on_device, peak_rss_mb, reset_peak_rss, resolve_device
 from xaicomp_core.evaluate.fast import BACKENDS, TRIAL_IMAGES, FastForward, ort_available
 from xaicomp_core.evaluate.session import CompressionSession, forward_logits
 from xaicomp_core.io.data import load_builtin_dataset
@@ -61,11 +67,13 @@ def _interleaved(fns: dict[str, Callable[[int], Any]], repeats: int) -> dict[str
 
 def _bare_forward(model: nn.Module, x: torch.Tensor, batch_size: int) -> Callable[..., None]:
     """The denominator: eager fp32 forward of the unmodified model under inference_mode, in the session's
-    batches."""
+    batches (on the model's device, each batch moved there as the session moves it)."""
+    dev = next(model.parameters()).device
+
     def run(*_: Any) -> None:
         with torch.inference_mode():
             for i in range(0, len(x), batch_size):
-                model(x[i:i + batch_size])
+                model(x[i:i + batch_size].to(dev)).cpu()
     return run
 
 
@@ -93,7 +101,8 @@ def compare_backends(session: CompressionSession, plans: list[CompressionPlan], 
     for name in BACKENDS:
         if name == "onnxruntime" and not ort_available():
             continue
-        ff = FastForward.build(work, x[:TRIAL_IMAGES], lambda t: forward_logits(work, t, bs), backend=name)
+        ff = FastForward.build(work, x[:TRIAL_IMAGES], lambda t: forward_logits(work, t, bs), backend=name,
+                               device=session.device, max_batch=bs)
         if ff is not None:
             fns[name] = (lambda f: lambda i: f.logits(states[i], x, lambda t: forward_logits(work, t, bs)))(ff)
     times = _interleaved(fns, repeats)
@@ -138,20 +147,44 @@ def profile_evaluate(session: CompressionSession, plan: CompressionPlan) -> dict
     return out
 
 
+def _stage(memory: dict[str, dict[str, Any]], name: str, device: torch.device, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` as the stage ``name`` and record its peak memory in ``memory``."""
+    cuda = device.type == "cuda"
+    per_stage = reset_peak_rss()
+    before = current_rss_mb()
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    out = fn()
+    memory.setdefault("peak_rss_mb", {})[name] = round(peak_rss_mb(), 1)
+    memory.setdefault("rss_before_mb", {})[name] = None if before is None else round(before, 1)
+    memory.setdefault("peak_rss_per_stage", {})[name] = per_stage
+    if cuda:
+        torch.cuda.synchronize(device)
+        memory.setdefault("peak_cuda_mb", {})[name] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return out
+
+
 def run_bench(model_name: str = "fashion-vgg", repeats: int = 7, threads: int | None = 2, batch: int = 250,
-              composite: str = "epsilon", backends: bool = True) -> dict[str, Any]:
+              composite: str = "epsilon", backends: bool = True, device: str | torch.device = "auto",
+              memory_budget_mb: float | None = None) -> dict[str, Any]:
     """Run the benchmark on a built-in model with the shipped data and return the figures (``backends=False``
-    skips :func:`compare_backends`)."""
+    skips :func:`compare_backends`). ``device`` and ``memory_budget_mb`` go to the session (and the bare passes
+    run on the same device)."""
     if threads:
         torch.set_num_threads(threads)
+    dev = resolve_device(device)
     model = load_builtin_model(model_name)
     ref = load_builtin_dataset("fashion-mnist", "reference")
     ev = load_builtin_dataset("fashion-mnist", "eval")
-    session = CompressionSession(model, ref, ev, composite=composite)
-    session.relevance()
+    memory: dict[str, dict[str, Any]] = {}
+    session = _stage(memory, "evaluation", dev, lambda: CompressionSession(
+        model, ref, ev, composite=composite, device=dev, memory_budget_mb=memory_budget_mb))
+    _stage(memory, "relevance", dev, session.relevance)
     x_eval = session.x_eval
     bs = session.eval_batch_size
-    bare_forward = _bare_forward(model, x_eval, bs)
+    bare_model = on_device(model, dev)
+    bare_forward = _bare_forward(bare_model, x_eval, bs)
     bare_forward()
 
     def lrp_plan(ratio: float) -> CompressionPlan:
@@ -172,8 +205,8 @@ def run_bench(model_name: str = "fashion-vgg", repeats: int = 7, threads: int | 
     backend_ratios = compare_backends(session, [lrp_plan(0.7 + 0.01 * i) for i in range(repeats)], repeats) \
         if backends else {}
 
-    x, y = session.x_ref[:batch], session.y_ref[:batch]
-    grad_model = load_builtin_model(model_name)
+    x, y = session.x_ref[:batch].to(dev), session.y_ref[:batch].to(dev)
+    grad_model = load_builtin_model(model_name).to(dev)
 
     def fwd_bwd() -> None:
         grad_model.zero_grad(set_to_none=True)
@@ -182,9 +215,10 @@ def run_bench(model_name: str = "fashion-vgg", repeats: int = 7, threads: int | 
         out.backward(onehot)
 
     fwd_bwd()
-    weight_relevance(model, x, y, composite)
+    weight_relevance(bare_model, x, y, composite, device=dev)
     rt = _interleaved({"fb": lambda i: fwd_bwd(),
-                       "rel": lambda i: weight_relevance(model, x, y, composite, batch_size=batch)}, repeats)
+                       "rel": lambda i: weight_relevance(bare_model, x, y, composite, batch_size=batch, device=dev)},
+                      repeats)
     fb, rel = rt["fb"], rt["rel"]
     med = statistics.median
     info = model_info(model)
@@ -200,6 +234,8 @@ def run_bench(model_name: str = "fashion-vgg", repeats: int = 7, threads: int | 
         "relevance_seconds": med(rel), "forward_backward_seconds": med(fb),
         "relevance_full_reference_seconds_estimate": med(rel) * len(session.x_ref) / batch,
         "eval_images": len(x_eval), "relevance_batch": batch, "repeats": repeats,
+        "device": str(dev), "memory_budget_mb": memory_budget_mb, "eval_batch_size": bs,
+        "relevance_batch_size": session.relevance_batch_size, **memory,
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "machine": f"{platform.machine()}, {_cpu_name()}, {torch.get_num_threads()} threads",
         "load_average": _load_average(),

@@ -9,8 +9,10 @@ from typing import Any
 
 from xaicomp_core.cli.common import (
     CommandOutputs,
+    add_device_args,
     add_model_args,
     add_plan_args,
+    device_from_args,
     fmt_bytes,
     plan_and_session,
     plan_from_args,
@@ -143,8 +145,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Performance ratios."""
     from xaicomp_core.bench import run_bench
 
+    device = device_from_args(args)
     res = run_bench(args.model or "fashion-vgg", repeats=args.repeats, threads=args.threads or 2,
-                    batch=args.batch, composite=args.composite or "epsilon")
+                    batch=args.batch, composite=args.composite or "epsilon", device=device,
+                    memory_budget_mb=args.memory_budget)
     if args.json:
         print_json(res)
         return 0
@@ -188,5 +192,6 @@ def register(subparsers: Any) -> None:
     p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--batch", type=positive_int, default=250)
     p.add_argument("--composite", default=None)
+    add_device_args(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)

@@ -86,6 +86,28 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--epsilon", type=finite_float, default=MODEL_DEFAULTS["epsilon"],
                    help="epsilon of the epsilon rule")
     g.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    add_device_args(g)
+
+
+def add_device_args(g: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--device`` and ``--memory-budget``: where relevance, evaluation, fine-tuning and export compute, and how
+    much memory one batch may take."""
+    from xaicomp_core.device import CUDA_FREE_SHARE, DEFAULT_MEMORY_BUDGET_MB, DEVICES
+
+    g.add_argument("--device", choices=DEVICES, default="auto",
+                   help="where relevance, evaluation and fine-tuning run: auto (a CUDA GPU if torch sees one, else "
+                        "the CPU), cpu or cuda (default auto)")
+    g.add_argument("--memory-budget", type=positive_float, default=None, metavar="MB",
+                   help="memory one relevance or evaluation batch may take, in MB: batches shrink to fit (default "
+                        f"{DEFAULT_MEMORY_BUDGET_MB:.0f} on the CPU, {CUDA_FREE_SHARE:.0%} of the free GPU memory on "
+                        "CUDA)")
+
+
+def device_from_args(args: argparse.Namespace) -> Any:
+    """The :class:`torch.device` of ``--device`` (one readable error line for ``cuda`` without a GPU)."""
+    from xaicomp_core.device import resolve_device
+
+    return resolve_device(getattr(args, "device", None) or "auto", "--device")
 
 
 def add_plan_args(p: argparse.ArgumentParser) -> None:
@@ -279,6 +301,14 @@ def nonnegative_int(text: str) -> int:
     return _int_at_least(text, 0)
 
 
+def positive_float(text: str) -> float:
+    """argparse type: a finite number above 0."""
+    v = finite_float(text)
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
+    return v
+
+
 def finite_float(text: str) -> float:
     """argparse type: a finite number."""
     import math
@@ -353,6 +383,7 @@ def session_from_args(args: argparse.Namespace, progress: ProgressFn | None = No
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = device_from_args(args)  # before any loading: a missing GPU is the first thing said
     sources = sources_from_args(args) if sources is None else sources
     composite = getattr(args, "composite", None) or "epsilon"
     model = sources.load_model()
@@ -361,8 +392,9 @@ def session_from_args(args: argparse.Namespace, progress: ProgressFn | None = No
     if statement:
         sys.stderr.write(f"xaicomp: {statement}\n")
     splits = sources.load_data(info)
-    budget = _budget_line(model, info, splits, sources, composite)
-    session = sources.session(composite=composite, progress=progress, model=model, splits=splits)
+    budget = _budget_line(model, info, splits, sources, composite, device)
+    session = sources.session(composite=composite, progress=progress, model=model, splits=splits, device=device,
+                              memory_budget_mb=getattr(args, "memory_budget", None))
     session.finetune_progress = progress_printer("fine-tuning", progress is not None)
     if budget.forward_s * len(splits.reference) < 5.0:
         _whole_data_line(session, splits, sources)
@@ -389,7 +421,7 @@ def _whole_data_line(session: CompressionSession, splits: Any, sources: Sources)
                      f"{n_ev} evaluation)\n")
 
 
-def _budget_line(model: Any, info: Any, splits: Any, sources: Sources, composite: str) -> Any:
+def _budget_line(model: Any, info: Any, splits: Any, sources: Sources, composite: str, device: Any = None) -> Any:
     """Time one batch; when the first result would take well over :data:`~xaicomp_core.io.fit.TARGET_SECONDS`,
     say so and propose image counts before the long work starts (Ctrl+C cancels)."""
     from xaicomp_core.io.data import as_tensors
@@ -401,7 +433,7 @@ def _budget_line(model: Any, info: Any, splits: Any, sources: Sources, composite
     xr, yr = as_tensors(ref.subset(list(range(min(32, len(ref))))), pre, info.num_classes, "reference data")
     xe, _ = as_tensors(ev.subset(list(range(min(128, len(ev))))), pre, info.num_classes, "evaluation data")
     budget = plan_budget(model, xr, yr, xe, reference=len(ref), evaluation=len(ev), composite=composite,
-                         num_classes=info.num_classes)
+                         num_classes=info.num_classes, device=device)
     if budget.too_slow:
         sys.stderr.write(f"xaicomp: {budget.describe()} (Ctrl+C cancels)\n")
     return budget

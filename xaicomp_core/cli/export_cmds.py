@@ -17,10 +17,12 @@ from typing import Any
 
 from xaicomp_core.cli.common import (
     CommandOutputs,
+    add_device_args,
     add_model_args,
     add_plan_args,
     check_eval_samples,
     data_label,
+    device_from_args,
     fmt_bytes,
     nonnegative_int,
     plan_and_session,
@@ -100,6 +102,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = device_from_args(args)
     if not args.file:
         raise XaicompError("name the packed file to verify: xaicomp verify FILE.xcz [--model model.onnx] "
                            "[--data DATA]")
@@ -126,7 +129,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
             check_class_count(pm.info, data, "the evaluation data")
             x, y = as_tensors(data, pre, pm.info.num_classes, "evaluation data")
             label = f"{source.spec()} ({len(y)} images)"
-    res = verify_packed(pm, x, y, label, model_file=model_file)
+    res = verify_packed(pm, x, y, label, model_file=model_file, device=device,
+                        memory_budget_mb=args.memory_budget)
     d = {"file": str(args.file), **res.to_dict()}
     if x is None:
         d["note"] = "accuracy not measured: " + (
@@ -250,6 +254,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--eval-samples", type=int, default=None, help="use only this many evaluation samples")
     p.add_argument("--no-eval", action="store_true", help="check the file and its size only")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    add_device_args(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_verify)
 

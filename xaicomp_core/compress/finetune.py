@@ -18,6 +18,7 @@ from torch import nn
 
 from xaicomp_core.compress.layout import LayerLayout
 from xaicomp_core.compress.quantize import quantize
+from xaicomp_core.device import resolve_device
 from xaicomp_core.train import augment
 
 ProgressFn = Callable[[int, int], None]
@@ -26,7 +27,7 @@ ProgressFn = Callable[[int, int], None]
 def finetune_weights(model: nn.Module, layout: LayerLayout, weights: torch.Tensor, keep: torch.Tensor,
                      klass: torch.Tensor, levels: list[int], method: str, x_train: torch.Tensor,
                      y_train: torch.Tensor, epochs: int = 2, lr: float = 0.01, seed: int = 0, batch_size: int = 128,
-                     progress: ProgressFn | None = None) -> torch.Tensor:
+                     progress: ProgressFn | None = None, device: str | torch.device | None = None) -> torch.Tensor:
     """Fine-tune the flat compressible weights; returns the new (unquantized) flat weights.
 
     Parameters
@@ -50,12 +51,17 @@ def finetune_weights(model: nn.Module, layout: LayerLayout, weights: torch.Tenso
         SGD (momentum 0.9) with a cosine learning-rate decay; seeded data order and augmentation.
     progress : callable, optional
         ``progress(step, total_steps)``.
+    device : {"auto", "cpu", "cuda"} or torch.device, optional
+        Where the training steps run (default: the CPU). The quantization (small-tensor bookkeeping) and the data
+        order and augmentation stay on the CPU, so the seeded steps are the same; the result is a CPU tensor.
     """
-    work = copy.deepcopy(model).eval()
+    dev = torch.device("cpu") if device is None else resolve_device(device)
+    work = copy.deepcopy(model).eval().to(dev)
     for p in work.parameters():
         p.requires_grad_(False)
     params = dict(work.named_parameters())
-    shadow = {n: w.detach().clone().float().requires_grad_(True) for n, w in layout.split(weights.clone()).items()}
+    shadow = {n: w.detach().clone().float().to(dev).requires_grad_(True)
+              for n, w in layout.split(weights.clone()).items()}
     opt = torch.optim.SGD(list(shadow.values()), lr=lr, momentum=0.9)
     steps_per_epoch = math.ceil(len(x_train) / batch_size)
     total = epochs * steps_per_epoch
@@ -68,11 +74,12 @@ def finetune_weights(model: nn.Module, layout: LayerLayout, weights: torch.Tenso
             idx = perm[i:i + batch_size]
             xb = augment(x_train[idx], gen) if x_train.shape[1] == 1 else x_train[idx]
             with torch.no_grad():
-                flat = layout.flat(shadow)
-                q = layout.split(quantize(layout, flat, keep, klass, levels, method).values)
+                flat = layout.flat({n: s.cpu() for n, s in shadow.items()})
+                q = {n: t.to(dev) for n, t in layout.split(quantize(layout, flat, keep, klass, levels, method).values
+                                                           ).items()}
             ste = {n: shadow[n] + (q[n] - shadow[n]).detach() for n in layout.names}  # straight-through
-            out = torch.func.functional_call(work, {**params, **ste}, (xb,))
-            loss = nn.functional.cross_entropy(out, y_train[idx])
+            out = torch.func.functional_call(work, {**params, **ste}, (xb.to(dev),))
+            loss = nn.functional.cross_entropy(out, y_train[idx].to(dev))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -80,4 +87,4 @@ def finetune_weights(model: nn.Module, layout: LayerLayout, weights: torch.Tenso
             step += 1
             if progress is not None:
                 progress(step, total)
-    return layout.flat(shadow).detach()
+    return layout.flat({n: s.detach().cpu() for n, s in shadow.items()})

@@ -15,7 +15,8 @@ thread pool, and rounded once to float32) and runs one of the backends:
     fresh memory. Measured faster than weights fed as graph inputs (which cannot be pre-packed) and than the torch
     backend (see :func:`xaicomp_core.bench.compare_backends`).
 ``"torch"``
-    PyTorch's oneDNN fused convolution + bias + ReLU (+ residual add) kernels, plain torch ops elsewhere.
+    PyTorch's oneDNN fused convolution + bias + ReLU (+ residual add) kernels, plain torch ops elsewhere. The only
+    backend on a GPU (``device="cuda"``: plain torch ops there, in float32 with TF32 off).
 
 "Exact" means float32 throughout (never bf16 or int8), logits within about ``1e-5`` of the eager forward on the
 built-in models, and the same top-1 prediction on every image. The last is guaranteed rather than hoped for: every
@@ -290,9 +291,12 @@ class TorchBackend:
     #: images per call (smaller chunks measured slower: more thread-pool synchronisations per image)
     chunk = 1000
 
-    def __init__(self, ops: list[Op], output: int, in_shape: tuple[int, ...]) -> None:
+    def __init__(self, ops: list[Op], output: int, in_shape: tuple[int, ...], device: torch.device | None = None
+                 ) -> None:
         self.ops, self.output = ops, output
-        self.fused = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+        self.device = torch.device("cpu") if device is None else device
+        self.fused = self.device.type == "cpu" and torch.backends.mkldnn.is_available() and hasattr(
+            torch.ops.mkldnn, "_convolution_pointwise")
         uses: dict[int, int] = {output: 1}
         for op in ops:
             for s in op.inputs:
@@ -323,7 +327,9 @@ class TorchBackend:
 
     def prepare(self, params: Params) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
         """Tensors of the folded parameters."""
-        return [(None, None) if w is None else (torch.from_numpy(w), torch.from_numpy(b)) for w, b in params]
+        dev = self.device
+        return [(None, None) if w is None else (torch.from_numpy(w).to(dev), torch.from_numpy(b).to(dev))
+                for w, b in params]
 
     def run(self, prepared: list[tuple[torch.Tensor | None, torch.Tensor | None]], x: torch.Tensor) -> torch.Tensor:
         """Logits of one chunk."""
@@ -497,12 +503,15 @@ def ort_available() -> bool:
     return True
 
 
-def make_backend(name: str, ops: list[Op], output: int, in_shape: tuple[int, ...]) -> TorchBackend | OrtBackend:
-    """A backend by name (one of :data:`BACKENDS`)."""
+def make_backend(name: str, ops: list[Op], output: int, in_shape: tuple[int, ...],
+                 device: torch.device | None = None) -> TorchBackend | OrtBackend:
+    """A backend by name (one of :data:`BACKENDS`); onnxruntime runs on the CPU only."""
     if name == "onnxruntime":
+        if device is not None and device.type != "cpu":
+            raise ValueError("the onnxruntime backend runs on the CPU only")
         return OrtBackend(ops, output, in_shape)
     if name == "torch":
-        return TorchBackend(ops, output, in_shape)
+        return TorchBackend(ops, output, in_shape, device)
     raise ValueError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
 
 
@@ -516,8 +525,12 @@ class FastForward:
     original one, or a plan's), so one instance serves every plan. Calls do not share mutable state.
     """
 
-    def __init__(self, ops: list[Op], output: int, backend: TorchBackend | OrtBackend) -> None:
+    def __init__(self, ops: list[Op], output: int, backend: TorchBackend | OrtBackend,
+                 max_batch: int | None = None) -> None:
         self.ops, self.output, self._backend = ops, output, backend
+        #: images per backend call at most (a memory bound; None: the backend's own chunk)
+        self.max_batch = max_batch
+        self.device = getattr(backend, "device", torch.device("cpu"))
 
     @property
     def backend(self) -> str:
@@ -525,8 +538,8 @@ class FastForward:
         return self._backend.name
 
     @classmethod
-    def build(cls, model: nn.Module, sample: torch.Tensor, reference: Reference, backend: str = "auto"
-              ) -> FastForward | None:
+    def build(cls, model: nn.Module, sample: torch.Tensor, reference: Reference, backend: str = "auto",
+              device: torch.device | None = None, max_batch: int | None = None) -> FastForward | None:
         """Trace ``model`` and build its fast forward, or None if the model is not supported.
 
         Parameters
@@ -538,15 +551,22 @@ class FastForward:
         reference : callable
             The eager forward of ``model`` (``x -> logits``).
         backend : {"auto", "onnxruntime", "torch"}
-            ``"auto"``: onnxruntime if importable, else torch.
+            ``"auto"``: onnxruntime if importable, else torch; on a GPU always torch.
+        device : torch.device, optional
+            Where the forward runs (default: the CPU). Inputs move there chunk by chunk; logits come back to the
+            CPU.
+        max_batch : int, optional
+            Images per backend call at most (a memory bound).
         """
-        if backend == "auto":
+        if device is not None and device.type != "cpu":
+            backend = "torch" if backend == "auto" else backend
+        elif backend == "auto":
             backend = "onnxruntime" if ort_available() else "torch"
         if sample.dtype != torch.float32 or len(sample) == 0:
             return None
         try:
             ops, output = trace_ops(model)
-            ff = cls(ops, output, make_backend(backend, ops, output, tuple(sample.shape[1:])))
+            ff = cls(ops, output, make_backend(backend, ops, output, tuple(sample.shape[1:]), device), max_batch)
             fast = ff.raw_logits(model.state_dict(), sample)
         except Exception:  # whatever fails here (an unsupported model), the reference forward is used instead
             return None
@@ -570,9 +590,10 @@ class FastForward:
         """Fast logits without the near-tie safeguard of :meth:`logits`."""
         prepared = self.prepare(state) if prepared is None else prepared
         x = x.detach().float().contiguous()
+        dev = self.device
         with torch.inference_mode():
-            n = self._backend.chunk
-            return torch.cat([self._backend.run(prepared, x[i:i + n]) for i in range(0, len(x), n)])
+            n = self._backend.chunk if self.max_batch is None else max(1, min(self._backend.chunk, self.max_batch))
+            return torch.cat([self._backend.run(prepared, x[i:i + n].to(dev)).cpu() for i in range(0, len(x), n)])
 
     def logits(self, state: Mapping[str, torch.Tensor], x: torch.Tensor, reference: Reference, prepared: Any = None
                ) -> torch.Tensor:
@@ -611,13 +632,16 @@ def needs_reference(logits: torch.Tensor) -> torch.Tensor:
 
 def exact_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
     """Logits of ``model`` on ``x`` as a session computes them: the fast exact forward where the model is
-    supported (top-1 equal to the eager forward's on every image), else the eager forward in batches."""
+    supported (top-1 equal to the eager forward's on every image), else the eager forward in batches of
+    ``batch_size`` (also the most images the fast forward runs at once). Runs on the model's device; the logits
+    are on the CPU."""
+    from xaicomp_core.device import module_device
     from xaicomp_core.evaluate.forward import forward_logits
 
     def reference(t: torch.Tensor) -> torch.Tensor:
         return forward_logits(model, t, batch_size)
 
-    ff = FastForward.build(model, x[:TRIAL_IMAGES], reference)
+    ff = FastForward.build(model, x[:TRIAL_IMAGES], reference, device=module_device(model), max_batch=batch_size)
     if ff is None:
         return reference(x)
     return ff.logits(model.state_dict(), x, reference)

@@ -24,6 +24,7 @@ from torch import nn
 from xaicomp_core.compress.compress import CompressedWeights, Compressor, following_batchnorms  # noqa: F401
 from xaicomp_core.compress.layout import LayerLayout
 from xaicomp_core.compress.quantize import quantize
+from xaicomp_core.device import measure_memory_cost, memory_budget_bytes, resolve_device
 from xaicomp_core.errors import PlanError, XaicompError
 from xaicomp_core.evaluate.fast import TRIAL_IMAGES, FastForward
 from xaicomp_core.evaluate.forward import EVAL_BATCH_SIZE, accuracy_counts, forward_logits  # noqa: F401
@@ -192,14 +193,24 @@ class CompressionSession:
         ``progress(done, total)`` while relevance is computed.
     train_data : ImageDataset, (inputs, labels) or Dataset, optional
         Samples for plans with recovery fine-tuning (``plan.finetune_epochs > 0``).
+    device : {"auto", "cpu", "cuda"} or torch.device
+        Where relevance, evaluation and fine-tuning run (``"auto"``: CUDA if available, else the CPU). The session
+        works on its own copies of the model there; the data stays on the CPU and moves batch by batch; results,
+        relevance and state dicts are CPU tensors. On CUDA the fast forward uses its torch backend.
+    memory_budget_mb : float, optional
+        Memory one relevance or evaluation batch may take (default
+        :data:`~xaicomp_core.device.DEFAULT_MEMORY_BUDGET_MB`; on CUDA a share of the free device memory): the
+        per-image cost is measured on one image and ``relevance_batch_size`` / ``eval_batch_size`` are lowered to
+        what fits (never raised).
     """
 
     def __init__(self, model: nn.Module, reference_data: DataLike, eval_data: DataLike, *,
                  composite: str = DEFAULT_COMPOSITE, epsilon: float = 1e-6, target: str = "true",
                  reference_samples: int | None = None, relevance_batch_size: int = 250,
                  eval_batch_size: int = EVAL_BATCH_SIZE, progress: ProgressFn | None = None, cache_size: int = 64,
-                 train_data: DataLike | None = None, quick_images: int = QUICK_IMAGES
-                 ) -> None:
+                 train_data: DataLike | None = None, quick_images: int = QUICK_IMAGES,
+                 device: str | torch.device = "auto", memory_budget_mb: float | None = None) -> None:
+        self.device = resolve_device(device)
         self.model = model.eval()
         self.info = model_info(model)
         pre, n_cls = self.info.preprocessing, self.info.num_classes
@@ -224,9 +235,15 @@ class CompressionSession:
         self._weights = self.compressor.weights
         self._weights_flat = self.compressor.weights_flat
         self._state = self.compressor.state
-        self._work = copy.deepcopy(model).eval()
+        self._work = copy.deepcopy(model).eval().to(self.device)
         for p in self._work.parameters():
             p.requires_grad_(False)
+        # batches within the memory budget: the per-image cost measured on one image (the working copy is private)
+        self.memory_budget_mb = memory_budget_mb
+        self.memory_cost = measure_memory_cost(self._work, self.x_eval[:1].to(self.device), private=True)
+        budget = memory_budget_bytes(self.device, memory_budget_mb)
+        self.relevance_batch_size = self.memory_cost.relevance_batch(budget, relevance_batch_size)
+        self.eval_batch_size = self.memory_cost.evaluation_batch(budget, eval_batch_size)
         self._work_params = dict(self._work.named_parameters())
         self._work_state = self._work.state_dict(keep_vars=True)
         self._overridden: list[str] = []
@@ -244,7 +261,8 @@ class CompressionSession:
         self.model_hash = state_dict_hash(model)
         # the fast exact forward (BatchNorm folded per plan; None for a model it cannot handle: eager then)
         self._fast = FastForward.build(self._work, self.x_eval[:TRIAL_IMAGES],
-                                       lambda x: forward_logits(self._work, x, self.eval_batch_size))
+                                       lambda x: forward_logits(self._work, x, self.eval_batch_size),
+                                       device=self.device, max_batch=self.eval_batch_size)
         self.forward_backend = self._fast.backend if self._fast is not None else "eager"
         with self._lock:
             self.baseline_logits = self._forward()
@@ -271,7 +289,8 @@ class CompressionSession:
             if composite not in self._relevance:
                 self._relevance[composite] = compute_relevance(
                     self.model, self.x_ref, self.y_ref, composite, epsilon=self.epsilon, target=self.target,
-                    batch_size=self.relevance_batch_size, progress=progress or self.progress, by_class=True)
+                    batch_size=self.relevance_batch_size, progress=progress or self.progress, by_class=True,
+                    device=self.device)
             return self._relevance[composite]
 
     def relevance_of(self, weights: dict[str, torch.Tensor], composite: str | None = None) -> RelevanceResult:
@@ -288,7 +307,7 @@ class CompressionSession:
                                        f"{tuple(value.shape)}")
                 params[name].copy_(value)
         return compute_relevance(model, self.x_ref, self.y_ref, composite, epsilon=self.epsilon, target=self.target,
-                                 batch_size=self.relevance_batch_size, by_class=True)
+                                 batch_size=self.relevance_batch_size, by_class=True, device=self.device)
 
     def has_relevance(self, composite: str | None = None) -> bool:
         """Whether relevance for ``composite`` is already cached."""
@@ -378,7 +397,7 @@ class CompressionSession:
                 self._finetuned[key] = finetune_weights(
                     self.compressed_model(base), base.layout, self._weights_flat, base.keep, base.quant.klass,
                     plan.bit_levels, plan.quantizer, x, y, epochs=plan.finetune_epochs, lr=plan.finetune_lr,
-                    seed=plan.seed, progress=progress or self.finetune_progress)
+                    seed=plan.seed, progress=progress or self.finetune_progress, device=self.device)
                 if len(self._finetuned) > 8:
                     self._finetuned.popitem(last=False)
             flat = self._finetuned[key]
@@ -582,7 +601,8 @@ class CompressionSession:
         model = self.model if plan is None else self.compressed_model(plan)
         idx = torch.as_tensor(indices)
         res = compute_relevance(model, self.x_eval[idx], self.y_eval[idx], composite or self.composite,
-                                epsilon=self.epsilon, target=target or self.target, keep_input=True, check=False)
+                                epsilon=self.epsilon, target=target or self.target, keep_input=True, check=False,
+                                batch_size=self.relevance_batch_size, device=self.device)
         assert res.input is not None
         return res.input.sum(1), res.logits
 

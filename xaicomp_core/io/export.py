@@ -319,7 +319,8 @@ class VerifyResult:
 
 def verify_packed(source: str | pathlib.Path | bytes | PackedModel, x: torch.Tensor | None = None,
                   y: torch.Tensor | None = None, data_label: str | None = None,
-                  model_file: str | pathlib.Path | bytes | None = None) -> VerifyResult:
+                  model_file: str | pathlib.Path | bytes | None = None, device: str | torch.device = "auto",
+                  memory_budget_mb: float | None = None) -> VerifyResult:
     """Reload a packed file, recount its size with the engine and, given data, re-measure its accuracy.
 
     Parameters
@@ -333,6 +334,13 @@ def verify_packed(source: str | pathlib.Path | bytes | PackedModel, x: torch.Ten
     model_file : path or bytes, optional
         Rebuild the architecture from this ``.onnx`` file (or ``FILE.py:FACTORY``) instead of the file's own record
         (see :meth:`~xaicomp_core.format.packing.PackedModel.build_model`).
+    device : {"auto", "cpu", "cuda"} or torch.device
+        Where the accuracy is re-measured (the rebuilt model moves there; the same exact top-1 rule). Logits
+        computed on another device than at export differ in the last bits, so ``logits_match`` may then be False
+        while the accuracy must still agree.
+    memory_budget_mb : float, optional
+        Memory one evaluation batch may take (see :class:`~xaicomp_core.evaluate.session.CompressionSession`): the
+        batch recorded at export, lowered to what fits.
 
     Raises
     ------
@@ -365,9 +373,16 @@ def verify_packed(source: str | pathlib.Path | bytes | PackedModel, x: torch.Ten
     if x is None or y is None:
         return res
     t1 = time.perf_counter()
+    from xaicomp_core.device import measure_memory_cost, memory_budget_bytes, resolve_device
+
+    dev = resolve_device(device)
+    model = model.to(dev)  # the model rebuilt from the file is this function's own
     info = pm.info
+    batch = int(ev.get("batch_size", EVAL_BATCH_SIZE)) if ev else EVAL_BATCH_SIZE
+    batch = measure_memory_cost(model, x[:1].to(dev), private=True).evaluation_batch(
+        memory_budget_bytes(dev, memory_budget_mb), batch)
     # the session's fast exact forward, so that the logits digest can equal the one recorded at export
-    logits = exact_logits(model, x, int(ev.get("batch_size", EVAL_BATCH_SIZE)) if ev else EVAL_BATCH_SIZE)
+    logits = exact_logits(model, x, batch)
     correct, per_class = accuracy_counts(logits.argmax(1), y, info.num_classes)
     res.eval_seconds = time.perf_counter() - t1
     res.accuracy = correct / len(y)

@@ -151,7 +151,7 @@ def per_image(run, start: int, most: int, limit: float) -> tuple[float, float]:
 
 def plan_budget(model: nn.Module, x_ref: torch.Tensor, y_ref: torch.Tensor, x_eval: torch.Tensor, *,
                 reference: int, evaluation: int, composite: str = "epsilon", num_classes: int = 10,
-                target: float = TARGET_SECONDS) -> Budget:
+                target: float = TARGET_SECONDS, device: str | torch.device | None = None) -> Budget:
     """Time one batch and propose image counts (see the module docstring).
 
     The forward pass is timed on :data:`TIMING_BATCH` images and on twice as many while that stays quick
@@ -172,21 +172,34 @@ def plan_budget(model: nn.Module, x_ref: torch.Tensor, y_ref: torch.Tensor, x_ev
         The LRP composite.
     num_classes : int
         Proposed counts are at least one image per class, and multiples of it when at least that many.
+    device : {"auto", "cpu", "cuda"} or torch.device, optional
+        Where the work will run (default: the model's device); the timing runs there, on a copy of the model.
     """
+    from xaicomp_core.device import module_device, on_device, resolve_device
     from xaicomp_core.relevance.lrp import compute_relevance
+
+    dev = module_device(model) if device is None else resolve_device(device)
+    model = on_device(model, dev)
+    x_eval = x_eval[:128].to(dev)
 
     def forward(n: int) -> float:
         xb = x_eval[:n]
+
+        def run() -> None:
+            model(xb)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+
         with torch.no_grad():
-            return _seconds(lambda: model(xb))
+            return _seconds(run)
 
     fwd, _ = per_image(forward, TIMING_BATCH, min(len(x_eval), 128), 0.5)
     rel, fixed = 3 * fwd, 0.0
     if estimate(fwd, rel, reference, evaluation) > target / 3 and len(x_ref) >= 1:
         def lrp(k: int) -> float:
             xr, yr = x_ref[:k], y_ref[:k]
-            return _seconds(lambda: compute_relevance(model, xr, yr, composite, batch_size=k, check=False),
-                            warm=k == 2)
+            return _seconds(lambda: compute_relevance(model, xr, yr, composite, batch_size=k, check=False,
+                                                      device=dev), warm=k == 2)
 
         rel, fixed = per_image(lrp, 2, min(len(x_ref), 32), 1.0)
     return budget_from_timings(fwd, rel, fixed, reference, evaluation, num_classes, target)

@@ -43,6 +43,7 @@ from xaicomp_core.io.onnx_import import ONNX_ARCH, InputSpec, is_onnx_name
 from xaicomp_core.io.user_code import is_python_spec
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
     from xaicomp_core.io.models import ModelInfo
@@ -558,7 +559,8 @@ class Sources:
         return ev
 
     def session(self, composite: str | None = None, progress: ProgressFn | None = None,
-                model: nn.Module | None = None, splits: DataSplits | None = None) -> CompressionSession:
+                model: nn.Module | None = None, splits: DataSplits | None = None, *,
+                device: str | torch.device = "auto", memory_budget_mb: float | None = None) -> CompressionSession:
         """Load the model (unless given) and the data, and build the :class:`CompressionSession`.
 
         Parameters
@@ -571,13 +573,15 @@ class Sources:
             An already loaded model of :attr:`model`.
         splits : DataSplits, optional
             Its data, already loaded by :meth:`load_data`.
+        device, memory_budget_mb :
+            Where the session computes and its memory budget (see :class:`CompressionSession`).
         """
         model = self.load_model() if model is None else model
         ref, ev, train = self.load_data(model_info(model)) if splits is None else splits
         kwargs: dict[str, Any] = {} if composite is None else {"composite": composite}
         return CompressionSession(model, ref, ev, epsilon=self.epsilon, target=self.target,
                                   reference_samples=self.data.reference_samples, progress=progress,
-                                  train_data=train, **kwargs)
+                                  train_data=train, device=device, memory_budget_mb=memory_budget_mb, **kwargs)
 
     def cli_words(self) -> list[str]:
         """The ``xaicomp`` options choosing the model, the data and the relevance settings (defaults left out)."""

@@ -41,6 +41,7 @@ from torch import nn
 from zennit.layer import Sum
 from zennit.types import Activation, AvgPool, BatchNorm, MaxPool
 
+from xaicomp_core.device import module_device
 from xaicomp_core.errors import XaicompError
 from xaicomp_core.relevance.composites import ExactMergeBatchNorm, SignStabilizer, canonizers_for
 
@@ -390,7 +391,7 @@ class FusedEpsilon:
         self.need_input = need_input
         self._last: tuple[weakref.ref, int, float] | None = None
         #: every conv/linear Function takes it, so outputs need a gradient even where the input does not
-        self.anchor = torch.zeros((), requires_grad=True)
+        self.anchor = torch.zeros((), requires_grad=True, device=module_device(model))
         with one_thread():
             work = copy.deepcopy(model).eval()
             for p in work.parameters():

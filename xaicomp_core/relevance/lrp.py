@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from zennit.core import BasicHook, Composite, Hook, ParamMod
 
+from xaicomp_core.device import measure_memory_cost, memory_budget_bytes, module_device, on_device, resolve_device
 from xaicomp_core.errors import XaicompError
 from xaicomp_core.relevance.composites import (  # noqa: F401  (re-exported: the relevance stage's public names)
     COMPOSITE_REGISTRY,
@@ -292,8 +293,12 @@ def compute_relevance(model: nn.Module, inputs: torch.Tensor, targets: torch.Ten
                       composite: str = DEFAULT_COMPOSITE, *, epsilon: float = 1e-6, target: str = "true",
                       batch_size: int = 250, keep_input: bool = False, progress: ProgressFn | None = None,
                       check: bool = True, canonizers: list | None = None, stabilizer: float = 1e-6,
-                      by_class: bool = False, fused: bool | None = None) -> RelevanceResult:
+                      by_class: bool = False, fused: bool | None = None, device: str | torch.device | None = None,
+                      memory_budget_mb: float | None = None) -> RelevanceResult:
     """LRP relevance of every conv/linear weight and bias (and optionally of the input pixels).
+
+    The reference images are streamed in batches: the parameter relevance is summed batch by batch, and no tensor
+    the size of the whole input set is formed unless ``keep_input`` asks for the pixel relevance.
 
     Parameters
     ----------
@@ -331,6 +336,12 @@ def compute_relevance(model: nn.Module, inputs: torch.Tensor, targets: torch.Ten
         same rules and arithmetic as zennit's hooks) for the ``"epsilon"`` composite with automatic canonizers on a
         model made of layers it handles, zennit's hooks otherwise. ``True`` forces the fused pass (an error where it
         does not apply), ``False`` the zennit hooks.
+    device : {"auto", "cpu", "cuda"} or torch.device, optional
+        Where to compute (default: the model's device). The model is copied there (never moved); the batches move
+        there one at a time; every tensor of the result is on the CPU.
+    memory_budget_mb : float, optional
+        Bound the batch by a memory budget (:func:`~xaicomp_core.device.memory_budget_bytes`): at most as many
+        images as the per-image cost, measured on one image, lets fit (and never more than ``batch_size``).
     """
     if composite not in COMPOSITES:
         raise XaicompError(f"unknown composite {composite!r}; choose one of {', '.join(COMPOSITES)}")
@@ -340,8 +351,14 @@ def compute_relevance(model: nn.Module, inputs: torch.Tensor, targets: torch.Ten
         raise XaicompError("true-label relevance needs targets")
     if len(inputs) == 0:
         raise XaicompError("no samples to compute relevance on")
+    dev = module_device(model) if device is None else resolve_device(device)
+    if memory_budget_mb is not None:
+        cost = measure_memory_cost(model, inputs[:1].to(module_device(model)))
+        batch_size = cost.relevance_batch(memory_budget_bytes(dev, memory_budget_mb), batch_size)
+    if dev != module_device(model):
+        model = on_device(model, dev)  # a copy on the device: the caller's model stays where it is
     run = dict(inputs=inputs, targets=targets, composite=composite, target=target, batch_size=batch_size,
-               keep_input=keep_input, progress=progress, check=check, by_class=by_class)
+               keep_input=keep_input, progress=progress, check=check, by_class=by_class, device=dev)
     if fused is not False:
         reason = _fused_reason(model, composite, canonizers)
         if reason is None:
@@ -439,14 +456,16 @@ def _run_batches(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tenso
                  backward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor | None],
                  store: dict[str, torch.Tensor], flows: dict[str, LayerFlow], *, inputs: torch.Tensor,
                  targets: torch.Tensor | None, composite: str, target: str, batch_size: int, keep_input: bool,
-                 progress: ProgressFn | None, check: bool, by_class: bool) -> RelevanceResult:
+                 progress: ProgressFn | None, check: bool, by_class: bool, device: torch.device) -> RelevanceResult:
     """The batches of :func:`compute_relevance`: ``forward(x)`` gives outputs whose ``backward(out, x, start)``
     (the input relevance, needed with ``keep_input`` only) fills ``store`` with parameter relevance and ``flows``
-    with the layer sums."""
+    with the layer sums. ``inputs`` stay where they are; each batch moves to ``device``, and the results come back
+    to the CPU."""
     total = len(inputs)
     if target == "predicted" and by_class:
         with torch.no_grad():
-            pred = torch.cat([model(inputs[i:i + batch_size]).argmax(1) for i in range(0, total, batch_size)])
+            pred = torch.cat([model(inputs[i:i + batch_size].to(device)).argmax(1).cpu()
+                              for i in range(0, total, batch_size)])
         labels = pred
     else:
         labels = targets.to(torch.long) if targets is not None else None
@@ -478,14 +497,14 @@ def _run_batches(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tenso
     for n, (group, idx) in enumerate(chunks):
         if n > 0 and group != chunks[n - 1][0]:
             flush()
-        xb = inputs[idx]
+        xb = inputs[idx].to(device)
         x = xb.detach().clone().requires_grad_(True)
         with torch.enable_grad():
             out = forward(x)
         if n == 0:
             logits_all = torch.empty(total, out.shape[1], dtype=out.dtype)
-            if keep_input:
-                input_rel = torch.empty_like(inputs)
+            if keep_input:  # asked for: the pixel relevance of every image
+                input_rel = torch.empty_like(inputs, device="cpu")
         if check and n == 0:
             n_check = min(len(xb), 16)
             with one_thread():  # 16 samples: the thread pool would cost more than it saves
@@ -496,30 +515,30 @@ def _run_batches(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tenso
             if diff > tol * scale:
                 raise RelevanceError(f"the canonized model's outputs differ from the model's by {diff:.3g}; "
                                      "BatchNorm merging or residual routing does not fit this architecture")
-        tb = labels[idx] if (target == "true" or by_class) and labels is not None else out.detach().argmax(1)
+        tb = labels[idx] if (target == "true" or by_class) and labels is not None else out.detach().argmax(1).cpu()
         onehot = torch.zeros_like(out)
-        onehot[torch.arange(len(tb)), tb] = 1.0
+        onehot[torch.arange(len(tb), device=out.device), tb.to(out.device)] = 1.0
         grad = backward(out, x, onehot)
-        logits_all[idx] = out.detach()
+        logits_all[idx] = out.detach().cpu()
         tgt_all[idx] = tb
         if keep_input:
-            input_rel[idx] = grad.detach()  # type: ignore[union-attr]
+            input_rel[idx] = grad.detach().cpu()  # type: ignore[union-attr]
         done += len(idx)
         if progress is not None:
             progress(done, total)
     flush()
     own = dict(model.named_parameters())
-    weights = {k: v.to(own[k].dtype) for k, v in signed.items() if k in own}
-    extra = {k: v for k, v in signed.items() if k not in own}
+    weights = {k: v.to("cpu", own[k].dtype) for k, v in signed.items() if k in own}
+    extra = {k: v.cpu() for k, v in signed.items() if k not in own}
     for name in relevance_layers(model):
         for key in ("weight", "bias"):
             pname = f"{name}.{key}"
             if pname in own and pname not in weights:
-                weights[pname] = torch.zeros_like(own[pname].detach())
+                weights[pname] = torch.zeros_like(own[pname].detach(), device="cpu")
     ordered = {k: weights[k] for k, _ in model.named_parameters() if k in weights}
     abs_ordered = None
     if by_class:
-        abs_ordered = {k: by_class_abs[k].to(own[k].dtype) if k in by_class_abs else torch.zeros_like(v)
+        abs_ordered = {k: by_class_abs[k].to("cpu", own[k].dtype) if k in by_class_abs else torch.zeros_like(v)
                        for k, v in ordered.items()}
     return RelevanceResult(ordered, extra, input_rel if keep_input else None, logits_all, tgt_all, flows, composite,
                            total, abs_ordered)
@@ -527,7 +546,8 @@ def _run_batches(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tenso
 
 def weight_relevance(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | None = None,
                      composite: str = DEFAULT_COMPOSITE, epsilon: float = 1e-6, *, target: str = "true",
-                     batch_size: int = 250, progress: ProgressFn | None = None) -> dict[str, torch.Tensor]:
+                     batch_size: int = 250, progress: ProgressFn | None = None, device: str | torch.device = "auto",
+                     memory_budget_mb: float | None = None) -> dict[str, torch.Tensor]:
     """Relevance of every weight and bias of every conv/linear layer.
 
     Parameters
@@ -549,14 +569,19 @@ def weight_relevance(model: nn.Module, inputs: torch.Tensor, targets: torch.Tens
         Samples per pass.
     progress : callable, optional
         ``progress(done, total)``.
+    device : {"auto", "cpu", "cuda"} or torch.device
+        Where to compute (``"auto"``: CUDA if available, else the CPU); the model is copied there, never moved.
+    memory_budget_mb : float, optional
+        Bound the batch by a memory budget (see :func:`compute_relevance`).
 
     Returns
     -------
     dict of str to Tensor
-        Parameter name -> relevance with the parameter's shape, summed over the samples.
+        Parameter name -> relevance with the parameter's shape, summed over the samples (CPU tensors).
     """
     return compute_relevance(model, inputs, targets, composite, epsilon=epsilon, target=target,
-                             batch_size=batch_size, progress=progress).weights
+                             batch_size=batch_size, progress=progress, device=device,
+                             memory_budget_mb=memory_budget_mb).weights
 
 
 def input_heatmaps(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | None = None,
