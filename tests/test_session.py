@@ -173,3 +173,18 @@ def test_finetune_keeps_masks_bits_and_size(fashion_ref, fashion_eval):
 
     with pytest.raises(PlanError, match="needs training data"):
         no_train.evaluate(tuned_plan)
+
+
+@pytest.mark.parametrize("name", ["fashion-vgg", "fashion-resnet"])
+def test_baseline_in_parts_with_progress(name, fashion_ref, fashion_eval):
+    """The constructor reports the baseline pass image by image (the app's cold-start panel), and the logits
+    computed in parts are exactly those of one pass."""
+    model = load_builtin_model(name)
+    seen = []
+    parts = CompressionSession(model, fashion_ref, fashion_eval, reference_samples=20,
+                               prepare_progress=lambda done, total: seen.append((done, total)))
+    whole = CompressionSession(model, fashion_ref, fashion_eval, reference_samples=20)
+    n = len(whole.y_eval)
+    assert seen[0] == (0, n) and seen[-1] == (n, n) and len(seen) > 2
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+    assert torch.equal(parts.baseline_logits, whole.baseline_logits)

@@ -581,6 +581,12 @@ class FastForward:
         """Folded float32 weight and bias (or scale and shift) of every op from a full state dict."""
         return [fold(op, state) for op in self.ops]
 
+    @property
+    def images_per_call(self) -> int:
+        """Images per backend call: more images run in calls of this many (the logits of an image can depend on
+        the calls it shares, so parts of a set that are multiples of it give the same logits as the whole)."""
+        return self._backend.chunk if self.max_batch is None else max(1, min(self._backend.chunk, self.max_batch))
+
     def prepare(self, state: Mapping[str, torch.Tensor]) -> Any:
         """The backend's ready form of ``state`` (an onnxruntime session holding its folded weights, or folded
         tensors): pass it to :meth:`logits` to run more images of the same weights without preparing again."""
@@ -592,7 +598,7 @@ class FastForward:
         x = x.detach().float().contiguous()
         dev = self.device
         with torch.inference_mode():
-            n = self._backend.chunk if self.max_batch is None else max(1, min(self._backend.chunk, self.max_batch))
+            n = self.images_per_call
             return torch.cat([self._backend.run(prepared, x[i:i + n].to(dev)).cpu() for i in range(0, len(x), n)])
 
     def logits(self, state: Mapping[str, torch.Tensor], x: torch.Tensor, reference: Reference, prepared: Any = None

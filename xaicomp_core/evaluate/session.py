@@ -202,6 +202,9 @@ class CompressionSession:
         :data:`~xaicomp_core.device.DEFAULT_MEMORY_BUDGET_MB`; on CUDA a share of the free device memory): the
         per-image cost is measured on one image and ``relevance_batch_size`` / ``eval_batch_size`` are lowered to
         what fits (never raised).
+    prepare_progress : callable, optional
+        ``progress(done, total)`` while the original model is measured on the evaluation images (in this
+        constructor): ``done`` images of ``total``.
     """
 
     def __init__(self, model: nn.Module, reference_data: DataLike, eval_data: DataLike, *,
@@ -209,7 +212,8 @@ class CompressionSession:
                  reference_samples: int | None = None, relevance_batch_size: int = 250,
                  eval_batch_size: int = EVAL_BATCH_SIZE, progress: ProgressFn | None = None, cache_size: int = 64,
                  train_data: DataLike | None = None, quick_images: int = QUICK_IMAGES,
-                 device: str | torch.device = "auto", memory_budget_mb: float | None = None) -> None:
+                 device: str | torch.device = "auto", memory_budget_mb: float | None = None,
+                 prepare_progress: ProgressFn | None = None) -> None:
         self.device = resolve_device(device)
         self.model = model.eval()
         self.info = model_info(model)
@@ -265,12 +269,31 @@ class CompressionSession:
                                        device=self.device, max_batch=self.eval_batch_size)
         self.forward_backend = self._fast.backend if self._fast is not None else "eager"
         with self._lock:
-            self.baseline_logits = self._forward()
+            self.baseline_logits = self._baseline_logits(prepare_progress)
         self.baseline_pred = self.baseline_logits.argmax(1)
         self.baseline_correct, self.baseline_per_class = accuracy_counts(self.baseline_pred, self.y_eval, n_cls)
         self.baseline_accuracy = self.baseline_correct / len(self.y_eval)
         self.quick_idx = quick_indices(self.y_eval, quick_images, n_cls)
         self._baseline_quick_correct = self.baseline_pred[self.quick_idx] == self.y_eval[self.quick_idx]
+
+    def _baseline_logits(self, progress: ProgressFn | None) -> torch.Tensor:
+        """The original model's logits on the evaluation set, in parts when ``progress`` follows them (multiples of
+        the fast forward's images per call, or the eager batch, so the logits are the same as in one call)."""
+        n = len(self.x_eval)
+        if progress is None:
+            return self._forward()
+        progress(0, n)
+        if self._fast is None:
+            chunk = self.eval_batch_size
+        else:
+            per = self._fast.images_per_call
+            chunk = per * max(1, BACKGROUND_CHUNK // per)
+        prepared = self._fast.prepare(self._state) if self._fast is not None else None
+        parts = []
+        for i in range(0, n, chunk):
+            parts.append(self._forward(self.x_eval[i:i + chunk], None, prepared))
+            progress(min(i + chunk, n), n)
+        return torch.cat(parts)
 
     # ------------------------------------------------------------------------------------------------------------
     @property
