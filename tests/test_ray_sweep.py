@@ -10,6 +10,7 @@ import json
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -204,6 +205,17 @@ def test_without_ray_one_readable_line(monkeypatch, capsys, tmp_path):
     assert results_main(["--models", "fashion-lenet", "--quick", "--out", str(tmp_path), "--ray"]) == 2
     assert capsys.readouterr().err == line
     assert not (tmp_path / "results" / "summary.json").exists()
+
+
+def test_an_unreachable_cluster_is_one_line_before_any_work(capsys):
+    with socket.socket() as free:  # a port nothing listens on
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    assert main(["sweep", *SMALL, "--ratios", "0.5", "--criteria", "magnitude", "--ray", f"127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"xaicomp: error: cannot reach the Ray cluster at '127.0.0.1:{port}'")
+    assert err.count("\n") == 1 and "relevance" not in err
+    assert not ray.is_initialized()
 
 
 def test_engine_and_other_commands_work_without_ray():

@@ -777,10 +777,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.ray is not None and not args.from_summary:
         from xaicomp_core.errors import XaicompError
-        from xaicomp_core.evaluate.distributed import import_ray
+        from xaicomp_core.evaluate.distributed import require_ray
 
         try:
-            import_ray()
+            require_ray(args.ray or None)
         except XaicompError as e:
             print(f"xaicomp: error: {e}", file=sys.stderr)
             return 2

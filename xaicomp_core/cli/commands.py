@@ -115,9 +115,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise XaicompError(f"cannot parse --ratios {args.ratios!r}; use e.g. 0,0.5,0.9") from None
     bits = [BitSetting.parse(b) for b in (args.bit_settings or ["fp32"])]
     if args.ray is not None:
-        from xaicomp_core.evaluate.distributed import import_ray
+        from xaicomp_core.evaluate.distributed import require_ray
 
-        import_ray()  # without ray: one line, before any work
+        require_ray(args.ray or None)  # without ray or with an unreachable address: one line, before any work
     session = session_from_args(args, progress_printer("relevance", True))
     session.composite = base.composite
     if args.ray is None:

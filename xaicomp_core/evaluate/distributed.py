@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from types import ModuleType
@@ -81,6 +82,7 @@ def ray_instance(address: str | None = None, num_cpus: int | None = None) -> Ite
         ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, _node_ip_address="127.0.0.1",
                  configure_logging=False, log_to_driver=False)
     else:
+        _check_reachable(address)
         try:
             ray.init(address=address, configure_logging=False, log_to_driver=False)
         except (ConnectionError, ValueError, RuntimeError) as e:
@@ -89,6 +91,32 @@ def ray_instance(address: str | None = None, num_cpus: int | None = None) -> Ite
         yield ray
     finally:
         ray.shutdown()
+
+
+def require_ray(address: str | None = None) -> ModuleType:
+    """The ``ray`` module, checked before any work: installed, and ``address`` (if a ``HOST:PORT``) reachable.
+
+    Raises
+    ------
+    XaicompError
+        If ray is missing (:data:`RAY_MISSING`) or nothing listens at ``address``.
+    """
+    ray = import_ray()
+    if address is not None and address not in LOCAL_ADDRESSES:
+        _check_reachable(address)
+    return ray
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Refuse a ``HOST:PORT`` nothing listens on at once (``ray.init`` would wait for minutes)."""
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host or not port.isdigit():
+        return  # "auto", ray:// client addresses: Ray itself checks them
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise XaicompError(f"cannot reach the Ray cluster at {address!r} ({e.strerror or e}); start it with "
+                           f"'ray start --head --port={port}' on {host}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
