@@ -29,6 +29,7 @@ from pages.common import (
     set_data_note,
     set_settings,
 )
+from xaicomp_core.device import device_choices
 from xaicomp_core.io.pretrained import PretrainedMissing, cached_weights
 from xaicomp_core.io.user_code import code_allowed
 
@@ -181,7 +182,15 @@ def _sidebar() -> Settings:
                                     value=DEFAULT_REFERENCE_SAMPLES, step=50, key="sb_ref_samples",
                                     help="Images whose relevance is summed to score every weight. Computed once "
                                          "per setting and cached."))
-    settings = Settings(model, data, comp, n_ref)
+
+        st.markdown("#### Compute")
+        devices = device_choices()  # only what this machine has: cuda only where torch sees a GPU
+        device = st.selectbox("Device", devices, index=0, key="sb_device",
+                              format_func=lambda d: {"auto": "auto (GPU if available)", "cpu": "CPU",
+                                                     "cuda": "CUDA GPU"}.get(d, d),
+                              help="Where relevance, evaluation and fine-tuning run. Results are the same float32 "
+                                   "numbers up to rounding; the exact top-1 rule holds on every device.")
+    settings = Settings(model, data, comp, n_ref, device)
     set_settings(settings, uploads)
     set_data_note(data_note, f"Up to {eval_samples:,} images measure accuracy and {n_ref:,} are the LRP reference "
                              "(class-balanced).")

@@ -126,16 +126,18 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything the sidebar decides: model, data, LRP composite and number of reference samples."""
+    """Everything the sidebar decides: model, data, LRP composite, number of reference samples and the device the
+    session computes on (``"auto"``, ``"cpu"`` or ``"cuda"``, see :func:`xaicomp_core.device.resolve_device`)."""
 
     model: ModelSpec = field(default_factory=ModelSpec)
     data: DataSpec = field(default_factory=DataSpec)
     composite: str = DEFAULT_COMPOSITE
     reference_samples: int = DEFAULT_REFERENCE_SAMPLES
+    device: str = "auto"
 
     def session_key(self) -> str:
         """Key of the shared session (the composite is not part of it: a session caches relevance per composite)."""
-        return f"{self.model.key()}|{self.data.key()}|ref:{self.reference_samples}"
+        return f"{self.model.key()}|{self.data.key()}|ref:{self.reference_samples}|device:{self.device}"
 
 
 def leave_pages_directory_mode() -> None:
@@ -280,9 +282,9 @@ def _cached_data(key: str, _spec: DataSpec, _data: bytes | None, image_size: tup
 
 @st.cache_resource(show_spinner="Preparing the model: measuring baseline accuracy…", max_entries=4)
 def _cached_session(key: str, _model: nn.Module, _ref: ImageDataset, _eval: ImageDataset,
-                    _train: ImageDataset | None, reference_samples: int) -> CompressionSession:
+                    _train: ImageDataset | None, reference_samples: int, device: str = "auto") -> CompressionSession:
     return CompressionSession(_model, reference_subset(_ref, reference_samples), _eval,
-                              reference_samples=reference_samples, train_data=_train)
+                              reference_samples=reference_samples, train_data=_train, device=device)
 
 
 def session_for(settings: Settings, uploads: dict[str, bytes] | None = None) -> CompressionSession:
@@ -300,7 +302,7 @@ def session_for(settings: Settings, uploads: dict[str, bytes] | None = None) -> 
                                   pre.channels, tuple(info.class_names))
     n_ref = max(1, min(settings.reference_samples, len(ref)))
     key = f"{settings.session_key()}|n:{n_ref}"
-    return _cached_session(key, model, ref, ev, train, n_ref)
+    return _cached_session(key, model, ref, ev, train, n_ref, settings.device)
 
 
 def ensure_relevance(session: CompressionSession, composite_name: str) -> None:
@@ -393,7 +395,8 @@ def budget_gate(settings: Settings, uploads: dict[str, bytes] | None = None) -> 
         xe, _ = as_tensors(ev.subset(list(range(min(128, len(ev))))), pre, info.num_classes, "evaluation data")
         budgets[key] = fit.plan_budget(model, xr, yr, xe, reference=min(settings.reference_samples, len(ref)),
                                        evaluation=len(ev), composite=settings.composite,
-                                       num_classes=info.num_classes, target=fit.TARGET_SECONDS)
+                                       num_classes=info.num_classes, target=fit.TARGET_SECONDS,
+                                       device=settings.device)
     b = budgets[key]
     if not b.too_slow or st.session_state.get("_budget_ok") == key:
         return True

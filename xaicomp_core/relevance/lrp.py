@@ -468,7 +468,7 @@ def _run_batches(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tenso
                               for i in range(0, total, batch_size)])
         labels = pred
     else:
-        labels = targets.to(torch.long) if targets is not None else None
+        labels = targets.to("cpu", torch.long) if targets is not None else None  # the bookkeeping is on the CPU
     chunks: list[tuple[int, torch.Tensor]] = []  # (group id, sample indices)
     if by_class and labels is not None:
         for c in torch.unique(labels).tolist():
