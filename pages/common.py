@@ -20,13 +20,15 @@ and control values in ``st.session_state``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import math
+import threading
 import time
 import uuid
-from collections import Counter
-from collections.abc import Callable
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +45,7 @@ from xaicomp_core import (
 )
 from xaicomp_core.compress.criteria import get_criterion
 from xaicomp_core.evaluate.progressive import neighbour_plans
+from xaicomp_core.io.fit import Budget, fmt_seconds
 from xaicomp_core.io.models import BUILTIN_MODELS, MODELS_DIR, TORCHVISION_ARCHS
 from xaicomp_core.io.onnx_import import InputSpec, parse_class_names, parse_floats, parse_size
 from xaicomp_core.io.sources import DataSource, ModelSource, Sources, reference_subset, resolve_data
@@ -280,46 +283,95 @@ def _cached_data(key: str, _spec: DataSpec, _data: bytes | None, image_size: tup
     return resolve_data(data_source(spec, _data, reference_samples=None), image_size, channels, class_names)
 
 
-@st.cache_resource(show_spinner="Preparing the model: measuring baseline accuracy…", max_entries=4)
-def _cached_session(key: str, _model: nn.Module, _ref: ImageDataset, _eval: ImageDataset,
-                    _train: ImageDataset | None, reference_samples: int, device: str = "auto") -> CompressionSession:
-    return CompressionSession(_model, reference_subset(_ref, reference_samples), _eval,
-                              reference_samples=reference_samples, train_data=_train, device=device)
+#: Sessions shared by all browser sessions (at most :data:`MAX_SESSIONS`, the oldest used dropped first).
+_SESSIONS: OrderedDict[str, CompressionSession] = OrderedDict()
+_SESSIONS_GUARD = threading.Lock()
+_BUILD_LOCKS: dict[str, threading.Lock] = {}
+#: settings.session_key() -> key of the session built for it (to tell a cold start without loading anything)
+_BUILT: dict[str, str] = {}
+MAX_SESSIONS = 4
 
 
-def session_for(settings: Settings, uploads: dict[str, bytes] | None = None) -> CompressionSession:
+def _shared_session(key: str, build: Callable[[], CompressionSession]) -> CompressionSession:
+    """The session cached under ``key``, built once by ``build()`` (another browser session asking for the same key
+    meanwhile waits for that one)."""
+    with _SESSIONS_GUARD:
+        if key in _SESSIONS:
+            _SESSIONS.move_to_end(key)
+            return _SESSIONS[key]
+        lock = _BUILD_LOCKS.setdefault(key, threading.Lock())
+    with lock:
+        with _SESSIONS_GUARD:
+            if key in _SESSIONS:
+                return _SESSIONS[key]
+        session = build()
+        with _SESSIONS_GUARD:
+            _SESSIONS[key] = session
+            while len(_SESSIONS) > MAX_SESSIONS:
+                _SESSIONS.popitem(last=False)
+            _BUILD_LOCKS.pop(key, None)
+        return session
+
+
+def session_ready(settings: Settings) -> CompressionSession | None:
+    """The cached session for ``settings`` if it exists and holds the relevance of its composite (nothing to wait
+    for), else None."""
+    with _SESSIONS_GUARD:
+        session = _SESSIONS.get(_BUILT.get(settings.session_key(), ""))
+    return session if session is not None and session.has_relevance(settings.composite) else None
+
+
+def session_for(settings: Settings, uploads: dict[str, bytes] | None = None,
+                panel: StartupPanel | None = None) -> CompressionSession:
     """The shared, cached session for ``settings`` (relevance not ensured; see :func:`get_session`).
 
     Also callable outside a page (tests, notebooks): the same settings give the same cached object the app uses.
+    With ``panel`` (a cold start in a page), each stage shows its progress and time left there.
     """
     uploads = uploads or {}
-    model = _cached_model(settings.model.key(), settings.model, uploads.get("weights"))
+    stage = panel.stage if panel is not None else _no_stage
+    with stage("model"):
+        model = _cached_model(settings.model.key(), settings.model, uploads.get("weights"))
     info = getattr(model, "xaicomp_info", None)
     if info is None:
         raise XaicompError("the loaded model carries no preprocessing information")
     pre = info.preprocessing
-    ref, ev, train = _cached_data(settings.data.key(), settings.data, uploads.get("data"), tuple(pre.input_size),
-                                  pre.channels, tuple(info.class_names))
+    with stage("data"):
+        ref, ev, train = _cached_data(settings.data.key(), settings.data, uploads.get("data"),
+                                      tuple(pre.input_size), pre.channels, tuple(info.class_names))
     n_ref = max(1, min(settings.reference_samples, len(ref)))
     key = f"{settings.session_key()}|n:{n_ref}"
-    return _cached_session(key, model, ref, ev, train, n_ref, settings.device)
+    with _SESSIONS_GUARD:
+        cold = key not in _SESSIONS
+    if panel is not None and cold:
+        with stage("timing"):
+            b = startup_budget(settings, model, ref, ev)
+        panel.estimate("baseline", b.forward_s * (len(ev) + 2 * min(256, len(ev))))  # with the trial, eager and fast
+        panel.estimate("relevance", b.fixed_s + n_ref * b.relevance_s)
+    elif panel is not None:
+        panel.skip("timing")
+    progress = panel.progress("baseline") if panel is not None else None
+    with stage("baseline"):
+        session = _shared_session(key, lambda: CompressionSession(
+            model, reference_subset(ref, n_ref), ev, reference_samples=n_ref, train_data=train,
+            device=settings.device, prepare_progress=progress))
+    _BUILT[settings.session_key()] = key
+    return session
 
 
-def ensure_relevance(session: CompressionSession, composite_name: str) -> None:
-    """Compute the relevance for ``composite_name`` once (with a progress bar); later calls return at once."""
+def ensure_relevance(session: CompressionSession, composite_name: str, panel: StartupPanel | None = None
+                     ) -> None:
+    """Compute the relevance for ``composite_name`` once (in ``panel``, or with a progress bar of its own, with the
+    time left); later calls return at once."""
     if session.has_relevance(composite_name):
         return
+    if panel is not None:
+        with panel.stage("relevance"):
+            session.relevance(composite_name, progress=panel.progress("relevance"))
+        return
     n = len(session.x_ref)
-    bar = st.progress(0.0, text=f"Computing LRP relevance ({composite_name}) on {n} reference images…")
-
-    def progress(done: int, total: int) -> None:
-        bar.progress(min(done / max(total, 1), 1.0),
-                     text=f"Computing LRP relevance ({composite_name}): {done} / {total} reference images")
-
-    try:
-        session.relevance(composite_name, progress=progress)
-    finally:
-        bar.empty()
+    run_with_progress(f"Computing LRP relevance ({composite_name}) on {n:,} reference images:",
+                      lambda progress: session.relevance(composite_name, progress=progress))
 
 
 def declared_inputs(prefix: str, input_size: bool = True) -> tuple[InputSpec | None, str | None]:
@@ -378,7 +430,6 @@ def budget_gate(settings: Settings, uploads: dict[str, bytes] | None = None) -> 
     :data:`~xaicomp_core.io.fit.TARGET_SECONDS`, propose image counts that fit (buttons: use them, or go on with the
     sidebar's). Returns whether to go on now. Streamlit's Stop button cancels a run that is under way."""
     from xaicomp_core.io import fit
-    from xaicomp_core.io.data import as_tensors
 
     if settings.model.source == "builtin":
         return True  # the shipped models are small (their first results take seconds, see the README)
@@ -389,15 +440,7 @@ def budget_gate(settings: Settings, uploads: dict[str, bytes] | None = None) -> 
     ref, ev, _ = _cached_data(settings.data.key(), settings.data, uploads.get("data"), tuple(pre.input_size),
                               pre.channels, tuple(info.class_names))
     key = settings.session_key()
-    budgets = st.session_state.setdefault("_budgets", {})
-    if key not in budgets:
-        xr, yr = as_tensors(ref.subset(list(range(min(32, len(ref))))), pre, info.num_classes, "reference data")
-        xe, _ = as_tensors(ev.subset(list(range(min(128, len(ev))))), pre, info.num_classes, "evaluation data")
-        budgets[key] = fit.plan_budget(model, xr, yr, xe, reference=min(settings.reference_samples, len(ref)),
-                                       evaluation=len(ev), composite=settings.composite,
-                                       num_classes=info.num_classes, target=fit.TARGET_SECONDS,
-                                       device=settings.device)
-    b = budgets[key]
+    b = startup_budget(settings, model, ref, ev)
     if not b.too_slow or st.session_state.get("_budget_ok") == key:
         return True
     r, e = max(10, b.proposed_reference), max(50, b.proposed_evaluation)
@@ -416,6 +459,26 @@ def budget_gate(settings: Settings, uploads: dict[str, bytes] | None = None) -> 
     return False
 
 
+def startup_budget(settings: Settings, model: nn.Module, ref: ImageDataset, ev: ImageDataset) -> Budget:
+    """One timed batch for ``settings`` (:func:`~xaicomp_core.io.fit.plan_budget`; once per browser session and
+    settings): the seconds per image of a forward pass and of LRP, which estimate the first result's stages."""
+    from xaicomp_core.io import fit
+    from xaicomp_core.io.data import as_tensors
+
+    budgets = st.session_state.setdefault("_budgets", {})
+    key = settings.session_key()
+    if key not in budgets:
+        info = model.xaicomp_info
+        pre = info.preprocessing
+        xr, yr = as_tensors(ref.subset(list(range(min(32, len(ref))))), pre, info.num_classes, "reference data")
+        xe, _ = as_tensors(ev.subset(list(range(min(128, len(ev))))), pre, info.num_classes, "evaluation data")
+        budgets[key] = fit.plan_budget(model, xr, yr, xe, reference=min(settings.reference_samples, len(ref)),
+                                       evaluation=len(ev), composite=settings.composite,
+                                       num_classes=info.num_classes, target=fit.TARGET_SECONDS,
+                                       device=settings.device)
+    return budgets[key]
+
+
 def get_session() -> CompressionSession | None:
     """The shared, cached session for the sidebar's settings, with relevance for the chosen composite ensured.
 
@@ -429,11 +492,24 @@ def get_session() -> CompressionSession | None:
         None after showing a readable ``st.error`` if the model, data or relevance could not be prepared.
     """
     settings = get_settings()
+    uploads = st.session_state.get(UPLOADS_KEY)
     try:
-        if not budget_gate(settings, st.session_state.get(UPLOADS_KEY)):
+        if not budget_gate(settings, uploads):
             return None
-        session = session_for(settings, st.session_state.get(UPLOADS_KEY))
-        ensure_relevance(session, settings.composite)
+        session = session_ready(settings)
+        if session is None:  # a cold start: every stage with its progress and time left
+            name = settings.model.weights_name or settings.model.arch
+            panel = StartupPanel(f"Preparing {name} for its first use (once; every page then reuses it)", {
+                "model": "Loading the model",
+                "data": "Loading the images",
+                "timing": "Timing one batch (to estimate the stages below)",
+                "baseline": "Measuring the original model on the evaluation images",
+                "relevance": f"LRP relevance ({settings.composite}) on the reference images"})
+            try:
+                session = session_for(settings, uploads, panel)
+                ensure_relevance(session, settings.composite, panel)
+            finally:
+                panel.close()
     except XaicompError as e:
         st.error(str(e), icon=":material/warning:")
         return None
@@ -848,6 +924,123 @@ def run_with_progress(label: str, work: Callable[[Callable[[int, int], None]], A
         bar.empty()
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# the first use of a model and data set: every stage with its progress and time left
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class _Stage:
+    label: str
+    estimate: float | None = None  # seconds, before it starts (from one timed batch)
+    started: float | None = None
+    took: float | None = None  # seconds, once done
+    done: int = 0
+    total: int = 0
+    first: tuple[float, int] | None = None  # (time, parts done) at the first report of parts
+
+    def report(self, done: int, total: int, now: float) -> None:
+        """``done`` parts of ``total`` at ``now``."""
+        if self.first is None:
+            self.first = (now, done)
+        self.done, self.total = done, total
+
+    def left(self, now: float) -> float | None:
+        """Seconds left: extrapolated from the rate since the first report of parts (whatever the stage did before
+        it, such as building a model, does not count per part), else the estimate less the time spent (None:
+        unknown)."""
+        if self.took is not None:
+            return 0.0
+        if self.started is None:
+            return self.estimate
+        if self.first is not None and self.done > self.first[1]:
+            t0, d0 = self.first
+            return (now - t0) / (self.done - d0) * (self.total - self.done)
+        return None if self.estimate is None else max(self.estimate - (now - self.started), 0.0)
+
+
+@contextlib.contextmanager
+def _no_stage(key: str) -> Iterator[None]:
+    yield
+
+
+class StartupPanel:
+    """What a first use of a model and data set waits for, stage by stage, in one box: the stages done (with the
+    time they took), the one running (its progress and the time left, extrapolated from the part done or, before
+    any part is done, the estimate), the ones to come (their time estimated from one timed batch), and the time left
+    in all. The box is removed when the work ends (:meth:`close`)."""
+
+    #: redraw at most this often (seconds)
+    INTERVAL = 0.2
+
+    def __init__(self, title: str, stages: dict[str, str]) -> None:
+        self.title = title
+        self.stages = {key: _Stage(label) for key, label in stages.items()}
+        self._slot = st.empty()
+        self._drawn = 0.0
+
+    def estimate(self, key: str, seconds: float) -> None:
+        """The estimated seconds of a stage that has not started."""
+        self.stages[key].estimate = max(0.0, seconds)
+
+    def skip(self, key: str) -> None:
+        """Leave out a stage that has nothing to do."""
+        self.stages.pop(key, None)
+
+    @contextlib.contextmanager
+    def stage(self, key: str) -> Iterator[None]:
+        """Run a stage: shown as running, then as done with the time it took."""
+        stage = self.stages[key]
+        stage.started = time.perf_counter()
+        self.draw(force=True)
+        yield
+        stage.took = time.perf_counter() - stage.started
+        self.draw(force=True)
+
+    def progress(self, key: str) -> Callable[[int, int], None]:
+        """``progress(done, total)`` for a stage's parts."""
+        stage = self.stages[key]
+
+        def update(done: int, total: int) -> None:
+            stage.report(done, total, time.perf_counter())
+            self.draw(force=done >= total)
+        return update
+
+    def draw(self, force: bool = False) -> None:
+        """Redraw the box (at most every :data:`INTERVAL` seconds unless ``force``)."""
+        now = time.perf_counter()
+        if not force and now - self._drawn < self.INTERVAL:
+            return
+        self._drawn = now
+        lines: list[str] = []
+        running: _Stage | None = None
+        total_left: float | None = 0.0
+        for stage in self.stages.values():
+            if stage.took is not None:
+                lines.append(f"- :material/check_circle: {stage.label} — {stage.took:.1f} s")
+                continue
+            left = stage.left(now)
+            total_left = None if left is None or total_left is None else total_left + left
+            when = f"about {fmt_seconds(left)}" if left is not None else "estimated once it starts"
+            if stage.started is not None:
+                running = stage
+                part = f"{stage.done:,} / {stage.total:,} · " if stage.total else ""
+                lines.append(f"- :material/pending: **{stage.label}** — {part}{when}"
+                             + (" left" if left is not None else ""))
+            else:
+                lines.append(f"- :material/schedule: {stage.label} — {when}")
+        head = f"**{self.title}**"
+        if total_left is not None:
+            head += f" — about {fmt_seconds(total_left)} left in all"
+        with self._slot.container(border=True):
+            st.markdown(head + "\n\n" + "\n".join(lines))
+            if running is not None:
+                frac = running.done / running.total if running.total else 0.0
+                st.progress(min(max(frac, 0.0), 1.0))
+
+    def close(self) -> None:
+        """Remove the box."""
+        self._slot.empty()
+
+
 __all__ = [
     "declared_inputs", "first_numbers", "browser_owner", "anticipate_neighbours", "RATIO_STEP", "SPLIT_STEP",
     "COMPOSITES", "Control", "DEFAULT_MODEL", "DataSpec", "ModelSpec", "PIXEL_COMPOSITE", "Settings", "awaiting_input",
@@ -856,6 +1049,7 @@ __all__ = [
     "fmt_bytes", "fmt_pct", "fmt_pp", "get_plan", "get_session", "get_settings", "leave_pages_directory_mode",
     "model_choices", "model_label", "page_session", "per_session_cache", "pixel_composite", "pp_delta",
     "remember_plan", "reset_controls", "result_metrics", "run_with_progress", "session_for", "session_scope_key",
-    "set_control", "set_data_note", "set_plan", "set_settings", "show_data_note", "split_to_cuts", "wilson_interval",
+    "set_control", "set_data_note", "StartupPanel", "session_ready",
+    "startup_budget", "set_plan", "set_settings", "show_data_note", "split_to_cuts", "wilson_interval",
     "with_finetuning",
 ]

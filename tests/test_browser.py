@@ -10,6 +10,7 @@ built-in model (default: the app's default); ``XAICOMP_CHROMIUM`` another chromi
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -48,8 +49,16 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
     """``streamlit run app.py`` on a free port; stopped (and its log shown on failure) in the finalizer."""
+    with serve(tmp_path_factory.mktemp("streamlit")) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def serve(folder: pathlib.Path):
+    """A fresh ``streamlit run app.py`` process on a free port of 127.0.0.1 (its log in ``folder``); stopped by its
+    PID at the end."""
     port = _free_port()
-    log_path = tmp_path_factory.mktemp("streamlit") / "server.log"
+    log_path = folder / "server.log"
     log = open(log_path, "w")  # noqa: SIM115 - must stay open while the server runs
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
@@ -164,6 +173,30 @@ def open_app(browser, app_url: str):
     wait_idle(page)
     no_exception(page)
     return page, errors
+
+
+def test_cold_start_shows_every_stage_with_time_left(browser, tmp_path):
+    """A fresh server: the first page shows the preparation stage by stage, with the time left, then removes it."""
+    with serve(tmp_path) as url:
+        page = browser.new_page(viewport={"width": 1440, "height": 1000})
+        page.goto(url)
+        panel = page.locator('[data-testid="stMarkdownContainer"]', has_text="left in all").first
+        panel.wait_for(timeout=LOAD_TIMEOUT_MS)
+        seen = {panel.inner_text()}
+        while page.locator('[data-testid="stMetricLabel"]:has-text("Baseline accuracy")').count() == 0:
+            if panel.count():
+                with contextlib.suppress(Exception):  # the box may be replaced between the two calls
+                    seen.add(panel.inner_text(timeout=1000))
+            page.wait_for_timeout(50)
+        text = "\n".join(seen)
+        for stage in ("Loading the model", "Loading the images", "Measuring the original model",
+                      "LRP relevance (epsilon) on the reference images"):
+            assert stage in text, text
+        assert "s left" in text and "about" in text
+        wait_idle(page)
+        assert page.locator('[data-testid="stMarkdownContainer"]', has_text="left in all").count() == 0
+        no_exception(page)
+        page.close()
 
 
 def open_compress(page) -> None:
