@@ -23,7 +23,7 @@ from pages.common import (
     sources_for,
 )
 from xaicomp_core import CompressionPlan, XaicompError
-from xaicomp_core.evaluate.auto import DEFAULT_BUDGET, SIGNALS, AutoResult, auto_compare, verdict
+from xaicomp_core.evaluate.auto import DEFAULT_BUDGET, SIGNALS, AutoResult, auto_compare, layer_bits_text, verdict
 from xaicomp_core.relevance.lrp import DEFAULT_COMPOSITE
 
 session = page_session(
@@ -126,7 +126,7 @@ for col, (name, r) in zip(columns, results.items()):
         st.caption(f"{r.evaluations} of {r.budget} evaluations · {r.seconds:.1f} s · {fmt_pct(ev.sparsity, 1)} "
                    f"pruned · {ev.mean_bits:.2f} mean bits")
         st.dataframe([{"layer": la.name, "weights": la.params, "pruned": fmt_pct(la.sparsity, 1),
-                       "bits": r.plan.layer_bits.get(la.name), "size": fmt_bytes(la.bytes)} for la in ev.layers],
+                       "bits": layer_bits_text(r.plan, la.name), "size": fmt_bytes(la.bytes)} for la in ev.layers],
                      hide_index=True, width="stretch", key=f"au_layers_{name}",
                      column_config={"weights": st.column_config.NumberColumn(format="localized")})
         st.button("Open this plan in Compress", key=f"au_open_{name}", icon=":material/compress:", width="stretch",

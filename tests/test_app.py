@@ -685,7 +685,7 @@ def test_auto_panel_shows_the_engine_search_and_hands_the_plan_to_compress(tmp_p
         assert chunk[3][1] == f"{search_drop:.2f} / {-100 * ev.accuracy_change:.2f} pt"
         table = frame.value
         assert list(table["layer"]) == [la.name for la in ev.layers]
-        assert list(table["bits"]) == [r.plan.layer_bits[la.name] for la in ev.layers]
+        assert list(table["bits"]) == [str(r.plan.layer_bits[la.name]) for la in ev.layers]
     # the commands reproduce the search on the command line (same model, data, split and plan)
     code = at.code[0].value.splitlines()
     auto_cmd = shlex.split(code[0])

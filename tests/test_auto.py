@@ -92,6 +92,29 @@ def test_compare_and_explicit_search_images(small_session):
         AutoSearch(s, finetune_epochs=1)
 
 
+def test_mix_sets_channels_of_a_layer_at_two_widths_ranked_by_the_signal(small_session):
+    s = small_session
+    search = AutoSearch(s, "hybrid", mix=(3, 2, 0.5), **GRID)
+    assert 2.5 in search.bits
+    names = search.layers
+    state = {k: (0.5, 8) for k in names}
+    state[names[2]] = (0.5, 2.5)
+    plan = search.plan_for(state)
+    assert names[2] not in plan.layer_bits and set(plan.layer_bits) == set(names) - {names[2]}
+    assert plan.bit_levels == [8, 3, 2] and plan.bit_split == [0.0, 0.5] and plan.granularity == "channel"
+    assert plan.bit_ranking == "relevance" and plan.scope == "per-layer"
+    assert AutoSearch(s, "magnitude", mix=(3, 2, 0.5), **GRID).plan_for(state).bit_ranking == "magnitude"
+    res = s.evaluate(plan)
+    layer = next(la for la in res.layers if la.name == names[2])
+    assert {b for b, n in layer.bits_histogram.items() if n} == {"3", "2"}
+    assert 2.3 < layer.mean_bits < 2.7  # about half of the kept weights: whole channels at 3 bits
+    assert all(la.mean_bits == 8 for la in res.layers if la.name != names[2])
+    found = search.run(1.0, 6)
+    assert found.evaluations <= 6 and found.feasible
+    with pytest.raises(XaicompError, match="mix"):
+        AutoSearch(s, mix=(2, 3, 0.5))
+
+
 def test_search_with_fine_tuning(fashion_ref, fashion_eval):
     from xaicomp_core import load_builtin_dataset
 
@@ -139,6 +162,8 @@ def test_cli_auto_saves_a_plan_that_compress_reproduces(capsys, tmp_path):
     (["--sparsities", "0,1.5"], "--sparsities"),
     (["--bit-widths", "8,x"], "--bit-widths"),
     (["--probes", "9"], "--probes"),
+    (["--mix", "2,3,0.5"], "--mix"),
+    (["--mix", "3,2"], "--mix"),
 ])
 def test_cli_auto_user_errors_are_one_line(capsys, args, match):
     rc = main(["auto", *FAST, *args, "--json"])

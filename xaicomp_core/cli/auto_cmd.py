@@ -37,6 +37,16 @@ def cmd_auto(args: argparse.Namespace) -> int:
         raise XaicompError(f"--sparsities must lie in [0, 1), got {args.sparsities!r}")
     if not bits or any(not 1 <= b <= 8 for b in bits):
         raise XaicompError(f"--bit-widths must be integers 1-8, got {args.bit_widths!r}")
+    mix = None
+    if args.mix:
+        parts = [v.strip() for v in args.mix.split(",")]
+        try:
+            mix = (int(parts[0]), int(parts[1]), float(parts[2])) if len(parts) == 3 else None
+        except ValueError:
+            mix = None
+        if mix is None or not (8 >= mix[0] > mix[1] >= 1 and 0 < mix[2] < 1):
+            raise XaicompError(f"--mix must be MORE,FEWER,SHARE with 8 >= MORE > FEWER >= 1 and 0 < SHARE < 1, e.g. "
+                               f"3,2,0.5; got {args.mix!r}")
     probes = 3 if args.probes is None else args.probes
     if not 0 <= probes <= 5:
         raise XaicompError(f"--probes must be in 0..5, got {probes}")
@@ -51,7 +61,7 @@ def cmd_auto(args: argparse.Namespace) -> int:
         raise XaicompError("--finetune-epochs needs fine-tuning data (--train-data, or built-in data)")
     results = auto_compare(session, args.max_drop, signals=signals, budget=budget,
                            finetune_epochs=args.finetune_epochs, sparsities=sparsities, bits=bits, probes=probes,
-                           progress=progress_printer("evaluations", not args.json))
+                           mix=mix, progress=progress_printer("evaluations", not args.json))
     primary = results[signals[0]]
     if args.save_plan:
         pathlib.Path(args.save_plan).write_text(primary.plan.to_json() + "\n")
@@ -61,7 +71,8 @@ def cmd_auto(args: argparse.Namespace) -> int:
         "finetune_epochs": args.finetune_epochs, "search_images": len(session.y_ref),
         "evaluation_images": len(session.y_eval), "sparsities": sorted(set(sparsities)),
         "bits": sorted(set(bits), reverse=True),
-        "probes": probes, "primary": signals[0], "saved_plan": args.save_plan, "comparison": summary,
+        "probes": probes, "mix": list(mix) if mix else None,
+        "primary": signals[0], "saved_plan": args.save_plan, "comparison": summary,
         "results": {k: r.to_dict() for k, r in results.items()},
     }
     if args.json:
@@ -103,6 +114,9 @@ def register(subparsers: Any) -> None:
                                                       "8,7,6,5,4,3,2)")
     g.add_argument("--probes", type=int, default=None,
                    help="calibration probes per layer (0-5, default 3; 0: allocate by the signal alone)")
+    g.add_argument("--mix", default=None, metavar="MORE,FEWER,SHARE",
+                   help="one more per-layer bit setting: SHARE of a layer's output channels at MORE bits, the rest "
+                        "at FEWER, channels ranked by the signal (relevance for relevance/hybrid), e.g. 3,2,0.5")
     g.add_argument("--composite", default=None, help="LRP composite of the relevance signal (default epsilon)")
     g.add_argument("--save-plan", default=None, help="write the first signal's plan as JSON to this file")
     p.add_argument("--json", action="store_true")

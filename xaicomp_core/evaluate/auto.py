@@ -83,7 +83,9 @@ SIGNALS: dict[str, dict[str, Any]] = {
 DEFAULT_BUDGET = 80
 
 ProgressFn = Callable[[int, int], None]
-Setting = tuple[float, int]
+#: (sparsity, bits) of one layer; bits is a whole width, or the width of the mix (:attr:`AutoSearch.mix`) as a
+#: fraction, e.g. 2.5 for half of the channels at 3 and half at 2 bits.
+Setting = tuple[float, float]
 
 
 @dataclass
@@ -198,12 +200,19 @@ class AutoSearch:
     probes : int
         Calibration probes per layer (:meth:`_calibrate`); 0: the signal's damage is compared across layers as it
         is (no evaluation spent on calibration).
+    mix : (int, int, float), optional
+        One more bit setting per layer: the share ``mix[2]`` of the layer's output channels at ``mix[0]`` bits and
+        the rest at ``mix[1]``, channels ranked by the signal (``bit_ranking`` "relevance" for the relevance and
+        hybrid signals, "magnitude" for magnitude). In the plan such a layer is left out of ``layer_bits`` and
+        takes the plan's ``bit_levels``/``bit_split`` per channel within the layer (``scope="per-layer"``); one
+        mix per search, since a plan has one split.
     """
 
     def __init__(self, session: CompressionSession, signal: str = "relevance", *,
                  search_data: str | tuple[torch.Tensor, torch.Tensor] = "reference",
                  sparsities: Sequence[float] = SPARSITIES, bits: Sequence[int] = BITS, finetune_epochs: int = 0,
-                 composite: str | None = None, quantizer: str = "mse", probes: int = 3) -> None:
+                 composite: str | None = None, quantizer: str = "mse", probes: int = 3,
+                 mix: tuple[int, int, float] | None = None) -> None:
         if signal not in SIGNALS:
             raise XaicompError(f"unknown signal {signal!r}; choose one of {', '.join(SIGNALS)}")
         if finetune_epochs and not session.can_finetune:
@@ -218,9 +227,17 @@ class AutoSearch:
             raise XaicompError(f"probes per layer must be in 0..{len(PROBE_FRACTIONS) + 1}, got {probes}")
         self.probes = int(probes)
         self.sparsities = sorted({float(s) for s in sparsities})
-        self.bits = sorted({int(b) for b in bits}, reverse=True)
+        self.bits: list[float] = sorted({int(b) for b in bits}, reverse=True)
         if not self.sparsities or not self.bits or any(not 0 <= s < 1 for s in self.sparsities):
             raise XaicompError("the search needs sparsities in [0, 1) and at least one bit width")
+        self.mix = None
+        if mix is not None:
+            hi, lo, share = int(mix[0]), int(mix[1]), float(mix[2])
+            if not (8 >= hi > lo >= 1 and 0 < share < 1):
+                raise XaicompError(f"a mix is (more bits, fewer bits, share at more bits) with 8 >= more > fewer "
+                                   f">= 1 and a share in (0, 1), got {mix}")
+            self.mix = (hi, lo, share)
+            self.bits = sorted({*self.bits, lo + share * (hi - lo)}, reverse=True)
         if search_data == "reference":
             self.x, self.y = session.x_ref, session.y_ref
         elif isinstance(search_data, tuple) and len(search_data) == 2:
@@ -239,13 +256,20 @@ class AutoSearch:
     def plan_for(self, state: dict[str, Setting], finetune: bool = True) -> CompressionPlan:
         """The plan of per-layer settings ``state`` (layer -> (sparsity, bits)), fine-tuned as the search is unless
         ``finetune`` is False."""
-        levels = sorted({b for _, b in state.values()}, reverse=True)
+        whole = {k: int(b) for k, (_, b) in state.items() if b == int(b)}
+        mixed = self.mix is not None and len(whole) < len(state)
+        levels = sorted({*whole.values(), *(self.mix[:2] if mixed else ())}, reverse=True)
+        split, extra = [0.0] * (len(levels) - 1), {"bit_ranking": "magnitude", "granularity": "layer"}
+        if mixed:
+            hi, lo, share = self.mix
+            split = [share if b == hi else (1 - share if b == lo else 0.0) for b in levels[:-1]]
+            extra = {"bit_ranking": "relevance" if self.spec["importance"] == "relevance" else "magnitude",
+                     "granularity": "channel", "scope": "per-layer"}
         return CompressionPlan(criterion=self.spec["criterion"], prune_ratio=0.0, bit_levels=levels,
-                               bit_split=[0.0] * (len(levels) - 1), bit_ranking="magnitude", granularity="layer",
-                               quantizer=self.quantizer, composite=self.composite,
+                               bit_split=split, quantizer=self.quantizer, composite=self.composite,
                                finetune_epochs=self.finetune_epochs if finetune else 0,
-                               layer_prune={k: s for k, (s, _) in state.items()},
-                               layer_bits={k: b for k, (_, b) in state.items()}).validate()
+                               layer_prune={k: s for k, (s, _) in state.items()}, layer_bits=whole,
+                               **extra).validate()
 
     def table(self) -> tuple[dict[str, dict[Setting, tuple[int, float]]], int]:
         """Per layer and setting: (packed bytes of the layer's weight, predicted damage); and the bytes of the
@@ -560,9 +584,18 @@ def _kb(nbytes: float) -> str:
     return f"{nbytes / 1000:,.1f} kB"
 
 
+def layer_bits_text(plan: CompressionPlan, layer: str) -> str:
+    """A layer's bit width in ``plan``: ``"3"``, or its per-channel mix, e.g. ``"3/2 (50/50 % of channels)"``."""
+    if layer in plan.layer_bits:
+        return str(plan.layer_bits[layer])
+    shares = [*plan.bit_split, max(0.0, 1 - sum(plan.bit_split))]
+    used = [(b, f) for b, f in zip(plan.bit_levels, shares) if f > 0]
+    return ("/".join(str(b) for b, _ in used) + " (" + "/".join(f"{100 * f:.0f}" for _, f in used)
+            + f" % of channels by {plan.bit_ranking})")
+
+
 def _setting(r: AutoResult, layer: str) -> str:
-    sp, b = r.plan.layer_prune.get(layer, 0.0), r.plan.layer_bits.get(layer)
-    return f"{sp:.0%} pruned at {'?' if b is None else b} bits"
+    return f"{r.plan.layer_prune.get(layer, 0.0):.0%} pruned at {layer_bits_text(r.plan, layer)} bits"
 
 
 def verdict(results: dict[str, AutoResult]) -> str:
