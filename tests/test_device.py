@@ -161,6 +161,26 @@ def test_bench_reports_peak_memory():
     assert res["device"] == "cpu" and "peak_cuda_mb" not in res
 
 
+@pytest.mark.slow
+def test_app_sidebar_offers_the_devices_this_machine_has():
+    import pathlib
+
+    from streamlit.testing.v1 import AppTest
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))  # the app's pages package
+    at = AppTest.from_file(str(root / "app.py"), default_timeout=300)
+    at.run()
+    box = at.sidebar.selectbox(key="sb_device")
+    assert list(box.options) == [box.format_func(d) for d in device_choices()] and box.value == "auto"
+    assert at.session_state["settings"].device == "auto"
+    box.select("cpu").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    assert at.session_state["settings"].device == "cpu"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # memory: a torchvision ResNet-18 at 224x224, peak resident memory of each pass measured in a fresh process
 # ----------------------------------------------------------------------------------------------------------------
