@@ -213,6 +213,8 @@ def run_bench(model_name: str = "fashion-vgg", repeats: int = 7, threads: int | 
         out = grad_model(x)
         onehot = torch.nn.functional.one_hot(y, out.shape[1]).to(out.dtype)
         out.backward(onehot)
+        if dev.type == "cuda":  # the timer must see the kernels finish
+            torch.cuda.synchronize(dev)
 
     fwd_bwd()
     weight_relevance(bare_model, x, y, composite, device=dev)
