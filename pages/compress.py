@@ -11,6 +11,7 @@ evaluation set.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import streamlit as st
 
@@ -21,6 +22,7 @@ from pages.common import (
     control,
     cuts_to_split,
     evaluate,
+    evaluate_soon,
     explain_collapse,
     first_numbers,
     fit_plan,
@@ -211,9 +213,11 @@ def result_tiles(result: EvaluationResult) -> None:
                    f"(evaluated in {result.seconds:.2f} s).")
 
 
-def show_result(session: CompressionSession, plan: CompressionPlan, notes: list[str]) -> EvaluationResult | None:
+def show_result(session: CompressionSession, plan: CompressionPlan, notes: list[str],
+                exact_done: Callable[[EvaluationResult], None] | None = None) -> EvaluationResult | None:
     """The engine's numbers of ``plan``, drawn first: an estimate from a class-balanced subset at once (unless the
-    exact result is cached), replaced in place by the exact numbers; then the charts."""
+    exact result is cached), replaced in place by the exact numbers; then the charts. ``exact_done(result)`` is
+    called as soon as the exact numbers are in (before the charts are built)."""
     for note in notes:
         st.info(note, icon=":material/info:")
     tiles = st.empty()
@@ -227,6 +231,8 @@ def show_result(session: CompressionSession, plan: CompressionPlan, notes: list[
         return None
     with tiles.container():
         result_tiles(result)
+    if exact_done is not None:
+        exact_done(result)
     size = result.size
     why = explain_collapse(plan, result)
     if why:
@@ -259,14 +265,16 @@ def show_result(session: CompressionSession, plan: CompressionPlan, notes: list[
     return result
 
 
-def show_comparison(session: CompressionSession, plan: CompressionPlan, result: EvaluationResult) -> None:
-    """The same pruning budget and bit widths chosen by the other criterion (magnitude, or lrp for magnitude)."""
+def show_comparison(session: CompressionSession, plan: CompressionPlan, result: EvaluationResult,
+                    pending: Callable[[], EvaluationResult | None] | None = None) -> None:
+    """The same pruning budget and bit widths chosen by the other criterion (magnitude, or lrp for magnitude);
+    ``pending``: its evaluation, started earlier by :func:`~pages.common.evaluate_soon`."""
     other = comparison_plan(plan, result)
     st.subheader(f"Does the explanation help? The same plan with **{other.criterion}**")
     st.caption(f"{other.describe()} — the same share of weights pruned and the same bit widths, chosen by "
                f"{other.criterion} instead of {plan.criterion}.")
     with st.spinner(f"Evaluating the {other.criterion} plan…"):
-        ref = evaluate(session, other)
+        ref = pending() if pending is not None else evaluate(session, other)
     if ref is None:
         return
     d1, d2, d3 = st.columns(3)
@@ -316,13 +324,20 @@ def _compress_panel(session: CompressionSession) -> None:
         remember_plan(plan)
     plan, notes = fit_plan(plan, session)
     notes = pending + notes
+    comparison: list[Callable[[], EvaluationResult | None]] = []
+
+    def start_comparison(result: EvaluationResult) -> None:  # runs while the charts are built and sent
+        comparison.append(evaluate_soon(session, comparison_plan(plan, result)))
+
     with right:
         st.subheader("Result")
-        result = show_result(session, plan, notes)
+        result = show_result(session, plan, notes, start_comparison)
     if result is None:
+        if comparison:
+            comparison[0]()  # let the started evaluation end before this run does
         return
     st.divider()
-    show_comparison(session, plan, result)
+    show_comparison(session, plan, result, comparison[0] if comparison else None)
     st.session_state["_cp_last_result"] = result
 
 
