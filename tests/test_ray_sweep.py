@@ -9,10 +9,13 @@ import dataclasses
 import json
 import os
 import pathlib
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -33,13 +36,25 @@ SMALL = ["--model", "fashion-lenet", "--reference-samples", "100", "--eval-sampl
 BITS = [BitSetting(), BitSetting.parse("4"), BitSetting.parse("8,4,2:0.2,0.5")]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def ray_token(tmp_path_factory):
+    """Ray's token authentication (its default) with one token file of this module's own, so that Ray writes none
+    to ~/.ray; Ray reads the token once per process, hence one token for all tests here."""
+    token = tmp_path_factory.mktemp("ray") / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("RAY_AUTH_MODE", raising=False)  # Ray sets it to "token" when it starts an instance: undone after
+        mp.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+        mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        yield token
+
+
 @pytest.fixture
 def ray_local():
     """A local 2-CPU Ray instance on 127.0.0.1 (no dashboard), shut down after the test."""
     assert not ray.is_initialized()
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False,
-             log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             configure_logging=False, log_to_driver=False)
     try:
         yield ray
     finally:
@@ -179,6 +194,15 @@ def test_cli_sweep_ray_starts_and_stops_a_local_instance_and_prints_the_same_row
     assert not ray.is_initialized()
 
 
+def _untimed(obj):
+    """``obj`` without the wall-clock fields (keys ending in ``seconds``)."""
+    if isinstance(obj, dict):
+        return {k: _untimed(v) for k, v in obj.items() if not str(k).endswith("seconds")}
+    if isinstance(obj, list):
+        return [_untimed(v) for v in obj]
+    return obj
+
+
 @pytest.mark.slow
 def test_results_on_ray_equal_results_in_process(ray_local, tmp_path):
     from xaicomp_core.results import main as results_main
@@ -188,10 +212,46 @@ def test_results_on_ray_equal_results_in_process(ray_local, tmp_path):
     assert results_main([*quick, "--out", str(tmp_path / "ray"), "--ray"]) == 0
     local, on_ray = (json.loads((tmp_path / d / "results" / "summary.json").read_text())["models"]["fashion-lenet"]
                      for d in ("local", "ray"))
-    local.pop("seconds")
-    on_ray.pop("seconds")
-    assert on_ray == local  # fine-tuned plans included (each task uses --threads torch threads, like the driver)
+    # every number, fine-tuned plans included (each task uses --threads torch threads, like the driver)
+    assert _untimed(on_ray) == _untimed(local)
     assert ray.is_initialized()
+
+
+@pytest.mark.slow
+def test_cli_sweep_ray_connects_to_a_running_cluster(capsys, ray_token):
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    # its own short temp dir (Unix socket paths are short): no ray_current_cluster left in /tmp/ray
+    temp = tempfile.mkdtemp(prefix="xcr", dir="/tmp")
+    head = subprocess.Popen(
+        [str(pathlib.Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
+         "--node-ip-address=127.0.0.1", "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",
+         f"--temp-dir={temp}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while True:  # until the head's GCS accepts connections
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert head.poll() is None and time.time() < deadline, "ray start --head did not come up"
+                time.sleep(0.5)
+        args = ["sweep", *SMALL, "--ratios", "0,0.9", "--criteria", "lrp,random", "--json"]
+        assert main(args) == 0
+        local = json.loads(capsys.readouterr().out)
+        # a fresh process, like a user's: with an explicit address Ray uses token authentication only when told
+        env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(ray_token)}
+        done = subprocess.run([sys.executable, "-m", "xaicomp_core", *args, "--ray", f"127.0.0.1:{port}"],
+                              capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert json.loads(done.stdout) == local
+        assert head.poll() is None  # the cluster itself keeps running after the sweep disconnected
+    finally:
+        head.terminate()  # `ray start --block` stops its processes on SIGTERM
+        head.wait(120)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_without_ray_one_readable_line(monkeypatch, capsys, tmp_path):

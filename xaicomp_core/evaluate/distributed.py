@@ -79,14 +79,17 @@ def ray_instance(address: str | None = None, num_cpus: int | None = None) -> Ite
         return
     if address is None or address in LOCAL_ADDRESSES:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 configure_logging=False, log_to_driver=False)
+        # address="local": a new instance even where `ray start` left a cluster (or RAY_ADDRESS) behind
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
+                 _node_ip_address="127.0.0.1", configure_logging=False, log_to_driver=False)
     else:
         _check_reachable(address)
         try:
             ray.init(address=address, configure_logging=False, log_to_driver=False)
         except (ConnectionError, ValueError, RuntimeError) as e:
-            raise XaicompError(f"cannot connect to the Ray cluster at {address!r}: {e}") from None
+            raise XaicompError(f"cannot connect to the Ray cluster at {address!r}: {e} (a cluster with token "
+                               "authentication, Ray's default, also needs RAY_AUTH_MODE=token here and its token in "
+                               "RAY_AUTH_TOKEN or ~/.ray/auth_token)") from None
     try:
         yield ray
     finally:
