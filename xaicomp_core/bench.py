@@ -9,6 +9,10 @@
 * ``first_number_ratio`` = median time from a new plan to its first numbers as the app draws them on a slider
   release (``session.estimate``: compress, forward over the class-balanced subset, result with the estimate and its
   uncertainty; sizes exact) / the same bare forward.
+* ``release_ratio`` = median engine time of a whole slider release on the Compress page for a plan never seen:
+  the first numbers (``session.estimate``), the exact numbers (``session.evaluate``, which runs only the images the
+  estimate did not) and the magnitude comparison at the same ratio (another ``session.evaluate``) / the same bare
+  forward. The browser test adds what Streamlit and the browser cost (``test-artifacts/browser-latency.json``).
 * ``relevance_ratio`` = median time of :func:`weight_relevance` on a batch / median time of a plain forward+backward
   (gradients of all parameters) on the same batch.
 * ``backend_ratios``: each fast-forward backend (and the eager forward with a plan's weights) per new plan / the
@@ -197,9 +201,16 @@ def run_bench(model_name: str = "fashion-vgg", repeats: int = 7, threads: int | 
     # first numbers of a new plan, as the app draws them on a slider release: session.estimate (compress + forward
     # over the class-balanced subset + result), a plan never seen before
     first_plans = [lrp_plan(0.31 + 0.01 * i + 0.005) for i in range(repeats)]
+    release_plans = [lrp_plan(0.41 + 0.01 * i + 0.0025) for i in range(repeats)]
+
+    def release(i: int) -> None:  # what the Compress page asks the engine for on a slider release
+        session.estimate(release_plans[i])
+        session.evaluate(release_plans[i])
+        session.evaluate(release_plans[i].replace(criterion="magnitude"))
+
     times = _interleaved({"bare": bare_forward, "update": lambda i: session.evaluate(plans[i]),
                           "fast": lambda i: session.compressed_logits(fast_cws[i]),
-                          "first": lambda i: session.estimate(first_plans[i])}, repeats)
+                          "first": lambda i: session.estimate(first_plans[i]), "release": release}, repeats)
     fwd, upd, fast, first = times["bare"], times["update"], times["fast"], times["first"]
     split = profile_evaluate(session, lrp_plan(0.25))
     backend_ratios = compare_backends(session, [lrp_plan(0.7 + 0.01 * i) for i in range(repeats)], repeats) \
@@ -228,6 +239,7 @@ def run_bench(model_name: str = "fashion-vgg", repeats: int = 7, threads: int | 
         "model": info.name, "composite": composite,
         "update_ratio": med(upd) / med(fwd), "relevance_ratio": med(rel) / med(fb),
         "first_number_ratio": med(first) / med(fwd), "first_number_images": len(session.quick_idx),
+        "release_ratio": med(times["release"]) / med(fwd), "release_seconds": med(times["release"]),
         "fast_forward_ratio": med(fast) / med(fwd), "forward_backend": session.forward_backend,
         "backend_ratios": backend_ratios,
         "evaluate_split_seconds": split,
