@@ -126,7 +126,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         from xaicomp_core.evaluate.distributed import run_sweep_ray
 
         rows = run_sweep_ray(session, criteria, ratios, bits, base, progress_printer("plans", True),
-                             address=args.ray or None, threads=args.threads or 1)
+                             address=args.ray or None, threads=args.threads or 1, device=args.device)
     if args.output:
         out = pathlib.Path(args.output)
         outputs.add("-o", json.dumps(rows, indent=2) if out.suffix.lower() == ".json" else rows_to_csv(rows))

@@ -136,7 +136,7 @@ class WorkerSpec:
     train : tuple of Tensor or None
         Model-ready fine-tuning data, if the session has any.
     settings : dict
-        The session's keyword arguments (composite, epsilon, target, batch sizes).
+        The session's keyword arguments (composite, epsilon, target, batch sizes, device, memory budget).
     relevance : dict of str to RelevanceResult
         The relevance computed by the driver, per composite.
     threads : int
@@ -152,13 +152,16 @@ class WorkerSpec:
     threads: int
 
     @classmethod
-    def of(cls, session: CompressionSession, composites: Sequence[str], threads: int = 1) -> WorkerSpec:
-        """The spec of ``session`` with its relevance for ``composites`` (computed here if not cached yet)."""
+    def of(cls, session: CompressionSession, composites: Sequence[str], threads: int = 1,
+           device: str = "auto") -> WorkerSpec:
+        """The spec of ``session`` with its relevance for ``composites`` (computed here if not cached yet); the
+        workers compute on ``device`` (``"auto"``: each worker's GPU if it has one, else its CPU)."""
         return cls(session.model, (session.x_ref, session.y_ref), (session.x_eval, session.y_eval),
                    session.train_tensors() if session.can_finetune else None,
                    {"composite": session.composite, "epsilon": session.epsilon, "target": session.target,
                     "relevance_batch_size": session.relevance_batch_size,
-                    "eval_batch_size": session.eval_batch_size},
+                    "eval_batch_size": session.eval_batch_size, "device": device,
+                    "memory_budget_mb": session.memory_budget_mb},
                    {c: session.relevance(c) for c in dict.fromkeys(composites)}, threads)
 
     def session(self) -> CompressionSession:
@@ -206,16 +209,20 @@ class RayEvaluator:
         thread count to get its numbers bit for bit (``make results`` does).
     max_retries : int
         Runs of a plan again after its worker process died.
+    device : {"auto", "cpu", "cuda"}
+        Where the workers compute (``"auto"``: each worker's GPU if it has one, else its CPU).
 
     Ray must be initialised (see :func:`ray_instance`).
     """
 
-    def __init__(self, session: CompressionSession, threads: int = 1, max_retries: int = MAX_RETRIES) -> None:
+    def __init__(self, session: CompressionSession, threads: int = 1, max_retries: int = MAX_RETRIES,
+                 device: str = "auto") -> None:
         if threads < 1:
             raise XaicompError("threads per Ray task must be at least 1")
         self.ray = import_ray()
         self.session = session
         self.threads = threads
+        self.device = device
         self._task = self.ray.remote(evaluate_plan).options(num_cpus=threads, max_retries=max_retries,
                                                             retry_exceptions=False)
         self._spec_ref: Any = None
@@ -226,7 +233,7 @@ class RayEvaluator:
             [*self._composites, *(p.composite for p in plans if self.session.compressor.needs_relevance(p))]))
         if self._spec_ref is None or composites != self._composites:
             self._composites = composites
-            self._spec_ref = self.ray.put(WorkerSpec.of(self.session, composites, self.threads))
+            self._spec_ref = self.ray.put(WorkerSpec.of(self.session, composites, self.threads, self.device))
         return self._spec_ref
 
     def evaluate(self, plans: Sequence[CompressionPlan], progress: ProgressFn | None = None
@@ -273,8 +280,8 @@ class RayEvaluator:
 
 def run_sweep_ray(session: CompressionSession, criteria: Sequence[str], ratios: Sequence[float] = DEFAULT_RATIOS,
                   bits: Sequence[BitSetting] = (BitSetting(),), base: CompressionPlan | None = None,
-                  progress: ProgressFn | None = None, address: str | None = None, threads: int = 1
-                  ) -> list[dict[str, Any]]:
+                  progress: ProgressFn | None = None, address: str | None = None, threads: int = 1,
+                  device: str = "auto") -> list[dict[str, Any]]:
     """:func:`~xaicomp_core.evaluate.sweep.run_sweep` with the plans evaluated on Ray: the same rows, in the
     same order.
 
@@ -286,8 +293,10 @@ def run_sweep_ray(session: CompressionSession, criteria: Sequence[str], ratios: 
         The Ray cluster (see :func:`ray_instance`); None starts a local instance sized to this machine.
     threads : int
         torch threads (and Ray CPUs) per task.
+    device : {"auto", "cpu", "cuda"}
+        Where the workers compute.
     """
     plans = sweep_plans(criteria, ratios, bits, base)
     with ray_instance(address):
-        results = RayEvaluator(session, threads=threads).evaluate(plans, progress)
+        results = RayEvaluator(session, threads=threads, device=device).evaluate(plans, progress)
     return sweep_rows(plans, results)
