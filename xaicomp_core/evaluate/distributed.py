@@ -66,7 +66,8 @@ def ray_instance(address: str | None = None, num_cpus: int | None = None) -> Ite
     address : str, optional
         A running cluster's address (``HEAD:6379``, or ``auto`` for the one ``ray start`` made on this machine):
         ``ray.init(address=...)`` connects to it. None, ``""`` or ``"local"`` start a local instance with
-        ``num_cpus`` CPUs (default ``os.cpu_count()``), bound to 127.0.0.1, without dashboard and usage reporting.
+        ``num_cpus`` CPUs (default ``os.cpu_count()``) whose node address is 127.0.0.1, without dashboard and usage
+        reporting (Ray's gRPC servers still listen on all interfaces: Ray 2.x has no setting for that).
     num_cpus : int, optional
         CPUs of a local instance.
 
