@@ -48,3 +48,45 @@ def lenet_session(fashion_ref, fashion_eval):
 def artifacts() -> pathlib.Path:
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ray's servers listen on every interface (Ray has no setting to bind them to 127.0.0.1): the Ray tests run in a
+# network namespace of their own that holds only the loopback interface (tests/test_ray_private_network.py), where
+# the machine allows one (root, or unprivileged user namespaces); elsewhere they run here as they are.
+# ---------------------------------------------------------------------------------------------------------------
+RAY_TESTS = "test_ray_sweep.py"
+RAY_WRAPPER = "test_ray_private_network.py"
+#: set in the private network namespace (the Ray tests run there, the wrapper does not)
+PRIVATE_NET_ENV = "XAICOMP_PRIVATE_NET"
+
+
+def private_network_command() -> list[str] | None:
+    """The command prefix that runs a shell command in a new network namespace with only loopback up (``sh -c``
+    follows), or None where this machine cannot make one."""
+    import os
+    import shutil
+    import subprocess
+
+    if not (shutil.which("unshare") and shutil.which("ip")):
+        return None
+    prefix = ["unshare", "--net"] if os.geteuid() == 0 else ["unshare", "--map-root-user", "--net"]
+    try:
+        ok = subprocess.run([*prefix, "sh", "-c", "ip link set lo up"], capture_output=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return prefix if ok.returncode == 0 else None
+
+
+def pytest_collection_modifyitems(config, items):
+    import os
+
+    def named(name):
+        return [i for i in items if i.path.name == name]
+
+    if os.environ.get(PRIVATE_NET_ENV) == "1" or not named(RAY_WRAPPER):
+        return  # inside the namespace (the wrapper is never collected there), or the wrapper was not asked for
+    drop = named(RAY_TESTS) if private_network_command() is not None else named(RAY_WRAPPER)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = [i for i in items if i not in drop]
