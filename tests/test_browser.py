@@ -397,6 +397,32 @@ def test_every_page_and_slider(browser, app_url, artifacts):
     page.close()
 
 
+def test_auto_search_then_open_its_plan_in_compress(browser, app_url):
+    """Auto: a small search in the real app, then "Open this plan in Compress": the Compress page shows that plan
+    (its per-layer settings) with the size and evaluation accuracy the Auto page reported."""
+    page, errors = open_app(browser, app_url)
+    goto_page(page, "Auto")
+    budget = page.get_by_role("spinbutton", name="Evaluations per signal")
+    budget.fill("8")
+    page.get_by_role("button", name="Run search").click()
+    opened = page.get_by_role("button", name="Open this plan in Compress")
+    opened.first.wait_for(timeout=LOAD_TIMEOUT_MS)
+    wait_idle(page)
+    no_exception(page)
+    assert opened.count() == 2  # hybrid and magnitude, side by side
+    size, accuracy = metric(page, "Size"), metric(page, "Accuracy (evaluation images)")  # the first column's
+    opened.first.click()
+    page.wait_for_selector('h1:has-text("Compress")', timeout=LOAD_TIMEOUT_MS)
+    page.wait_for_selector('[data-testid="stMetricLabel"]:has-text("Accuracy with")', timeout=LOAD_TIMEOUT_MS)
+    wait_idle(page)
+    no_exception(page)
+    assert page.get_by_text("per-layer", exact=False).count() > 0  # the handed-over plan's per-layer settings
+    assert metric(page, "Size") == size
+    assert metric(page, "Accuracy") == accuracy
+    assert not errors, errors
+    page.close()
+
+
 def test_two_sessions_compress_at_once(browser, app_url):
     """Two browsers move the prune slider to different values at the same time; each sees only its own plan."""
     (a, a_errors), (b, b_errors) = open_app(browser, app_url), open_app(browser, app_url)
