@@ -92,6 +92,13 @@ def curve_plan(criterion: str, ratio: float) -> CompressionPlan:
                            composite=CRITERION_COMPOSITE.get(criterion, "epsilon"))
 
 
+def high_sparsity_auc(points: Sequence[dict[str, Any]], ratios: Sequence[float]) -> float | None:
+    """Area under accuracy vs sparsity (not fine-tuned) over the curve's points at the high-sparsity ``ratios``
+    (those that are also fine-tuned), or None without such points."""
+    pts = [p for p in points if p["prune_ratio"] in ratios]
+    return auc([p["sparsity"] for p in pts], [p["accuracy"] for p in pts]) if pts else None
+
+
 def pruning_curves(s: CompressionSession, ratios: Sequence[float], ft_ratios: Sequence[float],
                    criteria: Sequence[str]) -> dict[str, Any]:
     """Accuracy vs sparsity per criterion (fp32 weights), without and with fine-tuning."""
@@ -111,8 +118,7 @@ def pruning_curves(s: CompressionSession, ratios: Sequence[float], ft_ratios: Se
             "auc": auc([p["sparsity"] for p in pts], [p["accuracy"] for p in pts]),
             "auc_high_sparsity_finetuned": auc([p["sparsity"] for p in ft_pts],
                                                [p["accuracy_finetuned"] for p in ft_pts]) if ft_pts else None,
-            "auc_high_sparsity": auc([p["sparsity"] for p in ft_pts], [p["accuracy"] for p in ft_pts])
-            if ft_pts else None,
+            "auc_high_sparsity": high_sparsity_auc(pts, ft_ratios),
         }
         _log(f"  curve {crit}: auc {out[crit]['auc']:.4f}")
     return out
@@ -695,8 +701,9 @@ def write_markdown(summary: dict[str, Any], path: pathlib.Path, plot_dir: str, d
         for crit, c in m["pruning_curves"].items():
             accs = " | ".join(f"{p['accuracy'] * 100:.1f}" + (f" ({p['accuracy_finetuned'] * 100:.1f})"
                                                             if "accuracy_finetuned" in p else "") for p in c["points"])
-            L.append(f"| {crit} | {c['auc']:.4f} | {c['auc_high_sparsity'] or 0:.4f} | "
-                     f"{c['auc_high_sparsity_finetuned'] or 0:.4f} | {accs} |")
+            high, high_ft = c["auc_high_sparsity"], c["auc_high_sparsity_finetuned"]
+            L.append(f"| {crit} | {c['auc']:.4f} | {'–' if high is None else f'{high:.4f}'} | "
+                     f"{'–' if high_ft is None else f'{high_ft:.4f}'} | {accs} |")
         L += ["", "Cells: accuracy % without (with) fine-tuning. `lrp-filter` is Yeom et al.'s filter pruning with "
               "their z+ rule on the convolutions (composite `epsilon-plus`); removed filters output exactly zero "
               "(their bias and BatchNorm are zeroed); its sparsity is the closest whole-channel count to the ratio "
