@@ -812,36 +812,6 @@ def evaluate(session: CompressionSession, plan: CompressionPlan) -> EvaluationRe
         return None
 
 
-def evaluate_soon(session: CompressionSession, plan: CompressionPlan) -> Callable[[], EvaluationResult | None]:
-    """Start ``session.evaluate(plan)`` now on a worker thread, so that it runs while the page draws other things
-    (building and sending charts leaves the engine's cores idle); returns a function that waits for it and gives
-    what :func:`evaluate` gives (errors shown the same way). A plan that must be fine-tuned first is evaluated when
-    the function is called, with its progress bar."""
-    if session.needs_finetuning(plan):
-        return lambda: evaluate(session, plan)
-    box: dict[str, Any] = {}
-
-    def work() -> None:
-        try:
-            box["result"] = session.evaluate(plan)
-        except BaseException as e:  # handed to the page, which shows it
-            box["error"] = e
-
-    worker = threading.Thread(target=work, name="xaicomp-page-evaluate", daemon=True)
-    worker.start()
-
-    def wait() -> EvaluationResult | None:
-        worker.join()
-        err = box.get("error")
-        if isinstance(err, XaicompError):
-            st.error(str(err), icon=":material/warning:")
-            return None
-        if err is not None:
-            raise err
-        return box["result"]
-    return wait
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Labels and small shared widgets
 # ----------------------------------------------------------------------------------------------------------------
@@ -1075,7 +1045,7 @@ __all__ = [
     "declared_inputs", "first_numbers", "browser_owner", "anticipate_neighbours", "RATIO_STEP", "SPLIT_STEP",
     "COMPOSITES", "Control", "DEFAULT_MODEL", "DataSpec", "ModelSpec", "PIXEL_COMPOSITE", "Settings", "awaiting_input",
     "builtin_available", "comparison_plan", "composite", "control", "control_key", "control_value", "cuts_to_split",
-    "default_plan", "digest", "ensure_relevance", "evaluate", "evaluate_soon", "explain_collapse", "few_images_warning",
+    "default_plan", "digest", "ensure_relevance", "evaluate", "explain_collapse", "few_images_warning",
     "fit_plan",
     "fmt_bytes", "fmt_pct", "fmt_pp", "get_plan", "get_session", "get_settings", "leave_pages_directory_mode",
     "model_choices", "model_label", "page_session", "per_session_cache", "pixel_composite", "pp_delta",

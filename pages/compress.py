@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import streamlit as st
 
@@ -22,7 +23,6 @@ from pages.common import (
     control,
     cuts_to_split,
     evaluate,
-    evaluate_soon,
     explain_collapse,
     first_numbers,
     fit_plan,
@@ -217,7 +217,7 @@ def show_result(session: CompressionSession, plan: CompressionPlan, notes: list[
                 exact_done: Callable[[EvaluationResult], None] | None = None) -> EvaluationResult | None:
     """The engine's numbers of ``plan``, drawn first: an estimate from a class-balanced subset at once (unless the
     exact result is cached), replaced in place by the exact numbers; then the charts. ``exact_done(result)`` is
-    called as soon as the exact numbers are in (before the charts are built)."""
+    called as soon as the exact numbers are drawn, before the charts are built."""
     for note in notes:
         st.info(note, icon=":material/info:")
     tiles = st.empty()
@@ -240,20 +240,24 @@ def show_result(session: CompressionSession, plan: CompressionPlan, notes: list[
         with st.expander("Measured: what was pruned, by relevance sign, and how each layer's output changes"):
             show_explanation(session, plan)
 
-    t1, t2, t3 = st.tabs(["Per layer", "Per class", "Where the bytes go"])
-    with t1:
-        st.caption("Bars: share of each layer's weights pruned. Dots: mean bit width of the weights it keeps.")
-        st.plotly_chart(figures.layer_stats_figure(result.layers), width="stretch", key="cp_layers")
-    with t2:
-        st.caption("Top-1 accuracy per class, original vs compressed.")
-        st.plotly_chart(figures.per_class_figure(result.class_names, [
-            ("original", result.baseline_per_class_accuracy), ("compressed", result.per_class_accuracy)]),
-            width="stretch", key="cp_classes")
-    with t3:
-        st.caption("Everything a real file must hold: kept values at their widths, which weights are kept, the "
-                   "width of each weight, scales, and fp32 biases and norms.")
-        st.plotly_chart(figures.size_sections_figure(size.section_totals(), size.fp32_bytes), width="stretch",
-                        key="cp_sections")
+    # only the open tab's chart is built and sent (the browser draws one chart, not three, after each release)
+    t1, t2, t3 = st.tabs(["Per layer", "Per class", "Where the bytes go"], key="cp_tabs", on_change="rerun")
+    if t1.open:
+        with t1:
+            st.caption("Bars: share of each layer's weights pruned. Dots: mean bit width of the weights it keeps.")
+            st.plotly_chart(figures.layer_stats_figure(result.layers), width="stretch", key="cp_layers")
+    if t2.open:
+        with t2:
+            st.caption("Top-1 accuracy per class, original vs compressed.")
+            st.plotly_chart(figures.per_class_figure(result.class_names, [
+                ("original", result.baseline_per_class_accuracy), ("compressed", result.per_class_accuracy)]),
+                width="stretch", key="cp_classes")
+    if t3.open:
+        with t3:
+            st.caption("Everything a real file must hold: kept values at their widths, which weights are kept, the "
+                       "width of each weight, scales, and fp32 biases and norms.")
+            st.plotly_chart(figures.size_sections_figure(size.section_totals(), size.fp32_bytes), width="stretch",
+                            key="cp_sections")
     with st.expander("Reproduce on the command line"):
         try:
             command = str(sources_for(get_settings(), st.session_state.get(UPLOADS_KEY)).command("compress", plan))
@@ -266,15 +270,22 @@ def show_result(session: CompressionSession, plan: CompressionPlan, notes: list[
 
 
 def show_comparison(session: CompressionSession, plan: CompressionPlan, result: EvaluationResult,
-                    pending: Callable[[], EvaluationResult | None] | None = None) -> None:
+                    ready: dict[str, Any] | None = None) -> None:
     """The same pruning budget and bit widths chosen by the other criterion (magnitude, or lrp for magnitude);
-    ``pending``: its evaluation, started earlier by :func:`~pages.common.evaluate_soon`."""
+    ``ready``: its evaluation (``"result"``) or error (``"error"``), computed earlier by :func:`evaluate_comparison`."""
     other = comparison_plan(plan, result)
     st.subheader(f"Does the explanation help? The same plan with **{other.criterion}**")
     st.caption(f"{other.describe()} — the same share of weights pruned and the same bit widths, chosen by "
                f"{other.criterion} instead of {plan.criterion}.")
-    with st.spinner(f"Evaluating the {other.criterion} plan…"):
-        ref = pending() if pending is not None else evaluate(session, other)
+    ready = ready or {}
+    if "error" in ready:
+        st.error(str(ready["error"]), icon=":material/warning:")
+        return
+    if "result" in ready:
+        ref = ready["result"]
+    else:
+        with st.spinner(f"Evaluating the {other.criterion} plan…"):
+            ref = evaluate(session, other)
     if ref is None:
         return
     d1, d2, d3 = st.columns(3)
@@ -294,6 +305,23 @@ def show_comparison(session: CompressionSession, plan: CompressionPlan, result: 
                 "(the sizes differ when the criteria keep weights that are cheaper or dearer to encode).")
     st.dataframe(figures.comparison_rows([(f"{plan.criterion} (this plan)", result), (other.criterion, ref)]),
                  hide_index=True, width="stretch")
+
+
+def evaluate_comparison(session: CompressionSession, plan: CompressionPlan, result: EvaluationResult
+                        ) -> dict[str, Any]:
+    """The comparison plan's exact numbers, computed right after your plan's (``{"result": ...}`` or ``{"error":
+    ...}``; ``{}`` for a plan to fine-tune first, which :func:`show_comparison` evaluates with its progress bar).
+
+    Called before the charts are built: the browser draws your plan's numbers meanwhile, and the charts and the
+    comparison are sent together afterwards. Drawing the charts first would make the browser render them on the
+    cores the comparison's forward pass runs on (measured slower in the real browser)."""
+    other = comparison_plan(plan, result)
+    if session.needs_finetuning(other):
+        return {}
+    try:
+        return {"result": session.evaluate(other)}
+    except XaicompError as e:
+        return {"error": e}
 
 
 @st.fragment
@@ -324,20 +352,14 @@ def _compress_panel(session: CompressionSession) -> None:
         remember_plan(plan)
     plan, notes = fit_plan(plan, session)
     notes = pending + notes
-    comparison: list[Callable[[], EvaluationResult | None]] = []
-
-    def start_comparison(result: EvaluationResult) -> None:  # runs while the charts are built and sent
-        comparison.append(evaluate_soon(session, comparison_plan(plan, result)))
-
+    comparison: dict[str, Any] = {}
     with right:
         st.subheader("Result")
-        result = show_result(session, plan, notes, start_comparison)
+        result = show_result(session, plan, notes, lambda r: comparison.update(evaluate_comparison(session, plan, r)))
     if result is None:
-        if comparison:
-            comparison[0]()  # let the started evaluation end before this run does
         return
     st.divider()
-    show_comparison(session, plan, result, comparison[0] if comparison else None)
+    show_comparison(session, plan, result, comparison)
     st.session_state["_cp_last_result"] = result
 
 

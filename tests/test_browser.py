@@ -129,7 +129,7 @@ def wait_idle(page, timeout: int = LOAD_TIMEOUT_MS) -> float:
             if (!idle) { window.__xcIdleSince = undefined; return false; }
             if (window.__xcIdleSince === undefined) { window.__xcIdleSince = now; }
             return now - window.__xcIdleSince > 500;
-        }""", timeout=timeout, polling=100)
+        }""", timeout=timeout, polling=20)
     idle_for_ms = page.evaluate("() => performance.now() - window.__xcIdleSince")
     return time.perf_counter() - idle_for_ms / 1000
 

@@ -116,3 +116,20 @@ def test_newer_wishes_replace_older_ones_and_are_bounded(session):
         assert session.anticipator.pending("c") == 0
     assert session.anticipator.wait_idle(timeout=600)
     assert not session.is_cached(PLAN.replace(prune_ratio=0.21))
+
+
+def test_background_starts_only_after_a_grace_period(session):
+    """Work the user waits for is drawn before background work takes the cores: a plan asked for in the background
+    starts no sooner than FOREGROUND_GRACE seconds after the last foreground call ended (a lower bound, whatever
+    the machine's load), and is then computed."""
+    from xaicomp_core.evaluate.session import FOREGROUND_GRACE
+
+    plan = PLAN.replace(prune_ratio=0.62)
+    with session.foreground():
+        session.anticipate([plan], owner="grace")
+    ended = time.monotonic()
+    while time.monotonic() - ended < 0.8 * FOREGROUND_GRACE:
+        assert not session.is_cached(plan) and plan.key() not in session._partial  # no image run yet
+        time.sleep(0.01)
+    assert session.anticipator.wait_idle(120)
+    assert session.is_cached(plan)

@@ -45,6 +45,9 @@ from xaicomp_core.threads import full_pool, one_thread
 ProgressFn = Callable[[int, int], None]
 #: Plans whose partial predictions (and prepared fast forward) a session keeps until their exact result is in.
 PARTIAL_PLANS = 4
+#: Background work starts this many seconds after the last foreground call ended, not at once: the page that call
+#: served is still being sent and drawn (and a user moving a slider again is served without it).
+FOREGROUND_GRACE = 0.5
 
 
 @dataclass
@@ -260,6 +263,7 @@ class CompressionSession:
         # per plan not yet evaluated exactly: [compressed weights, prepared fast forward, predictions (-1: not yet)]
         self._partial: OrderedDict[str, list[Any]] = OrderedDict()
         self._fg_waiting = 0
+        self._fg_last = float("-inf")  # time.monotonic() when the last foreground call ended
         self._fg_cond = threading.Condition()
         self.anticipator = Anticipator(self._evaluate_background, self.is_cached)
         self.model_hash = state_dict_hash(model)
@@ -643,11 +647,19 @@ class CompressionSession:
         finally:
             with self._fg_cond:
                 self._fg_waiting -= 1
+                self._fg_last = time.monotonic()
                 self._fg_cond.notify_all()
 
     def _wait_for_foreground(self) -> None:
+        """Wait until no foreground call runs or waits, and the last one ended :data:`FOREGROUND_GRACE` seconds
+        ago (what the user waited for is then sent and drawn without background work on the same cores)."""
         with self._fg_cond:
-            self._fg_cond.wait_for(lambda: self._fg_waiting == 0)
+            while True:
+                self._fg_cond.wait_for(lambda: self._fg_waiting == 0)
+                left = self._fg_last + FOREGROUND_GRACE - time.monotonic()
+                if left <= 0:
+                    return
+                self._fg_cond.wait(left)
 
     def is_cached(self, plan: CompressionPlan) -> bool:
         """Whether the exact result of ``plan`` is cached (then :meth:`evaluate` returns at once)."""
