@@ -20,8 +20,8 @@
 * ``evaluate_split``: where one ``session.evaluate`` spends its time (:func:`profile_evaluate`).
 * ``peak_rss_mb`` per stage (``evaluation``: building the session, i.e. the fast forward and the baseline pass over
   the evaluation set; ``relevance``: the session's relevance pass): the process's peak resident memory during the
-  stage (``resource.getrusage``; the peak is reset before each stage where Linux allows it, see
-  ``peak_rss_per_stage``), next to ``rss_before_mb``; on CUDA also ``peak_cuda_mb``
+  stage (:func:`~xaicomp_core.device.peak_rss_mb`, ``VmHWM`` on Linux; the peak is reset before each stage where
+  Linux allows it, see ``peak_rss_per_stage``), next to ``rss_before_mb``; on CUDA also ``peak_cuda_mb``
   (``torch.cuda.max_memory_allocated``, reset before each stage).
 
 Bare and measured passes alternate within each repeat, so that a change of machine load hits both.

@@ -211,8 +211,19 @@ def measure_memory_cost(model: nn.Module, sample: torch.Tensor, private: bool = 
 
 
 def peak_rss_mb() -> float:
-    """The process's peak resident memory (MiB) since it started or since :func:`reset_peak_rss`, from
-    ``resource.getrusage(RUSAGE_SELF).ru_maxrss``."""
+    """The process's peak resident memory (MiB) since it started or since :func:`reset_peak_rss`.
+
+    On Linux the high-water mark of the process's own memory (``VmHWM`` in ``/proc/self/status``): unlike
+    ``getrusage``'s ``ru_maxrss``, it does not carry over the resident memory of the parent a process was forked
+    from (``ru_maxrss`` of a program started by a large process, e.g. a test run, begins at the parent's size), and
+    :func:`reset_peak_rss` resets it. Elsewhere ``resource.getrusage(RUSAGE_SELF).ru_maxrss``."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
