@@ -67,6 +67,7 @@ def serve(folder: pathlib.Path):
          "--server.fileWatcherType", "none"],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
+    SERVER_PIDS[url] = proc.pid
     try:
         deadline = time.time() + 90
         while True:
@@ -92,6 +93,29 @@ def serve(folder: pathlib.Path):
         log.close()
         if "Traceback" in log_path.read_text():
             print(log_path.read_text()[-4000:])
+
+
+#: url -> PID of the server process behind it
+SERVER_PIDS: dict[str, int] = {}
+
+
+def wait_server_quiet(url: str, quiet_s: float = 1.0, timeout_s: float = 120.0) -> None:
+    """Wait until the server's process has used (almost) no CPU for ``quiet_s`` seconds: its background work (the
+    anticipated neighbours) is done, so a bare forward measured now is not slowed by it."""
+    def cpu_ticks() -> int:
+        fields = pathlib.Path(f"/proc/{SERVER_PIDS[url]}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime + stime (fields 14 and 15 of stat)
+
+    deadline = time.time() + timeout_s
+    prev, since = cpu_ticks(), time.time()
+    while time.time() < deadline:
+        time.sleep(0.2)
+        now = cpu_ticks()
+        if now - prev > 2:  # more than 20 ms of CPU in 0.2 s (at 100 ticks per second): still busy
+            since = time.time()
+        elif time.time() - since >= quiet_s:
+            return
+        prev = now
 
 
 def chromium_path() -> str | None:
@@ -323,6 +347,7 @@ def test_every_page_and_slider(browser, app_url, artifacts):
     drags = []
     for target in (65, 85, 25):
         page.wait_for_timeout(8000)
+        wait_server_quiet(app_url)
         bare = bare_forward_seconds()
         t_release = drag_prune_slider(page, target)
         page.wait_for_function(CHANGED_JS, arg=before["Size"], timeout=60_000, polling=10)
