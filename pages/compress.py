@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
 
 import streamlit as st
 
@@ -270,19 +269,16 @@ def show_result(session: CompressionSession, plan: CompressionPlan, notes: list[
 
 
 def show_comparison(session: CompressionSession, plan: CompressionPlan, result: EvaluationResult,
-                    ready: dict[str, Any] | None = None) -> None:
+                    ready: EvaluationResult | None = None) -> None:
     """The same pruning budget and bit widths chosen by the other criterion (magnitude, or lrp for magnitude);
-    ``ready``: its evaluation (``"result"``) or error (``"error"``), computed earlier by :func:`evaluate_comparison`."""
+    ``ready``: its evaluation, computed earlier by :func:`evaluate_comparison` (None: evaluated here, with a plan
+    error shown or a fine-tuning progress bar)."""
     other = comparison_plan(plan, result)
     st.subheader(f"Does the explanation help? The same plan with **{other.criterion}**")
     st.caption(f"{other.describe()} — the same share of weights pruned and the same bit widths, chosen by "
                f"{other.criterion} instead of {plan.criterion}.")
-    ready = ready or {}
-    if "error" in ready:
-        st.error(str(ready["error"]), icon=":material/warning:")
-        return
-    if "result" in ready:
-        ref = ready["result"]
+    if ready is not None:
+        ref = ready
     else:
         with st.spinner(f"Evaluating the {other.criterion} plan…"):
             ref = evaluate(session, other)
@@ -308,20 +304,20 @@ def show_comparison(session: CompressionSession, plan: CompressionPlan, result: 
 
 
 def evaluate_comparison(session: CompressionSession, plan: CompressionPlan, result: EvaluationResult
-                        ) -> dict[str, Any]:
-    """The comparison plan's exact numbers, computed right after your plan's (``{"result": ...}`` or ``{"error":
-    ...}``; ``{}`` for a plan to fine-tune first, which :func:`show_comparison` evaluates with its progress bar).
+                        ) -> EvaluationResult | None:
+    """The comparison plan's exact numbers, computed right after your plan's; None for a plan to fine-tune first or
+    one the engine refuses (:func:`show_comparison` then evaluates it, with its progress bar or its error).
 
     Called before the charts are built: the browser draws your plan's numbers meanwhile, and the charts and the
     comparison are sent together afterwards. Drawing the charts first would make the browser render them on the
     cores the comparison's forward pass runs on (measured slower in the real browser)."""
     other = comparison_plan(plan, result)
     if session.needs_finetuning(other):
-        return {}
+        return None
     try:
-        return {"result": session.evaluate(other)}
-    except XaicompError as e:
-        return {"error": e}
+        return session.evaluate(other)
+    except XaicompError:
+        return None
 
 
 @st.fragment
@@ -352,14 +348,14 @@ def _compress_panel(session: CompressionSession) -> None:
         remember_plan(plan)
     plan, notes = fit_plan(plan, session)
     notes = pending + notes
-    comparison: dict[str, Any] = {}
+    comparison: list[EvaluationResult | None] = []
     with right:
         st.subheader("Result")
-        result = show_result(session, plan, notes, lambda r: comparison.update(evaluate_comparison(session, plan, r)))
+        result = show_result(session, plan, notes, lambda r: comparison.append(evaluate_comparison(session, plan, r)))
     if result is None:
         return
     st.divider()
-    show_comparison(session, plan, result, comparison)
+    show_comparison(session, plan, result, comparison[0] if comparison else None)
     st.session_state["_cp_last_result"] = result
 
 

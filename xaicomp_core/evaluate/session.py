@@ -51,6 +51,15 @@ FOREGROUND_GRACE = 0.5
 
 
 @dataclass
+class _Partial:
+    """A plan's predictions while they are computed in parts (:meth:`CompressionSession._predictions`)."""
+
+    cw: CompressedWeights
+    pred: torch.Tensor  # per evaluation image; -1 where not computed yet
+    prepared: Any = None  # the fast forward's FastForward.prepare of cw, made once
+
+
+@dataclass
 class LayerStats:
     """Per-layer outcome of a plan."""
 
@@ -260,8 +269,8 @@ class CompressionSession:
         self._cache_size = cache_size
         self._compressed: OrderedDict[str, CompressedWeights] = OrderedDict()
         self._estimates: OrderedDict[str, EvaluationResult] = OrderedDict()
-        # per plan not yet evaluated exactly: [compressed weights, prepared fast forward, predictions (-1: not yet)]
-        self._partial: OrderedDict[str, list[Any]] = OrderedDict()
+        # per plan not yet evaluated exactly: the predictions so far (see _predictions)
+        self._partial: OrderedDict[str, _Partial] = OrderedDict()
         self._fg_waiting = 0
         self._fg_last = float("-inf")  # time.monotonic() when the last foreground call ended
         self._fg_cond = threading.Condition()
@@ -281,12 +290,11 @@ class CompressionSession:
         self._baseline_quick_correct = self.baseline_pred[self.quick_idx] == self.y_eval[self.quick_idx]
 
     def _baseline_logits(self, progress: ProgressFn | None) -> torch.Tensor:
-        """The original model's logits on the evaluation set, in parts when ``progress`` follows them (multiples of
-        the fast forward's images per call, or the eager batch, so the logits are the same as in one call)."""
+        """The original model's logits on the evaluation set, in parts that ``progress`` follows (multiples of the fast
+        forward's images per call, or the eager batch, so the logits are the same as in one call)."""
         n = len(self.x_eval)
-        if progress is None:
-            return self._forward()
-        progress(0, n)
+        if progress is not None:
+            progress(0, n)
         if self._fast is None:
             chunk = self.eval_batch_size
         else:
@@ -296,7 +304,8 @@ class CompressionSession:
         parts = []
         for i in range(0, n, chunk):
             parts.append(self._forward(self.x_eval[i:i + chunk], None, prepared))
-            progress(min(i + chunk, n), n)
+            if progress is not None:
+                progress(min(i + chunk, n), n)
         return torch.cat(parts)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -473,19 +482,19 @@ class CompressionSession:
         holding the plan's weights) serves them all. Every prediction is the exact path's, so a table filled in
         parts equals one computed at once. Call with the lock held."""
         part = self._partial.get(key)
-        if part is None or part[0] is not cw:
-            part = [cw, None, torch.full((len(self.y_eval),), -1, dtype=torch.long)]
+        if part is None or part.cw is not cw:
+            part = _Partial(cw, torch.full((len(self.y_eval),), -1, dtype=torch.long))
             self._partial[key] = part
             while len(self._partial) > PARTIAL_PLANS:
                 self._partial.popitem(last=False)
         self._partial.move_to_end(key)
-        pred = part[2]
+        pred = part.pred
         todo = (pred < 0).nonzero().flatten() if idx is None else idx[pred[idx] < 0]
         if len(todo):
-            if self._fast is not None and part[1] is None:
-                part[1] = self._fast.prepare(cw.state_dict(self._state))
+            if self._fast is not None and part.prepared is None:
+                part.prepared = self._fast.prepare(cw.state_dict(self._state))
             x = self.x_eval if len(todo) == len(pred) else self.x_eval[todo]
-            pred[todo] = self._forward(x, cw, part[1]).argmax(1)
+            pred[todo] = self._forward(x, cw, part.prepared).argmax(1)
         return pred.clone() if idx is None else pred[idx]
 
     def _load(self, cw: CompressedWeights | None) -> None:
