@@ -72,6 +72,11 @@ FOLDER_TRAIN_IMAGES = 5000
 #: The Compress page's slider steps (prune ratio and bit thresholds): anticipation computes one step each way.
 RATIO_STEP = 0.05
 SPLIT_STEP = 0.05
+#: The prune-ratio slider's largest position (its positions: 0, RATIO_STEP, ..., RATIO_MAX).
+RATIO_MAX = 0.95
+#: Evaluation results an app session keeps (about 20 kB each): enough for several browser sessions' anticipated
+#: plans (up to MAX_ANTICIPATED each) without evicting one another's.
+SESSION_RESULTS = 256
 
 
 def default_plan(composite: str = DEFAULT_COMPOSITE) -> CompressionPlan:
@@ -354,7 +359,7 @@ def session_for(settings: Settings, uploads: dict[str, bytes] | None = None,
     with stage("baseline"):
         session = _shared_session(key, lambda: CompressionSession(
             model, reference_subset(ref, n_ref), ev, reference_samples=n_ref, train_data=train,
-            device=settings.device, prepare_progress=progress))
+            device=settings.device, prepare_progress=progress, cache_size=SESSION_RESULTS))
     _BUILT[settings.session_key()] = key
     return session
 
@@ -791,15 +796,35 @@ def browser_owner() -> str:
     return st.session_state.setdefault("_owner", uuid.uuid4().hex)
 
 
-def anticipate_neighbours(session: CompressionSession, plan: CompressionPlan, result: EvaluationResult) -> None:
-    """While the user reads, evaluate the slider positions one step away (and their comparison plans) in the
-    background; the user's next step is then a cache hit. Replaces this browser session's earlier wishes."""
-    plans = []
+def anticipated_plans(plan: CompressionPlan, result: EvaluationResult) -> list[CompressionPlan]:
+    """What the background computes after ``plan`` is shown, most likely next first.
+
+    1. The slider positions one and two steps away (:func:`~xaicomp_core.evaluate.progressive.neighbour_plans`),
+       each followed by the comparison plan the page shows for it.
+    2. The comparison plan of every other prune-ratio position of the slider, nearest first. A release anywhere
+       on the slider then computes only the user's own plan: the comparison below it (a whole second evaluation)
+       is ready. For criteria without a prune ratio, or structured ones, only 1.
+
+    Duplicates are left out; the anticipator caps the list at ``MAX_ANTICIPATED`` and skips cached plans.
+    """
+    ratio_criterion = plan.uses_ratio and not get_criterion(plan.criterion).structured
+    plans: list[CompressionPlan] = []
     for p in neighbour_plans(plan, ratio_step=RATIO_STEP, split_step=SPLIT_STEP):
-        plans.append(p)  # nearest first, each followed by the comparison the page shows for it
-        if p.uses_ratio and not get_criterion(p.criterion).structured:
+        plans.append(p)
+        if ratio_criterion:
             plans.append(comparison_plan(p, result))
-    session.anticipate(plans, owner=browser_owner())
+    if ratio_criterion:
+        n = int(round(RATIO_MAX / RATIO_STEP))
+        ratios = sorted((round(k * RATIO_STEP, 6) for k in range(n + 1)), key=lambda r: abs(r - plan.prune_ratio))
+        plans += [comparison_plan(plan.replace(prune_ratio=r), result) for r in ratios]
+    return list({p.key(): p for p in plans}.values())
+
+
+def anticipate_neighbours(session: CompressionSession, plan: CompressionPlan, result: EvaluationResult) -> None:
+    """While the user reads, evaluate :func:`anticipated_plans` in the background (the neighbouring slider
+    positions, then the comparison plans along the prune-ratio slider). Replaces this browser session's earlier
+    wishes."""
+    session.anticipate(anticipated_plans(plan, result), owner=browser_owner())
 
 
 def evaluate(session: CompressionSession, plan: CompressionPlan) -> EvaluationResult | None:
@@ -1042,7 +1067,8 @@ class StartupPanel:
 
 
 __all__ = [
-    "declared_inputs", "first_numbers", "browser_owner", "anticipate_neighbours", "RATIO_STEP", "SPLIT_STEP",
+    "declared_inputs", "first_numbers", "browser_owner", "anticipate_neighbours", "anticipated_plans", "RATIO_STEP",
+    "SPLIT_STEP", "RATIO_MAX", "SESSION_RESULTS",
     "COMPOSITES", "Control", "DEFAULT_MODEL", "DataSpec", "ModelSpec", "PIXEL_COMPOSITE", "Settings", "awaiting_input",
     "builtin_available", "comparison_plan", "composite", "control", "control_key", "control_value", "cuts_to_split",
     "default_plan", "digest", "ensure_relevance", "evaluate", "explain_collapse", "few_images_warning", "fit_plan",

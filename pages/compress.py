@@ -16,6 +16,8 @@ from collections.abc import Callable
 import streamlit as st
 
 from pages.common import (
+    RATIO_MAX,
+    RATIO_STEP,
     UPLOADS_KEY,
     anticipate_neighbours,
     comparison_plan,
@@ -87,8 +89,8 @@ def plan_controls(plan: CompressionPlan, session: CompressionSession) -> Compres
     uses_ratio = CRITERIA[criterion][1]
     c = control("cp_ratio", int(round(100 * plan.prune_ratio)))
     label = "Prune ratio (% of weights removed)" if uses_ratio else f"Prune ratio (not used: {criterion} decides)"
-    ratio = c.keep(st.slider(label, 0, 95, value=c.value, step=5, key=c.key,
-                             on_change=c.commit, disabled=not uses_ratio, format="%d%%"))
+    ratio = c.keep(st.slider(label, 0, int(round(100 * RATIO_MAX)), value=c.value, step=int(round(100 * RATIO_STEP)),
+                             key=c.key, on_change=c.commit, disabled=not uses_ratio, format="%d%%"))
     if not uses_ratio:
         st.caption(f"**{criterion}** decides by itself which weights to prune ({CRITERIA[criterion][0]}); the "
                    "result shows the share it removed.")

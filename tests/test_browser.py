@@ -334,21 +334,28 @@ def test_every_page_and_slider(browser, app_url, artifacts):
     shots.append(shot(page, "relevance-inputs"))
 
     # ---------------------------------------------------------------- Compress: move the slider, time the update
+    wait_server_quiet(app_url)
+    bare = bare_forward_seconds()
     open_compress(page)
     no_exception(page)
     before = {k: metric(page, k) for k in ("Accuracy", "Size", "Weights pruned")}
     assert before["Weights pruned"] == "50.0%"
     slider = prune_slider(page)
     assert slider.input_value() == "50"
-    # Three drags to positions never seen before (each at least three steps from every position visited: the
-    # background anticipates one and two steps away). Before each, the user reads for a while (the server
-    # anticipates meanwhile); then the denominator is measured in this run, on the now quiet machine, right before
-    # the slider moves.
+    # Four drags to positions never seen before (each at least three steps from every position visited: the
+    # background anticipates the user's plan one and two steps away). The first is hurried: at once after the page
+    # opened, so the background has not reached the comparison plan (magnitude) at that prune ratio yet and both
+    # plans are computed after the release; it is reported on its own, not in the medians. Before each of the other
+    # three the user reads for a while: the server anticipates meanwhile, including the comparison plan at every
+    # prune ratio, so those releases compute the user's own plan and take the comparison from the background. The
+    # denominator is measured in this run, on the quiet machine, right before the slider moves (for the hurried
+    # drag: right before the page opened).
     drags = []
-    for target in (65, 85, 25):
-        page.wait_for_timeout(8000)
-        wait_server_quiet(app_url)
-        bare = bare_forward_seconds()
+    for target, hurried in ((10, True), (65, False), (85, False), (25, False)):
+        if not hurried:
+            page.wait_for_timeout(8000)
+            wait_server_quiet(app_url)
+            bare = bare_forward_seconds()
         t_release = drag_prune_slider(page, target)
         page.wait_for_function(CHANGED_JS, arg=before["Size"], timeout=60_000, polling=10)
         latency = time.perf_counter() - t_release
@@ -359,12 +366,12 @@ def test_every_page_and_slider(browser, app_url, artifacts):
         assert abs(ratio - target) <= 5
         assert after["Size"] != before["Size"]
         assert after["Weights pruned"] == f"{ratio:.1f}%"
-        drags.append({"prune_ratio": ratio, "release_to_metrics_s": round(latency, 3),
+        drags.append({"prune_ratio": ratio, "hurried": hurried, "release_to_metrics_s": round(latency, 3),
                       "release_to_idle_s": round(idle, 3), "bare_forward_s": round(bare, 3),
                       "release_to_metrics_ratio": round(latency / bare, 3),
                       "release_to_idle_ratio": round(idle / bare, 3), "load_average": list(os.getloadavg())})
-        print(f"[{time.perf_counter() - T0:6.1f} s] drag to {ratio} %: metrics {latency:.3f} s, idle {idle:.3f} s, "
-              f"bare forward {bare:.3f} s")
+        print(f"[{time.perf_counter() - T0:6.1f} s] {'hurried ' if hurried else ''}drag to {ratio} %: metrics "
+              f"{latency:.3f} s, idle {idle:.3f} s, bare forward {bare:.3f} s")
         if target == 65:
             shots.append(shot(page, "compress"))
             scroll_to(page, "Does the explanation help?")
@@ -408,17 +415,22 @@ def test_every_page_and_slider(browser, app_url, artifacts):
 
     import statistics
 
+    read = [d for d in drags if not d["hurried"]]
+    hurried = [d for d in drags if d["hurried"]][0]
     report = {"model": MODEL, "drags": drags,
-              "release_to_metrics_ratio": statistics.median(d["release_to_metrics_ratio"] for d in drags),
-              "release_to_idle_ratio": statistics.median(d["release_to_idle_ratio"] for d in drags),
+              "release_to_metrics_ratio": statistics.median(d["release_to_metrics_ratio"] for d in read),
+              "release_to_idle_ratio": statistics.median(d["release_to_idle_ratio"] for d in read),
+              "hurried_release_to_metrics_ratio": hurried["release_to_metrics_ratio"],
+              "hurried_release_to_idle_ratio": hurried["release_to_idle_ratio"],
               "goals": {"release_to_metrics_ratio": 0.35, "release_to_idle_ratio": 1.0},
               "load_average": list(os.getloadavg()),
               "engine_evaluate_s": round(res.seconds, 3), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
               "torch_threads": torch.get_num_threads(), "screenshots": [os.path.relpath(p, ROOT) for p in shots]}
     (artifacts / "browser-latency.json").write_text(json.dumps(report, indent=2))
     print(f"\nslider release -> updated metrics: median {report['release_to_metrics_ratio']:.2f}x a bare forward, "
-          f"-> idle {report['release_to_idle_ratio']:.2f}x over {len(drags)} drags to positions never seen ({MODEL}; "
-          f"engine {res.seconds:.3f} s)")
+          f"-> idle {report['release_to_idle_ratio']:.2f}x over {len(read)} drags to positions never seen ({MODEL}; "
+          f"engine {res.seconds:.3f} s); hurried drag: {hurried['release_to_metrics_ratio']:.2f}x and "
+          f"{hurried['release_to_idle_ratio']:.2f}x")
     page.close()
 
 

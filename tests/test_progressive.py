@@ -133,3 +133,34 @@ def test_background_starts_only_after_a_grace_period(session):
         time.sleep(0.01)
     assert session.anticipator.wait_idle(120)
     assert session.is_cached(plan)
+
+
+def test_app_anticipates_the_comparison_at_every_prune_ratio(session):
+    """After a release the app asks for the slider's neighbours (each with its comparison plan) first, then the
+    comparison plan at every prune-ratio position, nearest first: a later release anywhere on the slider finds the
+    comparison below it ready. Rule criteria (no prune ratio) get their neighbours only."""
+    import pathlib
+    import sys
+
+    root = str(pathlib.Path(__file__).resolve().parent.parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)  # the app's pages package
+    from pages.common import RATIO_MAX, RATIO_STEP, SPLIT_STEP, anticipated_plans, comparison_plan, default_plan
+
+    plan = default_plan().replace(composite="epsilon")
+    result = session.evaluate(plan.replace(criterion="magnitude"))  # only a rule criterion's comparison reads it
+    plans = anticipated_plans(plan, result)
+    keys = [p.key() for p in plans]
+    assert len(keys) == len(set(keys)) <= MAX_ANTICIPATED
+    nbrs = neighbour_plans(plan, ratio_step=RATIO_STEP, split_step=SPLIT_STEP)
+    assert plans[:2 * len(nbrs)] == [q for p in nbrs for q in (p, comparison_plan(p, result))]
+    positions = [round(k * RATIO_STEP, 6) for k in range(int(round(RATIO_MAX / RATIO_STEP)) + 1)]
+    assert len(positions) == 20 and positions[-1] == 0.95
+    comparisons = {comparison_plan(plan.replace(prune_ratio=r), result).key(): r for r in positions}
+    assert set(comparisons) <= set(keys)  # the comparison at every position
+    tail = [comparisons[k] for k in keys[2 * len(nbrs):]]
+    assert tail == sorted(tail, key=lambda r: abs(r - plan.prune_ratio))  # nearest first
+    assert all(p.criterion == "magnitude" for p in plans[2 * len(nbrs):])
+
+    rule = plan.replace(criterion="paper")
+    assert [p.criterion for p in anticipated_plans(rule, result)] == ["paper"] * len(neighbour_plans(rule))

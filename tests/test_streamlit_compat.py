@@ -37,3 +37,17 @@ def test_the_workaround_leaves_pages_directory_mode():
     assert not at.exception, [e.value for e in at.exception]
     assert PagesManager.uses_pages_directory is False
     assert at.sidebar.selectbox(key="sb_builtin") is not None  # the frame (app.py's sidebar) ran
+
+
+def test_the_app_runs_without_streamlits_collection_after_each_run():
+    """``.streamlit/config.toml`` switches off ``runner.postScriptGC``: Streamlit's full garbage collection after
+    every run holds the GIL before the page hears that the run ended (0.21 s in this app's process). Read back
+    through Streamlit's own config loader in the app's folder, so a misspelt key or section fails here."""
+    import subprocess
+
+    code = ("from streamlit import config; config.get_config_options(force_reparse=True); "
+            "print(config.get_option('runner.postScriptGC'), config.get_where_defined('runner.postScriptGC'))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         check=True).stdout.split()
+    assert out[0] == "False", out
+    assert out[1].endswith(".streamlit/config.toml"), out

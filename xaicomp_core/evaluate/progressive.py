@@ -29,8 +29,9 @@ from xaicomp_core.plan import CompressionPlan
 QUICK_IMAGES = 250
 #: Images per chunk of a background evaluation: the longest a foreground call waits for the background.
 BACKGROUND_CHUNK = 250
-#: At most this many plans wait per owner; older wishes are dropped, never queued.
-MAX_ANTICIPATED = 12
+#: At most this many plans wait per owner; older wishes are dropped, never queued. The app asks for up to 8 slider
+#: neighbours with their comparisons and the comparison plan at each of the 20 prune-ratio positions.
+MAX_ANTICIPATED = 32
 
 
 def quick_indices(labels: torch.Tensor, n: int = QUICK_IMAGES, num_classes: int | None = None) -> torch.Tensor:
