@@ -134,3 +134,15 @@ def test_cli_is_a_package_without_cycles_that_registers_every_command():
     assert _cli_imports("main") == {"commands", "export_cmds", "auto_cmd"}
     handlers = [n for n in ast.walk(ast.parse((CLI_DIR / "main.py").read_text())) if isinstance(n, ast.ExceptHandler)]
     assert not any("ImportError" in ast.unparse(h.type) for h in handlers if h.type is not None)
+
+
+def test_every_command_prints_its_help(capsys):
+    """``xaicomp CMD --help`` works for every command (argparse formats help strings with %: a literal percent sign
+    in one, e.g. "60% of", made every command's help crash)."""
+    from xaicomp_core.cli.main import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    assert {"compress", "sweep", "auto", "export", "verify"} <= set(commands)
+    for name in commands:
+        assert main([name, "--help"]) == 0, name
+        assert "usage: xaicomp " + name in capsys.readouterr().out
