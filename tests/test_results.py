@@ -65,6 +65,26 @@ def test_quick_pipeline_writes_everything_and_plans_recheck(tmp_path, capsys):
     assert d["accuracy"] == a["evaluation"]["accuracy"]
     assert d["size"]["estimated_bytes"] == a["estimated_bytes"]
 
+    # the auto search with fine-tuning in the loop: its plans are fine-tuned ones, within the budget
+    aft = m["auto_finetuned"]
+    assert set(aft["signals"]) == {"hybrid", "magnitude"} and aft["finetune_epochs"] == 2
+    for a in aft["signals"].values():
+        assert a["evaluations"] <= aft["budget"] and a["plan"]["finetune_epochs"] == 2
+    assert "fine-tuning in the loop" in text
+
+    # --only reruns that one section into the existing summary and keeps the rest
+    before = json.loads((tmp_path / "results" / "summary.json").read_text())
+    assert results_main(["--models", "fashion-lenet", "--quick", "--out", str(tmp_path), "--only",
+                         "auto-finetuned"]) == 0
+    after = json.loads((tmp_path / "results" / "summary.json").read_text())
+    assert [r["section"] for r in after["meta"]["partial_runs"]] == ["auto-finetuned"]
+    for key in ("pruning_curves", "auto", "within_1pt", "best_ratio_at_1pt"):
+        assert after["models"]["fashion-lenet"][key] == before["models"]["fashion-lenet"][key]
+    assert "Rerun since with" in (tmp_path / "RESULTS.md").read_text()
+    assert results_main(["--models", "fashion-resnet", "--quick", "--out", str(tmp_path), "--only",
+                         "auto-finetuned"]) == 2  # not in the summary: one line, nothing written
+    assert json.loads((tmp_path / "results" / "summary.json").read_text()) == after
+
 
 @pytest.mark.parametrize("model", ["fashion-vgg", "fashion-lenet", "fashion-resnet"])
 def test_committed_headline_rechecks(model, tmp_path, capsys):

@@ -49,6 +49,13 @@ FT_CURVE_CRITERIA = ["lrp", "lrp-signed", "magnitude", "random", "lrp-filter"]
 AUTO_SIGNALS = ("relevance", "hybrid", "magnitude")
 AUTO_MAX_DROP = 1.0
 AUTO_BUDGET = 80
+#: The auto search with fine-tuning in the loop (every plan it measures is fine-tuned first, as the saved plan will
+#: be): only on the model the project's goals name, about 10 s per 2-epoch fine-tuning there on 2 cores.
+AUTO_FT_MODELS = ("fashion-vgg",)
+AUTO_FT_SIGNALS = ("hybrid", "magnitude")
+AUTO_FT_BUDGET = 60
+#: Sections ``--only`` can rerun into an existing results/summary.json (the rest of it is kept as it is).
+PARTIAL_SECTIONS = ("auto-finetuned",)
 #: Prune ratios of the "where relevance helps" table.
 WHERE_RATIOS = (0.7, 0.8, 0.9)
 CURVE_RATIOS = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
@@ -291,6 +298,33 @@ def auto_section(s: CompressionSession, quick: bool = False) -> dict[str, Any]:
     return out
 
 
+def auto_finetuned_section(s: CompressionSession, quick: bool = False) -> dict[str, Any]:
+    """The auto search with fine-tuning in the loop, once per signal in :data:`AUTO_FT_SIGNALS`: every plan the
+    bisection and the greedy steps measure is first fine-tuned :data:`FT_EPOCHS_HEADLINE` epochs (the calibration
+    probes are not), so the plan found is the smallest that holds *after* recovery. ``quick``: 6 evaluations on a
+    coarse grid."""
+    from xaicomp_core.evaluate.auto import auto_compare, compare_summary, verdict
+
+    grid: dict[str, Any] = {"sparsities": (0.0, 0.5, 0.8, 0.9), "bits": (8, 4, 3, 2)} if quick else {}
+    budget = 6 if quick else AUTO_FT_BUDGET
+    t0 = time.time()
+    results = auto_compare(s, AUTO_MAX_DROP, signals=AUTO_FT_SIGNALS, budget=budget,
+                           finetune_epochs=FT_EPOCHS_HEADLINE, **grid)
+    out: dict[str, Any] = {"max_drop_points": AUTO_MAX_DROP, "budget": budget, "search_images": len(s.y_ref),
+                           "finetune_epochs": FT_EPOCHS_HEADLINE, "grid": "coarse (quick)" if quick else "default",
+                           "summary": compare_summary(results), "verdict": verdict(results), "signals": {},
+                           "date": datetime.date.today().isoformat()}
+    for sig, r in results.items():
+        d = r.to_dict()
+        d["history_length"] = len(d.pop("history"))
+        out["signals"][sig] = d
+        _log(f"  auto {sig}, fine-tuned in the loop: {r.compression_ratio:.1f}x, search drop "
+             f"{100 * (r.search_baseline - r.search_accuracy):.2f} pt, evaluation drop "
+             f"{-100 * r.evaluation.accuracy_change:.2f} pt ({r.evaluations} evaluations)")
+    out["seconds"] = time.time() - t0
+    return out
+
+
 def within_one_point(s: CompressionSession, best_by_criterion: dict[str, Any], auto: dict[str, Any],
                      max_drop: float = 0.01) -> dict[str, Any]:
     """Every plan within ``max_drop`` of the baseline on the evaluation images, without fine-tuning: the grid's best
@@ -430,12 +464,9 @@ def _ray_progress(name: str) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def run_model(name: str, quick: bool = False, threads: int = 2, ray: bool = False) -> dict[str, Any]:
-    """All experiments for one built-in model; with ``ray`` the plans known before any result (every one but the
-    fine-tuning bisection of the headline and the paper rule's equal-sparsity comparisons) are first evaluated on
-    the Ray workers of the running instance (see :func:`xaicomp_core.evaluate.distributed.ray_instance`), each
-    task with ``threads`` torch threads like this process, so the numbers are the same as without Ray."""
-    t0 = time.time()
+def model_session(name: str, quick: bool = False, threads: int = 2) -> CompressionSession:
+    """The session every experiment of ``name`` runs on: the shipped reference, evaluation and training images
+    (small class-balanced subsets with ``quick``)."""
     torch.set_num_threads(threads)
     model = load_builtin_model(name)
     ref = load_builtin_dataset("fashion-mnist", "reference")
@@ -443,7 +474,17 @@ def run_model(name: str, quick: bool = False, threads: int = 2, ray: bool = Fals
     train = load_builtin_dataset("fashion-mnist", "train")
     if quick:
         ref, ev, train = ref.balanced_subset(200), ev.balanced_subset(400), train.balanced_subset(500)
-    s = CompressionSession(model, ref, ev, train_data=train, cache_size=100_000)
+    return CompressionSession(model, ref, ev, train_data=train, cache_size=100_000)
+
+
+def run_model(name: str, quick: bool = False, threads: int = 2, ray: bool = False) -> dict[str, Any]:
+    """All experiments for one built-in model; with ``ray`` the plans known before any result (every one but the
+    fine-tuning bisection of the headline and the paper rule's equal-sparsity comparisons) are first evaluated on
+    the Ray workers of the running instance (see :func:`xaicomp_core.evaluate.distributed.ray_instance`), each
+    task with ``threads`` torch threads like this process, so the numbers are the same as without Ray."""
+    t0 = time.time()
+    s = model_session(name, quick, threads)
+    model = s.model
     _log(f"{name}: baseline {s.baseline_accuracy:.2%} on {len(s.y_eval)} images")
     ratios = [0.0, 0.5, 0.9] if quick else CURVE_RATIOS
     ft_ratios = [0.9] if quick else FT_RATIOS
@@ -461,7 +502,7 @@ def run_model(name: str, quick: bool = False, threads: int = 2, ray: bool = Fals
         _log(f"{name}: {n} plans evaluated on Ray")
     res: dict[str, Any] = {"model": name, "baseline_accuracy": s.baseline_accuracy, "fp32_bytes": s.fp32_bytes(),
                            "parameters": sum(p.numel() for p in model.parameters()), "eval_images": len(s.y_eval),
-                           "reference_images": len(s.y_ref), "train_images": len(train),
+                           "reference_images": len(s.y_ref), "train_images": len(s.train_tensors()[1]),
                            "card": {k: builtin_card(name)[k] for k in ("test_accuracy", "eval_accuracy")}}
     res["pruning_curves"] = pruning_curves(s, ratios, ft_ratios, criteria)
     res["paper_rule"] = paper_rule(s, composites)
@@ -475,6 +516,8 @@ def run_model(name: str, quick: bool = False, threads: int = 2, ray: bool = Fals
     res["best_ratio_at_1pt"] = {"no_finetune": best_nf, "finetune": best_ft}
     res["yeom_equal_size"] = yeom_equal_size(s, res["mixed_precision"])
     res["auto"] = auto_section(s, quick)
+    if quick or name in AUTO_FT_MODELS:
+        res["auto_finetuned"] = auto_finetuned_section(s, quick)
     res["within_1pt"] = within_one_point(s, res["best_by_criterion"], res["auto"])
     res["where_relevance_helps"] = where_relevance_helps(s, res["pruning_curves"], res["mixed_precision"], res["auto"])
     if not quick:
@@ -645,6 +688,39 @@ def _auto_lines(m: dict[str, Any]) -> list[str]:
     return L
 
 
+def _auto_finetuned_lines(m: dict[str, Any]) -> list[str]:
+    """Per model: the auto search with fine-tuning in the loop (empty for summaries without it)."""
+    a = m.get("auto_finetuned")
+    if not a:
+        return []
+    L = ["", f"### Auto search with {a['finetune_epochs']}-epoch fine-tuning in the loop (`xaicomp auto "
+         f"--finetune-epochs {a['finetune_epochs']}`)", "",
+         f"The same search, but every plan the bisection and the greedy steps measure is fine-tuned first (the "
+         f"calibration probes are not): {a['budget']} evaluations per signal on the {a['search_images']:,} reference "
+         f"images, {a['seconds'] / 60:.1f} minutes for {len(a['signals'])} signals (run on {a['date']}). The plan "
+         "found is evaluated once on the evaluation images, fine-tuned as the saved plan says.", "",
+         "| signal | ratio | size | search drop | evaluation drop | evaluations | plan |",
+         "|---|---|---|---|---|---|---|"]
+    for sig, d in a["signals"].items():
+        flag = "" if d["feasible_on_search_images"] else " (nothing within the budget; most accurate tried)"
+        L.append(f"| {sig} | {d['compression_ratio']:.1f}× | {d['estimated_bytes'] / 1000:.1f} kB | "
+                 f"{d['search']['drop_points'] + 0.0:.2f} pt | {d['evaluation']['drop_points'] + 0.0:.2f} pt | "
+                 f"{d['evaluations']} | {d['description']}{flag} |")
+    return [*L, "", a["verdict"]]
+
+
+def best_auto_finetuned(m: dict[str, Any], max_drop: float = 1.0) -> dict[str, Any]:
+    """The smallest plan of the fine-tuned auto search that also holds on the evaluation images ({} if none)."""
+    rows = [(sig, d) for sig, d in (m.get("auto_finetuned") or {}).get("signals", {}).items()
+            if d["feasible_on_search_images"] and d["evaluation"]["drop_points"] <= max_drop + 1e-9]
+    if not rows:
+        return {}
+    sig, d = max(rows, key=lambda r: r[1]["compression_ratio"])
+    return {"signal": sig, "ratio": d["compression_ratio"], "estimated_bytes": d["estimated_bytes"],
+            "reduction": 1 - d["estimated_bytes"] / m["fp32_bytes"], "accuracy": d["evaluation"]["accuracy"],
+            "plan": d["plan"]}
+
+
 def write_markdown(summary: dict[str, Any], path: pathlib.Path, plot_dir: str, discussion: str) -> None:
     """RESULTS.md from the summary."""
     L: list[str] = []
@@ -657,10 +733,15 @@ def write_markdown(summary: dict[str, Any], path: pathlib.Path, plot_dir: str, d
           "relevance uses the 1,000 shipped reference images (LRP-epsilon unless stated); fine-tuning uses the 5,000 "
           "shipped training images with masks and bit classes fixed and quantization in the loop. Sizes are the "
           "packed payload (`estimated_bytes`, equal to the bytes `xaicomp export` writes, header excluded) against "
-          "fp32 dense.", ""]
+          "fp32 dense."]
+    for run in meta.get("partial_runs", []):
+        L += ["", f"Rerun since with `{run['command']}` on {run['date']} ({run['machine']}, "
+              f"{run['seconds'] / 60:.0f} minutes): the {run['section']} section of {run['model']}."]
+    L += [""]
     L += ["## Headline: smallest packed size within 1 point of top-1", "",
-          "| model | fp32 | baseline | best, no fine-tune | best, fine-tuned | criterion (no FT / FT) |",
-          "|---|---|---|---|---|---|"]
+          "| model | fp32 | baseline | best, no fine-tune | best, fine-tuned (grid) | criterion (no FT / FT) | "
+          "auto search, fine-tuned in the loop |",
+          "|---|---|---|---|---|---|---|"]
     for name, m in summary["models"].items():
         nf, ft = m["best_ratio_at_1pt"]["no_finetune"], m["best_ratio_at_1pt"]["finetune"]
 
@@ -670,9 +751,11 @@ def write_markdown(summary: dict[str, Any], path: pathlib.Path, plot_dir: str, d
             return (f"**{b['ratio']:.1f}×** ({b['reduction'] * 100:.1f}% smaller, {b['estimated_bytes'] / 1000:.1f} "
                     f"kB), {_pct(b['accuracy'])}")
 
+        af = best_auto_finetuned(m)
+        af_cell = f"{cell(af)} ({af['signal']} signal)" if af else "–"
         L.append(f"| {name} | {m['fp32_bytes'] / 1000:.0f} kB | {_pct(m['baseline_accuracy'])} | {cell(nf)} | "
                  f"{cell(ft)} | {nf.get('plan', {}).get('criterion', '–')} / {ft.get('plan', {}).get('criterion', '–')}"
-                 " |")
+                 f" | {af_cell} |")
     L += ["", "The paper reports a 64% size reduction; the project's goal on `fashion-vgg` is ≥ 10× without and "
           "≥ 20× with fine-tuning.", ""]
     L += _where_lines(summary)
@@ -757,6 +840,7 @@ def write_markdown(summary: dict[str, Any], path: pathlib.Path, plot_dir: str, d
                      f"{_pct(y['filter_accuracy'])} | `{lp}` ({(y['lrp_bytes'] or 0) / 1000:.1f} kB) | "
                      f"{_pct(y['lrp_accuracy'])} |")
         L += _auto_lines(m)
+        L += _auto_finetuned_lines(m)
         if "bench" in m:
             b = m["bench"]
             L += ["", "### Performance (`xaicomp bench`)", "",
@@ -778,6 +862,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT), help="folder receiving results/, docs/results/ and RESULTS.md")
     ap.add_argument("--from-summary", action="store_true", help="only re-render plots and RESULTS.md")
+    ap.add_argument("--only", choices=PARTIAL_SECTIONS, default=None,
+                    help="rerun only this section for --models into the existing results/summary.json (the rest is "
+                         "kept; the summary's meta records the partial run), then re-render")
     ap.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                     help="evaluate the plans on Ray workers (--threads each): on the cluster at ADDRESS (e.g. "
                          "HEAD:6379), or on a local instance sized to this machine without ADDRESS or with 'local'")
@@ -799,6 +886,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.time()
     if args.from_summary:
         summary = json.loads(summary_path.read_text())
+    elif args.only:
+        if not summary_path.exists():
+            print(f"xaicomp: error: --only needs an existing {summary_path} (run make results first)", file=sys.stderr)
+            return 2
+        summary = json.loads(summary_path.read_text())
+        for name in args.models.split(","):
+            if name not in summary["models"]:
+                print(f"xaicomp: error: {summary_path} has no results for {name}", file=sys.stderr)
+                return 2
+            t1 = time.time()
+            summary["models"][name]["auto_finetuned"] = auto_finetuned_section(
+                model_session(name, args.quick, args.threads), args.quick)
+            summary["meta"].setdefault("partial_runs", []).append({
+                "section": args.only, "model": name, "date": datetime.date.today().isoformat(),
+                "seconds": time.time() - t1, "machine": f"{platform.machine()}, {_cpu_name()}, {args.threads} threads",
+                "command": "python -m xaicomp_core.results " + " ".join(argv or sys.argv[1:])})
+        atomic_write(summary_path, json.dumps(summary, indent=1) + "\n")
     else:
         with contextlib.ExitStack() as stack:
             if args.ray is not None:
