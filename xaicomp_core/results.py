@@ -43,7 +43,7 @@ HYBRID_CRITERIA = ["lrp-x-weight", "lrp-budget-magnitude", "lrp-budget-x-weight"
                    "lrp-x-weight-iterative"]
 CURVE_CRITERIA = ["lrp", "lrp-signed", "magnitude", "random", "lrp-filter", *HYBRID_CRITERIA]
 #: Criteria whose curves also get fine-tuned points (the hybrid ones are not fine-tuned: 25 more fine-tunings per
-#: model would take ``make results`` past its hour on a 2-core machine).
+#: model would add most of an hour to ``make results`` on a 2-core machine).
 FT_CURVE_CRITERIA = ["lrp", "lrp-signed", "magnitude", "random", "lrp-filter"]
 #: The auto search (``xaicomp auto``) in ``make results``: its signals, accuracy budget and evaluations per signal.
 AUTO_SIGNALS = ("relevance", "hybrid", "magnitude")
@@ -792,8 +792,8 @@ def write_markdown(summary: dict[str, Any], path: pathlib.Path, plot_dir: str, d
               "(their bias and BatchNorm are zeroed); its sparsity is the closest whole-channel count to the ratio "
               "and the classifier is never filter-pruned. The hybrid criteria ("
               + ", ".join(f"`{c}`" for c in HYBRID_CRITERIA) + ") combine relevance and magnitude (recipes in "
-              "`compress/hybrid_criteria.py`); they are not fine-tuned here, to keep `make results` within its hour "
-              "on two cores.", ""]
+              "`compress/hybrid_criteria.py`); they are not fine-tuned here (25 more fine-tunings per model would add "
+              "most of an hour on two cores).", ""]
         L += ["### The paper's rule (prune relevance ≤ 0)", "", f"![paper rule]({plot_dir}/{name}-paper-rule.png)", "",
               "| composite | relevance ≤ 0 | = 0 | < 0 | accuracy after pruning ≤ 0 | fine-tuned | after pruning = 0 "
               "only | lrp / magnitude / random at the same sparsity |", "|---|---|---|---|---|---|---|---|"]

@@ -99,8 +99,8 @@ def add_device_args(g: argparse.ArgumentParser | argparse._ArgumentGroup) -> Non
                         "the CPU), cpu or cuda (default auto)")
     g.add_argument("--memory-budget", type=positive_float, default=None, metavar="MB",
                    help="memory one relevance or evaluation batch may take, in MB: batches shrink to fit (default "
-                        f"{DEFAULT_MEMORY_BUDGET_MB:.0f} on the CPU, {100 * CUDA_FREE_SHARE:.0f}%% of the free GPU memory on "
-                        "CUDA)")
+                        f"{DEFAULT_MEMORY_BUDGET_MB:.0f} on the CPU, {100 * CUDA_FREE_SHARE:.0f}%% of the free GPU "
+                        "memory on CUDA)")
 
 
 def device_from_args(args: argparse.Namespace) -> Any:
