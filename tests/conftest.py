@@ -19,6 +19,16 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _no_background_work_left():
+    """Each test module leaves no anticipated plans waiting: the app's Compress page asks for up to 32 per browser
+    session, which would otherwise run under the next modules' tests."""
+    yield
+    from xaicomp_core.evaluate.progressive import cancel_all
+
+    cancel_all()
+
+
 @pytest.fixture(scope="session")
 def fashion_ref():
     from xaicomp_core import load_builtin_dataset

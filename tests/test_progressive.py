@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from xaicomp_core import CompressionPlan, CompressionSession, load_builtin_dataset, load_builtin_model
-from xaicomp_core.evaluate.progressive import MAX_ANTICIPATED, estimate_accuracy, neighbour_plans, quick_indices
+from xaicomp_core.evaluate.progressive import (
+    MAX_ANTICIPATED,
+    cancel_all,
+    estimate_accuracy,
+    neighbour_plans,
+    quick_indices,
+)
 
 PLAN = CompressionPlan(criterion="magnitude", prune_ratio=0.8, bit_levels=[4, 2], bit_split=[0.5])
 
@@ -114,6 +120,11 @@ def test_newer_wishes_replace_older_ones_and_are_bounded(session):
         assert session.anticipator.pending("c") <= 2
         session.cancel_anticipation("c")
         assert session.anticipator.pending("c") == 0
+        session.anticipate(newer, owner="d")
+        session.anticipate(newer, owner="e")
+        assert session.anticipator.pending() == 4
+        cancel_all()  # every session's, every owner's (what the tests do after each module)
+        assert session.anticipator.pending() == 0
     assert session.anticipator.wait_idle(timeout=600)
     assert not session.is_cached(PLAN.replace(prune_ratio=0.21))
 

@@ -269,31 +269,39 @@ def yeom_equal_size(s: CompressionSession, mp_rows: list[dict[str, Any]]) -> lis
     return out
 
 
-def auto_section(s: CompressionSession, quick: bool = False) -> dict[str, Any]:
-    """The auto search (:mod:`xaicomp_core.evaluate.auto`) once per signal in :data:`AUTO_SIGNALS`, without
-    fine-tuning during the search (one fine-tuning per evaluation is too slow here); each plan found is then also
-    fine-tuned :data:`FT_EPOCHS_HEADLINE` epochs once, to show what recovery adds. ``quick``: 6 evaluations on a
-    coarse grid."""
+def _auto_runs(s: CompressionSession, quick: bool, signals: Sequence[str], budget: int, finetune_epochs: int,
+               label: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """:func:`~xaicomp_core.evaluate.auto.auto_compare` for ``signals``: the section's common fields and the results
+    by signal. ``quick``: 6 evaluations on a coarse grid."""
     from xaicomp_core.evaluate.auto import auto_compare, compare_summary, verdict
 
     grid: dict[str, Any] = {"sparsities": (0.0, 0.5, 0.8, 0.9), "bits": (8, 4, 3, 2)} if quick else {}
-    budget = 6 if quick else AUTO_BUDGET
-    t0 = time.time()
-    results = auto_compare(s, AUTO_MAX_DROP, signals=AUTO_SIGNALS, budget=budget, **grid)
+    budget = 6 if quick else budget
+    results = auto_compare(s, AUTO_MAX_DROP, signals=signals, budget=budget, finetune_epochs=finetune_epochs, **grid)
     out: dict[str, Any] = {"max_drop_points": AUTO_MAX_DROP, "budget": budget, "search_images": len(s.y_ref),
                            "grid": "coarse (quick)" if quick else "default", "summary": compare_summary(results),
                            "verdict": verdict(results), "signals": {}}
     for sig, r in results.items():
         d = r.to_dict()
         d["history_length"] = len(d.pop("history"))
-        if s.can_finetune:
-            rf = s.evaluate(r.plan.replace(finetune_epochs=FT_EPOCHS_HEADLINE))
-            d["finetuned"] = {"epochs": FT_EPOCHS_HEADLINE, "accuracy": rf.accuracy,
-                              "drop_points": -100 * rf.accuracy_change, "plan": rf.plan.to_dict()}
         out["signals"][sig] = d
-        _log(f"  auto {sig}: {r.compression_ratio:.1f}x, search drop "
+        _log(f"  auto {sig}{label}: {r.compression_ratio:.1f}x, search drop "
              f"{100 * (r.search_baseline - r.search_accuracy):.2f} pt, evaluation drop "
              f"{-100 * r.evaluation.accuracy_change:.2f} pt ({r.evaluations} evaluations)")
+    return out, results
+
+
+def auto_section(s: CompressionSession, quick: bool = False) -> dict[str, Any]:
+    """The auto search (:mod:`xaicomp_core.evaluate.auto`) once per signal in :data:`AUTO_SIGNALS`, without
+    fine-tuning during the search; each plan found is then also fine-tuned :data:`FT_EPOCHS_HEADLINE` epochs once, to
+    show what recovery adds. ``quick``: 6 evaluations on a coarse grid."""
+    t0 = time.time()
+    out, results = _auto_runs(s, quick, AUTO_SIGNALS, AUTO_BUDGET, 0, "")
+    if s.can_finetune:
+        for sig, r in results.items():
+            rf = s.evaluate(r.plan.replace(finetune_epochs=FT_EPOCHS_HEADLINE))
+            out["signals"][sig]["finetuned"] = {"epochs": FT_EPOCHS_HEADLINE, "accuracy": rf.accuracy,
+                                                "drop_points": -100 * rf.accuracy_change, "plan": rf.plan.to_dict()}
     out["seconds"] = time.time() - t0
     return out
 
@@ -303,25 +311,9 @@ def auto_finetuned_section(s: CompressionSession, quick: bool = False) -> dict[s
     bisection and the greedy steps measure is first fine-tuned :data:`FT_EPOCHS_HEADLINE` epochs (the calibration
     probes are not), so the plan found is the smallest that holds *after* recovery. ``quick``: 6 evaluations on a
     coarse grid."""
-    from xaicomp_core.evaluate.auto import auto_compare, compare_summary, verdict
-
-    grid: dict[str, Any] = {"sparsities": (0.0, 0.5, 0.8, 0.9), "bits": (8, 4, 3, 2)} if quick else {}
-    budget = 6 if quick else AUTO_FT_BUDGET
     t0 = time.time()
-    results = auto_compare(s, AUTO_MAX_DROP, signals=AUTO_FT_SIGNALS, budget=budget,
-                           finetune_epochs=FT_EPOCHS_HEADLINE, **grid)
-    out: dict[str, Any] = {"max_drop_points": AUTO_MAX_DROP, "budget": budget, "search_images": len(s.y_ref),
-                           "finetune_epochs": FT_EPOCHS_HEADLINE, "grid": "coarse (quick)" if quick else "default",
-                           "summary": compare_summary(results), "verdict": verdict(results), "signals": {},
-                           "date": datetime.date.today().isoformat()}
-    for sig, r in results.items():
-        d = r.to_dict()
-        d["history_length"] = len(d.pop("history"))
-        out["signals"][sig] = d
-        _log(f"  auto {sig}, fine-tuned in the loop: {r.compression_ratio:.1f}x, search drop "
-             f"{100 * (r.search_baseline - r.search_accuracy):.2f} pt, evaluation drop "
-             f"{-100 * r.evaluation.accuracy_change:.2f} pt ({r.evaluations} evaluations)")
-    out["seconds"] = time.time() - t0
+    out, _ = _auto_runs(s, quick, AUTO_FT_SIGNALS, AUTO_FT_BUDGET, FT_EPOCHS_HEADLINE, ", fine-tuned in the loop")
+    out.update(finetune_epochs=FT_EPOCHS_HEADLINE, date=datetime.date.today().isoformat(), seconds=time.time() - t0)
     return out
 
 

@@ -221,6 +221,12 @@ class Anticipator:
 _LIVE: weakref.WeakSet[Anticipator] = weakref.WeakSet()
 
 
+def cancel_all() -> None:
+    """Drop the waiting plans of every live anticipator (the plan being computed finishes)."""
+    for a in list(_LIVE):
+        a.cancel()
+
+
 @atexit.register
 def _stop_all() -> None:
     """At interpreter exit, let every worker finish its chunk: a thread still inside a torch or onnxruntime kernel
