@@ -130,6 +130,17 @@ def test_search_with_fine_tuning(fashion_ref, fashion_eval):
     assert not s.needs_finetuning(res.plan)
 
 
+def test_calibration_takes_at_most_half_the_budget(small_session):
+    """A small budget still leaves the search half of it (with 3 probes per layer the calibration alone would take
+    every evaluation but one, and the plan found would be the most accurate end of the chain)."""
+    for budget in (4, 7):
+        res = auto_search(small_session, 1.0, signal="magnitude", budget=budget, **GRID)
+        phases = [h["phase"] for h in res.history]
+        assert phases.count("calibration") <= budget // 2 and phases[0] == "calibration"
+        assert len(phases) - phases.count("calibration") >= budget - budget // 2 or len(phases) < budget
+        assert res.compression_ratio > 2
+
+
 FAST = ["--model", "fashion-lenet", "--reference-samples", "200", "--eval-samples", "300", "--threads", "2"]
 
 

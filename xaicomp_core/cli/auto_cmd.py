@@ -101,7 +101,7 @@ def register(subparsers: Any) -> None:
     g.add_argument("--max-drop", type=float, default=1.0,
                    help="accuracy budget in points below the original model, on the search (reference) images")
     g.add_argument("--budget", type=int, default=None, help="evaluations on the search images per signal "
-                                                           "(default 80)")
+                                                           "(default 80; at most half of them calibrate)")
     g.add_argument("--finetune-epochs", type=int, default=0,
                    help="fine-tune every evaluated plan this many epochs (slow: one fine-tuning per evaluation)")
     g.add_argument("--signals", default="hybrid,magnitude",

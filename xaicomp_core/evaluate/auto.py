@@ -19,7 +19,8 @@ How it searches (a rate-distortion allocation calibrated by real evaluations, as
 
 1. **Table** (no evaluation): every (sparsity, bits) setting is applied to all layers at once, once per setting;
    each layer's packed bytes and predicted damage are read off (both depend on that layer's setting only).
-2. **Calibration** (``probes`` evaluations per layer that matters, default 3): each layer alone compressed to
+2. **Calibration** (``probes`` evaluations per layer that matters, default 3, at most half the budget in all, the
+   layers that can save the most bytes first): each layer alone compressed to
    about 25 and 10 % of its size along its hull and to its smallest setting; the predicted damage is mapped onto
    the measured accuracy drop, piecewise linearly (the sensitivity curves of AIMET's greedy selection, sampled where
    the signal says the efficient settings are). The signal says how damage grows with sparsity and bits *within*
@@ -398,8 +399,8 @@ class AutoSearch:
             nonlocal used, best, fallback
             plan = self.plan_for(state, finetune)
             cached = plan.key() in self._acc
-            if not cached and used >= (budget - 1 if phase == "calibration" else budget):
-                return None  # (calibration leaves one evaluation for the search itself)
+            if not cached and used >= (budget // 2 if phase == "calibration" else budget):
+                return None  # (calibration takes at most half the budget: the rest is the search's)
             acc = self.accuracy(plan)
             nbytes = size_of(state)
             ok = acc >= limit
