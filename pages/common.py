@@ -778,17 +778,24 @@ def with_finetuning(session: CompressionSession, plan: CompressionPlan,
     return run_with_progress(f"Fine-tuning ({plan.finetune_epochs} epochs, {plan.criterion})…", work)
 
 
-def first_numbers(session: CompressionSession, plan: CompressionPlan) -> EvaluationResult | None:
-    """The quickest numbers of ``plan``: the exact result if the session has it (a step the user made before, or one
-    anticipated in the background), else an estimate from a class-balanced subset (``result.estimate``); None when
-    there is nothing quick to show (a plan that must be fine-tuned first, or an invalid plan: :func:`evaluate` then
-    shows the reason)."""
+def quietly(session: CompressionSession, plan: CompressionPlan,
+            compute: Callable[[CompressionPlan], EvaluationResult]) -> EvaluationResult | None:
+    """``compute(plan)`` (``session.estimate`` or ``session.evaluate``) where it needs nothing on screen; None for a
+    plan that must be fine-tuned first or one the engine refuses (:func:`evaluate` then shows the progress bar or the
+    reason)."""
     if session.needs_finetuning(plan):
         return None
     try:
-        return session.estimate(plan)
+        return compute(plan)
     except XaicompError:
         return None
+
+
+def first_numbers(session: CompressionSession, plan: CompressionPlan) -> EvaluationResult | None:
+    """The quickest numbers of ``plan``: the exact result if the session has it (a step the user made before, or one
+    anticipated in the background), else an estimate from a class-balanced subset (``result.estimate``); None when
+    there is nothing quick to show (see :func:`quietly`)."""
+    return quietly(session, plan, session.estimate)
 
 
 def browser_owner() -> str:
@@ -1067,8 +1074,8 @@ class StartupPanel:
 
 
 __all__ = [
-    "declared_inputs", "first_numbers", "browser_owner", "anticipate_neighbours", "anticipated_plans", "RATIO_STEP",
-    "SPLIT_STEP", "RATIO_MAX", "SESSION_RESULTS",
+    "declared_inputs", "first_numbers", "quietly", "browser_owner", "anticipate_neighbours", "anticipated_plans",
+    "RATIO_STEP", "SPLIT_STEP", "RATIO_MAX", "SESSION_RESULTS",
     "COMPOSITES", "Control", "DEFAULT_MODEL", "DataSpec", "ModelSpec", "PIXEL_COMPOSITE", "Settings", "awaiting_input",
     "builtin_available", "comparison_plan", "composite", "control", "control_key", "control_value", "cuts_to_split",
     "default_plan", "digest", "ensure_relevance", "evaluate", "explain_collapse", "few_images_warning", "fit_plan",

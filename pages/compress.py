@@ -35,6 +35,7 @@ from pages.common import (
     model_label,
     page_session,
     pp_delta,
+    quietly,
     remember_plan,
     result_metrics,
     sources_for,
@@ -313,13 +314,7 @@ def evaluate_comparison(session: CompressionSession, plan: CompressionPlan, resu
     Called before the charts are built: the browser draws your plan's numbers meanwhile, and the charts and the
     comparison are sent together afterwards. Drawing the charts first would make the browser render them on the
     cores the comparison's forward pass runs on (measured slower in the real browser)."""
-    other = comparison_plan(plan, result)
-    if session.needs_finetuning(other):
-        return None
-    try:
-        return session.evaluate(other)
-    except XaicompError:
-        return None
+    return quietly(session, comparison_plan(plan, result), session.evaluate)
 
 
 @st.fragment

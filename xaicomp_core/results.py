@@ -846,6 +846,11 @@ def write_markdown(summary: dict[str, Any], path: pathlib.Path, plot_dir: str, d
     atomic_write(path, "\n".join(L))
 
 
+def _machine(threads: int) -> str:
+    """The machine line of a summary's meta."""
+    return f"{platform.machine()}, {_cpu_name()}, {threads} threads"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry."""
     ap = argparse.ArgumentParser(prog="python -m xaicomp_core.results", description=__doc__.split("\n\n")[0])
@@ -883,16 +888,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"xaicomp: error: --only needs an existing {summary_path} (run make results first)", file=sys.stderr)
             return 2
         summary = json.loads(summary_path.read_text())
+        missing = [name for name in args.models.split(",") if name not in summary["models"]]
+        if missing:  # before any work: nothing is computed for a summary that cannot take it
+            print(f"xaicomp: error: {summary_path} has no results for {', '.join(missing)}", file=sys.stderr)
+            return 2
         for name in args.models.split(","):
-            if name not in summary["models"]:
-                print(f"xaicomp: error: {summary_path} has no results for {name}", file=sys.stderr)
-                return 2
             t1 = time.time()
             summary["models"][name]["auto_finetuned"] = auto_finetuned_section(
                 model_session(name, args.quick, args.threads), args.quick)
             summary["meta"].setdefault("partial_runs", []).append({
                 "section": args.only, "model": name, "date": datetime.date.today().isoformat(),
-                "seconds": time.time() - t1, "machine": f"{platform.machine()}, {_cpu_name()}, {args.threads} threads",
+                "seconds": time.time() - t1, "machine": _machine(args.threads),
                 "command": "python -m xaicomp_core.results " + " ".join(argv or sys.argv[1:])})
         atomic_write(summary_path, json.dumps(summary, indent=1) + "\n")
     else:
@@ -904,7 +910,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             models = {name: run_model(name, args.quick, args.threads, ray=args.ray is not None)
                       for name in args.models.split(",")}
         summary = {"meta": {"date": datetime.date.today().isoformat(), "seconds": time.time() - t0,
-                            "machine": f"{platform.machine()}, {_cpu_name()}, {args.threads} threads",
+                            "machine": _machine(args.threads),
                             "torch": torch.__version__, "python": platform.python_version(), "quick": args.quick,
                             "command": "python -m xaicomp_core.results " + " ".join(argv or sys.argv[1:])},
                    "models": models}
