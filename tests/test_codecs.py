@@ -4,6 +4,8 @@ malformed sections with FormatError. The Rice code is checked against a bit-by-b
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -23,7 +25,8 @@ from xaicomp_core.format.codecs import (
     CLASS_LAYOUTS,
     KEEP_CODECS,
     SCALES,
-    VALUES,
+    value_codec,
+    value_stats,
     KeepStats,
     choose_keep,
     scale_groups,
@@ -196,9 +199,10 @@ def test_scales_and_values_round_trip_and_cost_what_they_write():
     with pytest.raises(FormatError, match="scale bytes"):
         SCALES.decode(sdata[:-4], groups, "t")
 
-    vdata = VALUES.encode(codes, values, bits)
-    assert len(vdata) == VALUES.cost(int(bits.sum()))
-    vals, got = VALUES.decode(vdata, bits, grid[ch, kc], "t")
+    fixed = value_codec("fixed")
+    vdata = fixed.encode(codes, values, kc, levels)
+    assert len(vdata) == fixed.cost(value_stats(codes, kc, levels)) == math.ceil(int(bits.sum()) / 8)
+    vals, got = fixed.decode(vdata, kc, levels, grid[ch, kc], "t")
     fp = bits == 32
     assert np.array_equal(vals[fp].view("<u4"), values[fp].view("<u4"))
     assert np.array_equal(got[~fp], codes[~fp]) and not got[fp].any()
@@ -206,10 +210,10 @@ def test_scales_and_values_round_trip_and_cost_what_they_write():
                            torch.from_numpy(grid[ch, kc][~fp]))
     assert torch.equal(torch.from_numpy(vals[~fp]), ref)
     with pytest.raises(FormatError, match="values section"):
-        VALUES.decode(vdata + b"\x00", bits, grid[ch, kc], "t")
+        fixed.decode(vdata + b"\x00", kc, levels, grid[ch, kc], "t")
     # a 2-bit code of 3 is above 2 * qmax = 2
     with pytest.raises(FormatError, match="code is out of range"):
-        VALUES.decode(bytes([0b11]), np.array([2]), np.ones(1, dtype=np.float32), "t")
+        fixed.decode(bytes([0b11]), np.array([0]), [2], np.ones(1, dtype=np.float32), "t")
 
 
 # ----------------------------------------------------------------------------------------------------------------

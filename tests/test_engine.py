@@ -239,7 +239,7 @@ def test_size_matches_hand_count():
     klass = allocate_bits(layout, keep, scores, torch.argsort(scores, descending=True), {}, [8, 32], [0.5],
                           "weight", "global")
     q = quantize(layout, layout.flat(w), keep, klass, [8, 32])
-    size = compute_size(layout, keep, klass, q.group_count, [8, 32], "weight", state)
+    size = compute_size(layout, keep, klass, q.group_count, [8, 32], "weight", state, codes=q.codes)
     rows = {t.name: t for t in size.tensors}
     assert "bn.num_batches_tracked" not in rows
     assert rows["a.bias"].raw_bytes == 16 and rows["bn.running_mean"].raw_bytes == 16

@@ -17,7 +17,15 @@ from xaicomp_core import CompressionPlan, FormatError
 from xaicomp_core.compress.layout import SortedScores
 from xaicomp_core.compress.quantize import allocate_bits, quantize
 from xaicomp_core.evaluate.session import CompressedWeights
-from xaicomp_core.format.codecs import KEEP_CODECS, KeepCodec, expect_length, register_keep_codec
+from xaicomp_core.compress.compress import Compressor
+from xaicomp_core.format.codecs import (
+    KEEP_CODECS,
+    VALUE_CODECS,
+    KeepCodec,
+    expect_length,
+    register_keep_codec,
+    register_value_codec,
+)
 from xaicomp_core.format.packing import (
     FORMAT_VERSION,
     KEEP_ENCODINGS,
@@ -60,7 +68,8 @@ def recompress(session, plan: CompressionPlan, keep: torch.Tensor) -> Compressed
                           {i: o.flip(0) for i, o in scores.layer_orders.items()}, levels, plan.bit_split,
                           plan.granularity, plan.scope)
     quant = quantize(layout, w, keep, klass, levels, plan.quantizer)
-    size = compute_size(layout, keep, klass, quant.group_count, levels, plan.granularity, state_of(session))
+    size = compute_size(layout, keep, klass, quant.group_count, levels, plan.granularity, state_of(session),
+                        codes=quant.codes)
     return CompressedWeights(plan, layout, keep, quant, size)
 
 
@@ -316,7 +325,8 @@ FROZEN_PLANS = {
     "random-7-3": CompressionPlan(criterion="random", prune_ratio=0.5, bit_levels=[7, 3], bit_split=[0.4],
                                   quantizer="absmax", seed=3),
 }
-FROZEN_SHA256 = {
+# Format version 1's bytes: the same plans with the fixed-width values only (the ``huffman`` encoding unregistered).
+FROZEN_V1_SHA256 = {
     "fp32-dense": "eceed3a01c00cff568e744bd3e2bbbca92e51c8d7f50f42745ef2b497cf33d2f",
     "mag-842-weight-absmax": "ddefd5b68f58961731e0963458f1519f31f2b786f0a898a14b6685c3789958e3",
     "mag-842-channel": "548662bad446d1f0413c7eceb552f78998e2368659c6dc2d288aace8d0e6bea2",
@@ -334,6 +344,25 @@ FROZEN_SHA256 = {
     "channels-channel": "612264d958dec18cbf5ce9f53bcf83767266b61c740bf6b388b52f717cbf9095",
     "channels-layer": "1016f0126007332acb24207687e168ecfe852e52892af7942fa77f9035eeb4e7",
 }
+# Format version 2 (this writer): the cheaper of the fixed-width and the Huffman-coded values per tensor.
+FROZEN_SHA256 = {
+    "fp32-dense": "eceed3a01c00cff568e744bd3e2bbbca92e51c8d7f50f42745ef2b497cf33d2f",
+    "mag-842-weight-absmax": "661b0bb8d8ff0434b35eb0e8abafbc1f013dd0530be529ed1ae746544609ce6d",
+    "mag-842-channel": "7a306dc089e5b3ec8e6efff5496021465aef2abddbb885bd751805922accecb4",
+    "mag-842-layer-absmax": "38299f38444f5ff70d7c2a9cd8193023347d134939133338649c6c89898f0524",
+    "per-layer-scope": "7a6306f488a487b2e7f07f7f63f605bc2623e229c27390872cea20d7a68a9259",
+    "uniform-1bit": "d10a40b7ca1d2d75c2d904f537d102791cde3e5983dccb96af8a27724b05ac1f",
+    "uniform-8bit-protect": "2f6aeb613c4065756f977862dda7552481270981a201badd927b53f6e6357f68",
+    "fp32-class-mixed": "c2142768f21d3ea5360ceae01c30eedf17e4df7c2aa055d9f1ca06990e39c028",
+    "fp32-class-channel": "625c3c297b73603685ec6dcd6c61d3529b208e85f605b12492e31a736abfeedc",
+    "sparse": "ddbb11fba7dee535052d090fd266a373b54e3620b16bcef12bf81e80dcaf8b8b",
+    "light": "9604186ddf686883438ffc56a3d2a3e22e8c25cc9fc69673b1404b89f538b6d1",
+    "extreme-sparse": "f726407ec59286178ed94be03cae590c5c44df66b23544d1cd2b44e66d5ba87c",
+    "random-7-3": "cfd2bb071da6934df44d9bb6b8c088aa4e038b4bff785a20f088b52273d1477e",
+    "channels-weight": "3be4c346846ce221fe1854bc76f272602e22d41fd2b53510098986aa157a107f",
+    "channels-channel": "0cb0bb446bf33ed4f96b010574208660c10ac7e8e5633e772b7a1fb1d4a567a0",
+    "channels-layer": "8f9b15f745bfd5081b718b983c4568335952c2721bb2c89edeba17265df8f31c",
+}
 
 
 def frozen_digest(res) -> str:
@@ -341,23 +370,55 @@ def frozen_digest(res) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-@pytest.mark.parametrize("name", list(FROZEN_SHA256))
-def test_packed_bytes_are_unchanged(lenet_session, name):
+def frozen_compressed(session, name: str) -> CompressedWeights:
+    """The frozen case ``name`` compressed afresh (no cache: the registered value codecs decide its size)."""
     if name.startswith("channels-"):
         # a third of every layer's output channels removed: the "channels" keep encoding everywhere
-        layout = lenet_session.layout
+        layout = session.layout
         keep = torch.ones(layout.total, dtype=torch.bool)
         for i in range(len(layout.names)):
             per = layout.sizes[i] // layout.channels[i]
             keep[layout.offsets[i]:layout.offsets[i] + per * (layout.channels[i] // 3)] = False
         plan = CompressionPlan(criterion="magnitude", granularity=name.removeprefix("channels-"), quantizer="absmax",
                                **P842)
-        cw = recompress(lenet_session, plan, keep)
-    else:
-        cw = compressed(lenet_session, FROZEN_PLANS[name])
+        return recompress(session, plan, keep)
+    return Compressor(session.model).compress(FROZEN_PLANS[name])
+
+
+@pytest.mark.parametrize("name", list(FROZEN_SHA256))
+def test_packed_bytes_are_unchanged(lenet_session, name):
+    cw = frozen_compressed(lenet_session, name)
     res = pack(cw, state_of(lenet_session), lenet_session.info)
     assert res.payload_bytes == cw.size.estimated_bytes
     assert frozen_digest(res) == FROZEN_SHA256[name]
+
+
+@pytest.mark.parametrize("name", list(FROZEN_V1_SHA256))
+def test_fixed_width_values_are_format_version_1s_bytes_and_version_1_files_read(lenet_session, name):
+    huffman = VALUE_CODECS.get("huffman")
+    VALUE_CODECS.unregister("huffman")
+    try:
+        cw = frozen_compressed(lenet_session, name)
+        res = pack(cw, state_of(lenet_session), lenet_session.info)
+    finally:
+        register_value_codec(huffman)
+    assert {t.value_encoding for t in cw.size.tensors if t.kind == "compressed"} == {"fixed"}
+    assert res.payload_bytes == cw.size.estimated_bytes
+    assert frozen_digest(res) == FROZEN_V1_SHA256[name]
+    # labelled version 1, as version 1 wrote it, the file reads back to the same weights
+    header, end = read_header(res.data)
+    header["format_version"] = 1
+    hb = json.dumps(header).encode()
+    pm = unpack(PREAMBLE.pack(MAGIC, 1, len(hb), zlib.crc32(hb)) + hb + res.data[end:])
+    assert torch.equal(pm.values, cw.quant.values) and pm.header["format_version"] == 1
+
+
+def test_frozen_plans_use_both_value_encodings(lenet_session):
+    seen = set()
+    for name in FROZEN_PLANS:
+        seen |= {t.value_encoding for t in frozen_compressed(lenet_session, name).size.tensors
+                 if t.kind == "compressed"}
+    assert seen == set(VALUE_CODECS)
 
 
 def test_frozen_plans_use_every_keep_encoding(lenet_session):

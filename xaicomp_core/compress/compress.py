@@ -227,7 +227,8 @@ class Compressor:
                 sl = layout.layer_slice(i)
                 klass[sl] = torch.where(keep[sl], levels.index(int(bits)), -1).to(torch.int8)
             quant = quantize(layout, self.weights_flat, keep, klass, levels, plan.quantizer)
-            size = compute_size(layout, keep, klass, quant.group_count, levels, plan.granularity, self.state)
+            size = compute_size(layout, keep, klass, quant.group_count, levels, plan.granularity, self.state,
+                                codes=quant.codes)
             return CompressedWeights(plan, layout, keep, quant, size, overrides)
 
     def structured_overrides(self, layout: LayerLayout, keep: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -28,6 +28,7 @@ import torch
 
 from xaicomp_core.compress.quantize import dequantize_codes
 from xaicomp_core.errors import FormatError
+from xaicomp_core.format import huffman
 from xaicomp_core.format.bitstream import (
     class_bits,
     index_bits,
@@ -499,39 +500,81 @@ class ScaleSection:
         return grid
 
 
-class ValueSection:
-    """Every kept weight at its bit width: the quantizer's code, or the float32 bit pattern at 32 bits."""
+def alphabet(bits: int) -> int:
+    """Symbols a stored code of a ``bits``-bit class can take: 2 at 1 bit, ``2 qmax + 1 = 2^bits - 1`` above."""
+    return 2 if bits == 1 else (1 << bits) - 1
 
-    def cost(self, value_bits: int) -> int:
-        """Bytes for kept weights whose bit widths sum to ``value_bits``."""
-        return nbytes(value_bits)
 
-    def encode(self, codes: np.ndarray, values: np.ndarray, bits: np.ndarray) -> bytes:
-        """The section of kept weights with stored ``codes``, float ``values`` and bit widths ``bits`` (kept order)."""
-        if not len(bits):
-            return b""
-        u = np.asarray(codes).astype(np.uint64)
-        fp = bits == FP32
-        if fp.any():
-            u[fp] = np.asarray(values)[fp].astype("<f4").view("<u4").astype(np.uint64)
-        return pack_bits(u, bits)
+@dataclass
+class ValueStats:
+    """What the cost of a layer's values section depends on.
 
-    def decode(self, data: bytes, bits: np.ndarray, scales: np.ndarray,
+    Attributes
+    ----------
+    levels : list of int
+        The bit widths of the classes (32 = fp32).
+    counts : numpy.ndarray
+        Kept weights per class, shape (len(levels),).
+    hist : dict of int to numpy.ndarray
+        Per quantized class holding kept weights: the histogram of its stored codes over :func:`alphabet`.
+    """
+
+    levels: list[int]
+    counts: np.ndarray
+    hist: dict[int, np.ndarray]
+
+    @property
+    def value_bits(self) -> int:
+        """Sum of the bit widths of the kept weights (the fixed-width coding)."""
+        return int(np.dot(np.asarray(self.counts, dtype=np.int64), np.asarray(self.levels, dtype=np.int64)))
+
+
+class ValueCodec:
+    """One encoding of the values section: every kept weight's stored code (or fp32 bit pattern).
+
+    Subclasses set ``name`` and implement :meth:`applies`, :meth:`cost`, :meth:`encode` and :meth:`decode`.
+    """
+
+    name: ClassVar[str] = ""
+
+    def applies(self, s: ValueStats) -> bool:
+        """Whether this encoding can code the values described by ``s``."""
+        return True
+
+    def cost(self, s: ValueStats) -> int:
+        """Bytes of the values section."""
+        raise NotImplementedError
+
+    def encode(self, codes: np.ndarray, values: np.ndarray, kc: np.ndarray, levels: list[int]) -> bytes:
+        """The section of kept weights with stored ``codes``, float ``values`` and class ids ``kc`` (kept order)."""
+        raise NotImplementedError
+
+    def decode_codes(self, data: bytes, kc: np.ndarray, levels: list[int], name: str) -> np.ndarray:
+        """The stored unsigned integer of every kept weight (uint64; the fp32 bit pattern at 32 bits) from an
+        untrusted section of exactly this encoding's length.
+
+        Raises
+        ------
+        FormatError
+            If the section is malformed.
+        """
+        raise NotImplementedError
+
+    def decode(self, data: bytes, kc: np.ndarray, levels: list[int], scales: np.ndarray,
                name: str) -> tuple[np.ndarray, np.ndarray]:
         """Dequantized float32 values and stored int32 codes (0 for fp32 weights) of the kept weights from an
-        untrusted section; ``bits`` and ``scales`` are per kept weight.
+        untrusted section; ``kc`` (class ids) and ``scales`` are per kept weight.
 
         The values are :func:`~xaicomp_core.compress.quantize.dequantize_codes` of the codes, exactly as the engine
         computes them.
         """
+        bits = np.asarray(levels, dtype=np.int64)[kc]
+        u = self.decode_codes(data, kc, levels, name)
         kept = len(bits)
-        expect_length(data, int(bits.sum()), "values", name)
-        u = unpack_bits(data, bits, kept) if kept else np.zeros(0, dtype=np.uint64)
         vals = np.zeros(kept, dtype=np.float32)
         codes = np.zeros(kept, dtype=np.int32)
         fp = bits == FP32
-        one = bits == 1
-        multi = ~fp & ~one
+        multi = ~fp & (bits != 1)
         if fp.any():
             vals[fp] = u[fp].astype("<u4").view("<f4")
         if multi.any():
@@ -546,5 +589,122 @@ class ValueSection:
         return vals, codes
 
 
+#: value encodings by name, in the order of the format's table (ties in cost go to the earlier one)
+VALUE_CODECS: Registry[ValueCodec] = Registry("value encoding", FormatError)
+
+#: class decorator: register one instance of a value codec under its ``name``
+register_value_codec = decorator(VALUE_CODECS)
+
+
+def value_codec(name: str) -> ValueCodec:
+    """The registered value codec ``name`` (:class:`FormatError` if unknown: the name may come from a file)."""
+    return VALUE_CODECS.get(name)
+
+
+def choose_values(s: ValueStats) -> tuple[str, int]:
+    """The cheapest value encoding for ``s``: (name, bytes). Ties go to the earlier registered codec."""
+    best: tuple[str, int] | None = None
+    for _, codec in VALUE_CODECS.items():
+        if codec.applies(s):
+            cost = codec.cost(s)
+            if best is None or cost < best[1]:
+                best = (codec.name, cost)
+    assert best is not None  # "fixed" always applies
+    return best
+
+
+def _stored_ints(codes: np.ndarray, values: np.ndarray, bits: np.ndarray) -> np.ndarray:
+    """The unsigned integer stored per kept weight: its code, or its float32 bit pattern at 32 bits."""
+    u = np.asarray(codes).astype(np.uint64)
+    fp = bits == FP32
+    if fp.any():
+        u[fp] = np.asarray(values)[fp].astype("<f4").view("<u4").astype(np.uint64)
+    return u
+
+
+@register_value_codec
+class FixedValues(ValueCodec):
+    """``fixed`` (format version 1's only one): every kept weight at its bit width, one continuous stream."""
+
+    name = "fixed"
+
+    def cost(self, s: ValueStats) -> int:  # noqa: D102
+        return nbytes(s.value_bits)
+
+    def encode(self, codes: np.ndarray, values: np.ndarray, kc: np.ndarray, levels: list[int]) -> bytes:  # noqa: D102
+        if not len(kc):
+            return b""
+        bits = np.asarray(levels, dtype=np.int64)[kc]
+        return pack_bits(_stored_ints(codes, values, bits), bits)
+
+    def decode_codes(self, data: bytes, kc: np.ndarray, levels: list[int], name: str) -> np.ndarray:  # noqa: D102
+        bits = np.asarray(levels, dtype=np.int64)[kc]
+        expect_length(data, int(bits.sum()), "values", name)
+        return unpack_bits(data, bits, len(bits)) if len(bits) else np.zeros(0, dtype=np.uint64)
+
+
+@register_value_codec
+class HuffmanValues(ValueCodec):
+    """``huffman``: per bit class, in class order, a canonical Huffman code of its stored codes (4-bit code lengths,
+    then the codewords of the class's weights in kept order), or the fp32 bit patterns of a 32-bit class; each
+    class's part padded to a byte (:mod:`xaicomp_core.format.huffman`)."""
+
+    name = "huffman"
+
+    def applies(self, s: ValueStats) -> bool:  # noqa: D102
+        return bool(s.hist)
+
+    def cost(self, s: ValueStats) -> int:  # noqa: D102
+        total = 0
+        for c, b in enumerate(s.levels):
+            if s.counts[c] == 0:
+                continue
+            total += nbytes(FP32 * int(s.counts[c])) if b == FP32 else huffman.section_bytes(s.hist[c])
+        return total
+
+    def encode(self, codes: np.ndarray, values: np.ndarray, kc: np.ndarray, levels: list[int]) -> bytes:  # noqa: D102
+        bits = np.asarray(levels, dtype=np.int64)[kc]
+        u = _stored_ints(codes, values, bits)
+        parts = []
+        for c, b in enumerate(levels):
+            sel = kc == c
+            if not sel.any():
+                continue
+            if b == FP32:
+                parts.append(pack_bits(u[sel], FP32))
+            else:
+                sym = u[sel].astype(np.int64)
+                parts.append(huffman.encode_section(sym, np.bincount(sym, minlength=alphabet(b))))
+        return b"".join(parts)
+
+    def decode_codes(self, data: bytes, kc: np.ndarray, levels: list[int], name: str) -> np.ndarray:  # noqa: D102
+        u = np.zeros(len(kc), dtype=np.uint64)
+        pos = 0
+        for c, b in enumerate(levels):
+            sel = kc == c
+            m = int(np.count_nonzero(sel))
+            if not m:
+                continue
+            if b == FP32:
+                part = data[pos:pos + nbytes(FP32 * m)]
+                expect_length(part, FP32 * m, "values", name)
+                u[sel] = unpack_bits(part, FP32, m)
+                pos += len(part)
+            else:
+                sym, used = huffman.decode_section(data[pos:], alphabet(b), m, f"{name} ({b}-bit class)")
+                u[sel] = sym.astype(np.uint64)
+                pos += used
+        if pos != len(data):
+            raise FormatError(f"{name}: the values section has {len(data)} bytes, {pos} decoded")
+        return u
+
+
+def value_stats(codes: np.ndarray, kc: np.ndarray, levels: list[int]) -> ValueStats:
+    """The :class:`ValueStats` of kept weights with stored ``codes`` and class ids ``kc`` (kept order)."""
+    counts = np.bincount(kc, minlength=len(levels)) if len(kc) else np.zeros(len(levels), dtype=np.int64)
+    hist = {c: np.bincount(codes[kc == c].astype(np.int64), minlength=alphabet(b))
+            for c, b in enumerate(levels) if b != FP32 and counts[c]}
+    return ValueStats(list(levels), counts, hist)
+
+
 SCALES = ScaleSection()
-VALUES = ValueSection()

@@ -54,10 +54,11 @@ from xaicomp_core.format.codecs import (
     CLASS_LAYOUTS,
     KEEP_CODECS,
     SCALES,
-    VALUES,
+    VALUE_CODECS,
     class_layout,
     keep_codec,
     scale_groups,
+    value_codec,
 )
 from xaicomp_core.format.codecs import nonnegative as _nonneg
 from xaicomp_core.format.codecs import require as _req
@@ -70,7 +71,9 @@ if TYPE_CHECKING:
     from xaicomp_core.io.models import ModelInfo
 
 MAGIC = b"\x89XCZ\r\n\x1a\n"
-FORMAT_VERSION = 1
+#: the version this writer writes and the newest this reader reads (1: fixed-width values only; 2: adds the
+#: ``huffman`` value encoding, the tensor field ``values``)
+FORMAT_VERSION = 2
 FORMAT_NAME = "xaicomp-packed"
 PREAMBLE = struct.Struct("<8sIII")
 PREAMBLE_BYTES = PREAMBLE.size  # 20
@@ -233,7 +236,8 @@ class PackedModel:
     def size(self) -> SizeBreakdown:
         """The engine's size accounting of the decoded contents (recomputed, not read from the header)."""
         plan_gran = str(self.header["granularity"])
-        return compute_size(self.layout, self.keep, self.klass, self.group_count, self.levels, plan_gran, self.state)
+        return compute_size(self.layout, self.keep, self.klass, self.group_count, self.levels, plan_gran, self.state,
+                            codes=self.codes)
 
     def weights(self) -> dict[str, torch.Tensor]:
         """Dequantized conv/linear weights by name."""
@@ -310,7 +314,8 @@ def _f32_bytes(t: torch.Tensor) -> bytes:
 
 def _compressed_sections(i: int, layout: LayerLayout, keep: np.ndarray, klass: np.ndarray, codes: np.ndarray,
                          values: np.ndarray, scales: np.ndarray, group_count: np.ndarray, levels: list[int],
-                         granularity: str, encoding: str, keep_param: int = 0) -> tuple[list[bytes], dict[str, Any]]:
+                         granularity: str, encoding: str, keep_param: int = 0,
+                         value_encoding: str = "fixed") -> tuple[list[bytes], dict[str, Any]]:
     """The four sections of compressed layer ``i`` and its header fields, each written by its codec
     (:mod:`xaicomp_core.format.codecs`)."""
     name = layout.names[i]
@@ -335,10 +340,11 @@ def _compressed_sections(i: int, layout: LayerLayout, keep: np.ndarray, klass: n
 
     rows = slice(layout.channel_offsets[i], layout.channel_offsets[i + 1])
     scale_sec = SCALES.encode(scales[rows], scale_groups(group_count[rows], levels))
-    bits = np.asarray(levels, dtype=np.int64)[kc]
-    value_sec = VALUES.encode(codes[sl][idx], values[sl][idx], bits)
-    # header field order as in format version 1: kept, then layer_class, then rice_k
+    value_sec = value_codec(value_encoding).encode(codes[sl][idx], values[sl][idx], kc, levels)
+    # header field order as in format version 1: kept, then layer_class, then rice_k; then (version 2) values
     fields: dict[str, Any] = {"kept": kept, **more, **extra}
+    if value_encoding != "fixed":
+        fields["values"] = value_encoding
     return [keep_sec, class_sec, scale_sec, value_sec], fields
 
 
@@ -413,7 +419,8 @@ def pack(compressed: CompressedWeights, state: dict[str, torch.Tensor], info: Mo
             if i is None:
                 raise RuntimeError(f"{name} is compressed but not a conv/linear weight")
             secs, more = _compressed_sections(i, layout, keep, klass, codes, values, scales, group_count, levels,
-                                              plan.granularity, row.keep_encoding, row.keep_param)
+                                              plan.granularity, row.keep_encoding, row.keep_param,
+                                              row.value_encoding)
             expected = [getattr(row, k) for k in SECTION_KEYS]
             got = [len(s) for s in secs]
             if got != expected:
@@ -630,8 +637,10 @@ def _decode_compressed(e: dict[str, Any], buf: bytes, n: int, c: int, levels: li
 
     counts = np.bincount(ch * n_lv + kc, minlength=c * n_lv).reshape(c, n_lv)
     scale_grid = SCALES.decode(scale_sec, scale_groups(counts, levels), name)
-    bits = np.asarray(levels, dtype=np.int64)[kc]
-    vals, codes = VALUES.decode(value_sec, bits, scale_grid[ch, kc], name)
+    venc = e.get("values", "fixed")
+    if not isinstance(venc, str) or venc not in VALUE_CODECS:
+        raise FormatError(f"{name}: unknown value encoding {ascii(venc)[:40]}")
+    vals, codes = value_codec(venc).decode(value_sec, kc, levels, scale_grid[ch, kc], name)
     full_vals = np.zeros(n, dtype=np.float32)
     full_vals[idx] = vals
     full_codes = np.zeros(n, dtype=np.int32)
@@ -729,6 +738,8 @@ def _unpack(data: bytes, header: dict[str, Any], start: int, t0: float) -> Packe
                 layer_shapes.append(tuple(shape))
                 layer_protected.append(True)
         elif kind == "compressed":
+            if "values" in e and header["format_version"] < 2:
+                raise FormatError(f"{name}: a value encoding in a version-1 file")
             if len(shape) < 2 or n == 0:
                 raise FormatError(f"{name}: a compressed tensor needs an output-channel dimension, got {shape}")
             keep, klass, codes, vals, counts = _decode_compressed(e, buf, n, shape[0], levels, granularity)

@@ -23,15 +23,18 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 
 from xaicomp_core.compress.layout import LayerLayout
 from xaicomp_core.format.bitstream import class_bits, index_bits, rice_cost  # noqa: F401  (public)
 from xaicomp_core.format.codecs import (
     SCALES,
-    VALUES,
     KeepStats,
+    ValueStats,
+    alphabet,
     choose_keep,
+    choose_values,
     class_layout,
     rice_codes_kept,  # noqa: F401  (public)
     rice_target,
@@ -68,6 +71,7 @@ class TensorSize:
     fp32_bytes: int
     keep_encoding: str = "dense"
     keep_param: int = 0
+    value_encoding: str = "fixed"
     keep_bytes: int = 0
     class_bytes: int = 0
     scale_bytes: int = 0
@@ -131,8 +135,21 @@ def is_float_entry(value: torch.Tensor) -> bool:
     return value.is_floating_point()
 
 
+def code_histograms(layout: LayerLayout, klass: torch.Tensor, codes: torch.Tensor, levels: list[int]) -> np.ndarray:
+    """Kept weights per (layer, class, stored code): int64 array of shape (layers, len(levels), 256); fp32 classes
+    and protected layers count nothing."""
+    n_lv = len(levels)
+    quant = torch.tensor([b != FP32 for b in levels] + [False])  # index -1 (no class) -> False
+    kl = klass.long()
+    sel = quant[kl] & (kl >= 0)
+    key = (layout.layer_of[sel] * n_lv + kl[sel]) * 256 + codes[sel].long().clamp(0, 255)
+    out = torch.bincount(key, minlength=len(layout.names) * n_lv * 256)
+    return out.numpy().reshape(len(layout.names), n_lv, 256)
+
+
 def compute_size(layout: LayerLayout, keep: torch.Tensor, klass: torch.Tensor, group_count: torch.Tensor,
-                 levels: list[int], granularity: str, state: dict[str, torch.Tensor]) -> SizeBreakdown:
+                 levels: list[int], granularity: str, state: dict[str, torch.Tensor], *,
+                 codes: torch.Tensor) -> SizeBreakdown:
     """Size of every state-dict tensor in the packed payload.
 
     Parameters
@@ -150,6 +167,9 @@ def compute_size(layout: LayerLayout, keep: torch.Tensor, klass: torch.Tensor, g
         ``"weight"``, ``"channel"`` or ``"layer"``.
     state : dict
         The model's state dict (names, shapes and dtypes are used).
+    codes : Tensor
+        Flat stored code per weight (:attr:`~xaicomp_core.compress.quantize.Quantized.codes`): the ``huffman`` value
+        encoding's size depends on their histogram per layer and class.
     """
     index = {n: i for i, n in enumerate(layout.names)}
     lv = torch.tensor(levels, dtype=torch.long)
@@ -167,6 +187,7 @@ def compute_size(layout: LayerLayout, keep: torch.Tensor, klass: torch.Tensor, g
     structured_layer = ragged == 0
     classes = class_layout(granularity)
     keep_np = keep.detach().cpu().numpy().astype(bool, copy=False)
+    hist = code_histograms(layout, klass, codes, levels)
     rows = []
     for name, value in state.items():
         if not is_float_entry(value):
@@ -184,7 +205,10 @@ def compute_size(layout: LayerLayout, keep: torch.Tensor, klass: torch.Tensor, g
         stats = KeepStats(numel, kept, c, kept < numel and bool(structured_layer[i]), mask=keep_np[sl])
         enc, kb, k_param = choose_keep(stats)
         value_bits = int((counts * lv).sum())
-        rows.append(TensorSize(name, "compressed", shape, numel, kept, 4 * numel, enc, k_param, kb,
+        vstats = ValueStats(list(levels), counts.numpy(),
+                            {k: hist[i, k, :alphabet(b)] for k, b in enumerate(levels) if b != FP32 and counts[k]})
+        venc, vb = choose_values(vstats)
+        rows.append(TensorSize(name, "compressed", shape, numel, kept, 4 * numel, enc, k_param, venc, kb,
                                classes.cost(kept, c, len(levels)), SCALES.cost(int(scales_per_layer[i])),
-                               VALUES.cost(value_bits), 0, value_bits / kept if kept else 0.0))
+                               vb, 0, value_bits / kept if kept else 0.0))
     return SizeBreakdown(rows)
