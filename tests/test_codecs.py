@@ -25,11 +25,11 @@ from xaicomp_core.format.codecs import (
     CLASS_LAYOUTS,
     KEEP_CODECS,
     SCALES,
-    value_codec,
-    value_stats,
     KeepStats,
     choose_keep,
     scale_groups,
+    value_codec,
+    value_stats,
 )
 from xaicomp_core.format.packing import KEEP_ENCODINGS
 from xaicomp_core.format.size import keep_encoding

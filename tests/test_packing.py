@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from xaicomp_core import CompressionPlan, FormatError
+from xaicomp_core.compress.compress import Compressor
 from xaicomp_core.compress.layout import SortedScores
 from xaicomp_core.compress.quantize import allocate_bits, quantize
 from xaicomp_core.evaluate.session import CompressedWeights
-from xaicomp_core.compress.compress import Compressor
 from xaicomp_core.format.codecs import (
     KEEP_CODECS,
     VALUE_CODECS,
