@@ -141,7 +141,9 @@ with st.expander("What is in the file", icon=":material/inventory_2:"):
             continue
         raw = 4 * math.prod(t["shape"]) if t["kind"] == "raw" else 0
         rows.append({"tensor": t["name"], "shape": "×".join(map(str, t["shape"])), "stored as": t["kind"],
-                     "keep encoding": t.get("keep", "-"), "kept": t.get("kept", math.prod(t["shape"])),
+                     "keep encoding": t.get("keep", "-"),
+                     "values": t.get("values", "fixed") if t["kind"] == "compressed" else "-",
+                     "kept": t.get("kept", math.prod(t["shape"])),
                      "keep B": t.get("keep_bytes", 0), "classes B": t.get("class_bytes", 0),
                      "scales B": t.get("scale_bytes", 0), "values B": t.get("value_bytes", 0),
                      "raw B": raw, "total B": raw + sum(t.get(k, 0) for k in SECTION_KEYS)})

@@ -559,6 +559,65 @@ def test_header_alterations_with_valid_crc_are_caught(packed):
             pytest.fail(f"alteration {name!r} was not detected")
 
 
+def huffman_file(session):
+    res = pack_plan(session, FROZEN_PLANS["mag-842-weight-absmax"])[1]
+    assert any(t.get("values") == "huffman" for t in res.header["tensors"])
+    return res
+
+
+def test_value_encoding_alterations_are_caught(lenet_session):
+    res = huffman_file(lenet_session)
+
+    def first_huffman(h):
+        return next(t for t in h["tensors"] if t.get("values") == "huffman")
+
+    with pytest.raises(FormatError, match="unknown value encoding 'bogus'"):
+        unpack(rewrite_header(res.data, lambda h: first_huffman(h).update(values="bogus")))
+    with pytest.raises(FormatError, match="unknown value encoding"):
+        unpack(rewrite_header(res.data, lambda h: first_huffman(h).update(values=["huffman"])))
+    with pytest.raises(FormatError):  # the Huffman section read as fixed-width values
+        unpack(rewrite_header(res.data, lambda h: first_huffman(h).pop("values")))
+    header, end = read_header(res.data)
+    header["format_version"] = 1
+    hb = json.dumps(header).encode()
+    with pytest.raises(FormatError, match="a value encoding in a version-1 file"):
+        unpack(PREAMBLE.pack(MAGIC, 1, len(hb), zlib.crc32(hb)) + hb + res.data[end:])
+
+
+def test_bit_flips_in_huffman_values_with_fixed_checksums_never_crash(lenet_session):
+    """A crafted file (checksums recomputed) with flipped bits in its Huffman-coded values: the reader either
+    refuses it with a FormatError or decodes weights of the declared shapes, never another exception."""
+    res = huffman_file(lenet_session)
+    header, end = read_header(res.data)
+    offset, spans = 0, []
+    for t in header["tensors"]:
+        if t["kind"] == "raw":
+            offset += 4 * int(np.prod(t["shape"]))
+        elif t["kind"] == "compressed":
+            size = sum(t[k] for k in ("keep_bytes", "class_bytes", "scale_bytes", "value_bytes"))
+            if t.get("values") == "huffman":
+                spans.append((offset + size - t["value_bytes"], offset + size))
+            offset += size
+    rng = np.random.default_rng(0)
+    refused = 0
+    for _ in range(60):
+        lo, hi = spans[rng.integers(len(spans))]
+        payload = bytearray(res.data[end:])
+        pos = int(rng.integers(lo, hi))
+        payload[pos] ^= 1 << int(rng.integers(8))
+
+        def fix(h, p=bytes(payload)):
+            h["payload"].update(sha256=hashlib.sha256(p).hexdigest(), stored_sha256=hashlib.sha256(p).hexdigest())
+
+        try:
+            pm = unpack(rewrite_header(res.data[:end] + bytes(payload), fix))
+        except FormatError:
+            refused += 1
+            continue
+        assert all(pm.state[t["name"]].shape == tuple(t["shape"]) for t in header["tensors"])
+    assert refused > 0
+
+
 def test_corrupt_compressed_stream_raises(lenet_session):
     res = pack_plan(lenet_session, PLANS["lrp-842-weight"], codec="zlib")[1]
     stored = bytearray(res.data[res.header_bytes:])

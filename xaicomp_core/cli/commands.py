@@ -95,10 +95,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
           f"-> {s.compression_ratio:.2f}x, {s.reduction:.1%} smaller")
     sec = s.section_totals()
     print("           " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in sec.items()))
-    print(f"{'layer':24s} {'shape':>18s} {'sparsity':>9s} {'bits':>6s} {'bytes':>10s}  keep-encoding")
+    print(f"{'layer':24s} {'shape':>18s} {'sparsity':>9s} {'bits':>6s} {'bytes':>10s}  keep / values encoding")
     for layer in result.layers:
+        enc = "(protected)" if layer.protected else f"{layer.keep_encoding} / {layer.value_encoding}"
         print(f"{layer.name:24s} {str(tuple(layer.shape)):>18s} {layer.sparsity:>9.1%} {layer.mean_bits:>6.2f} "
-              f"{layer.bytes:>10,d}  {layer.keep_encoding}{' (protected)' if layer.protected else ''}")
+              f"{layer.bytes:>10,d}  {enc}")
     return 0
 
 

@@ -75,6 +75,7 @@ class LayerStats:
     keep_encoding: str
     bytes: int
     fp32_bytes: int
+    value_encoding: str = "fixed"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable dict."""
@@ -599,7 +600,7 @@ class CompressionSession:
             layers.append(LayerStats(name.removesuffix(".weight"), kind, layout.shapes[i], layout.sizes[i], kept,
                                      1 - kept / layout.sizes[i], mean_bits, hist, layout.protected[i],
                                      t.keep_encoding, t.total + self._bias_bytes(cw.size, name), t.fp32_bytes
-                                     + self._bias_bytes(cw.size, name, fp32=True)))
+                                     + self._bias_bytes(cw.size, name, fp32=True), t.value_encoding))
         n_comp = int(comp_mask.sum())
         pruned_comp = int((~keep & comp_mask).sum())
         active = klass >= 0

@@ -133,7 +133,7 @@ def encode(symbols: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.nda
     """The codewords of ``symbols`` as (values, widths) for :func:`pack_bits` (first codeword bit first)."""
     ln = np.asarray(lengths, dtype=np.int64)
     sym = np.asarray(symbols, dtype=np.int64)
-    if len(sym) and bool((ln[sym] == 0).any()):
+    if len(sym) and (int(sym.min()) < 0 or int(sym.max()) >= len(ln) or bool((ln[sym] == 0).any())):
         raise RuntimeError("a symbol without a Huffman code")
     rev = _reverse(canonical_codes(ln), ln)
     return rev[sym], ln[sym]

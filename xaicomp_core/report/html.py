@@ -378,7 +378,8 @@ def _render(session: CompressionSession, plan: CompressionPlan, result: Evaluati
         hist = ", ".join(f"{k}: {v:,}" for k, v in layer.bits_histogram.items() if v)
         layer_rows.append([layer.name, layer.kind, "×".join(str(d) for d in layer.shape), f"{layer.params:,}",
                            f"{layer.kept:,}", f"{layer.sparsity:.1%}", f"{layer.mean_bits:.2f}", hist or "-",
-                           layer.keep_encoding + (" (protected)" if layer.protected else ""), f"{layer.bytes:,}",
+                           "(protected)" if layer.protected else f"{layer.keep_encoding} / {layer.value_encoding}",
+                           f"{layer.bytes:,}",
                            f"{layer.fp32_bytes:,}"])
     sweep_html = ""
     if rows:
@@ -442,7 +443,7 @@ Sparsity {result.sparsity:.1%} of the prunable weights; mean bit width of the ke
 
 <h2>Per layer</h2>
 {_img(figs["layers"], "per-layer bit widths and bytes")}
-{_table(["layer", "kind", "shape", "weights", "kept", "sparsity", "mean bits", "bit widths", "keep encoding",
+{_table(["layer", "kind", "shape", "weights", "kept", "sparsity", "mean bits", "bit widths", "keep / values encoding",
          "bytes (with bias)", "fp32 bytes"], layer_rows)}
 
 <h2>Trade-off</h2>
