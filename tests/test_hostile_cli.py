@@ -276,7 +276,7 @@ def _crafted_variants(data: bytes) -> list[tuple[str, bytes, str]]:
     header = json.loads(data[PREAMBLE_BYTES:PREAMBLE_BYTES + hlen])
     stored = zlib_bomb(header)
     hb = json.dumps(header).encode()
-    bomb = PREAMBLE.pack(b"\x89XCZ\r\n\x1a\n", 1, len(hb), zlib.crc32(hb)) + hb + stored
+    bomb = PREAMBLE.pack(b"\x89XCZ\r\n\x1a\n", header["format_version"], len(hb), zlib.crc32(hb)) + hb + stored
     deep = data[PREAMBLE_BYTES:PREAMBLE_BYTES + hlen - 1] + b',"deep":' + b"[" * 100000 + b"]" * 100000 + b"}"
     return [
         ("zlib bomb", bomb, "refused before decompressing"),
