@@ -256,8 +256,9 @@ def show_result(session: CompressionSession, plan: CompressionPlan, notes: list[
                 width="stretch", key="cp_classes")
     if t3.open:
         with t3:
-            st.caption("Everything a real file must hold: kept values at their widths, which weights are kept, the "
-                       "width of each weight, scales, and fp32 biases and norms.")
+            st.caption("Everything a real file must hold: kept values (at their widths, or Huffman-coded per layer "
+                       "where that is smaller), which weights are kept, the width of each weight, scales, and fp32 "
+                       "biases and norms.")
             st.plotly_chart(figures.size_sections_figure(size.section_totals(), size.fp32_bytes), width="stretch",
                             key="cp_sections")
     with st.expander("Reproduce on the command line"):

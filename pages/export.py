@@ -118,8 +118,9 @@ c1.metric("Estimated", fmt_bytes(res.estimated_bytes), help=f"{res.estimated_byt
           "accounting of the plan (the number on the Compress page).")
 c2.metric("Packed payload", fmt_bytes(res.payload_bytes),
           delta=f"{res.payload_bytes - res.estimated_bytes:+,} B vs estimate", delta_color="off", delta_arrow="off",
-          help=f"{res.payload_bytes:,} bytes: kept values at their bit widths, which weights are kept, bit classes, "
-               "scales and the raw tensors (biases, normalisation).")
+          help=f"{res.payload_bytes:,} bytes: kept values (at their bit widths, or Huffman-coded per layer where "
+               "that is smaller), which weights are kept, bit classes, scales and the raw tensors (biases, "
+               "normalisation).")
 c3.metric("File on disk", fmt_bytes(res.file_bytes),
           delta=f"+{res.header_bytes:,} B header", delta_color="off", delta_arrow="off",
           help=f"{res.file_bytes:,} bytes = payload ({res.stored_payload_bytes:,} B as stored, codec {codec}) + "

@@ -219,7 +219,8 @@ def step_together(session: CompressionSession) -> None:
         "1. **Relevance** is computed once on reference images (step 2).\n"
         "2. **Pruning** drops the weights with the least (or non-positive) relevance (steps 3-4).\n"
         "3. **Quantization** gives the remaining weights fewer bits, the most relevant ones the most (step 5).\n"
-        "4. The **size** counts everything a real file holds: values, which weights are kept, each weight's bit "
+        "4. The **size** counts everything a real file holds: values (Huffman-coded where that is smaller: the kept "
+        "weights are the large ones, so their codes are far from uniform), which weights are kept, each weight's bit "
         "width, scales and the uncompressed biases.")
     st.page_link(HERE / "compress.py", label="Try your own plan on the Compress page", icon=":material/compress:")
     st.page_link(HERE / "tradeoffs.py", label="See the whole size-accuracy curve", icon=":material/show_chart:")
