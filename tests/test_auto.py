@@ -175,6 +175,7 @@ def test_cli_auto_saves_a_plan_that_compress_reproduces(capsys, tmp_path):
     (["--probes", "9"], "--probes"),
     (["--mix", "2,3,0.5"], "--mix"),
     (["--mix", "3,2"], "--mix"),
+    (["--start-plan", "/nonexistent/plan.json"], "plan file /nonexistent/plan.json does not exist"),
 ])
 def test_cli_auto_user_errors_are_one_line(capsys, args, match):
     rc = main(["auto", *FAST, *args, "--json"])
@@ -191,3 +192,34 @@ def test_plans_without_per_layer_fields_still_load_as_version_1():
     new = plan.replace(layer_prune={"features.0": 0.5})
     assert new.to_dict()["version"] == 2 and "layer_prune" in json.loads(new.to_json())
     torch.manual_seed(0)
+
+
+def test_a_start_plan_within_the_budget_replaces_the_bisection(small_session):
+    first = auto_search(small_session, 1.0, signal="magnitude", budget=8, **GRID)
+    assert first.feasible
+    again = auto_search(small_session, 1.0, signal="magnitude", budget=6, start=first.plan, **GRID)
+    phases = [h["phase"] for h in again.history]
+    assert "start" in phases and "bisection" not in phases
+    assert phases.index("start") == phases.count("calibration")  # measured right after the calibration
+    assert again.feasible and again.estimated_bytes <= first.estimated_bytes
+
+
+def test_a_start_plan_beyond_the_budget_falls_back_to_the_bisection(small_session):
+    names = [n.removesuffix(".weight") for n in small_session.layout.names]
+    hopeless = CompressionPlan(criterion="magnitude", layer_prune=dict.fromkeys(names, 0.9),
+                               layer_bits=dict.fromkeys(names, 2))
+    res = auto_search(small_session, 1.0, signal="magnitude", budget=8, start=hopeless, **GRID)
+    phases = [h["phase"] for h in res.history]
+    assert "start" in phases and "bisection" in phases and res.feasible
+    assert next(h for h in res.history if h["phase"] == "start")["within"] is False
+
+
+def test_start_plans_off_the_grid_are_refused_in_one_line(small_session):
+    names = [n.removesuffix(".weight") for n in small_session.layout.names]
+    off = CompressionPlan(criterion="magnitude", layer_prune=dict.fromkeys(names, 0.33),
+                          layer_bits=dict.fromkeys(names, 4))
+    with pytest.raises(XaicompError, match="not on the search's grid"):
+        auto_search(small_session, 1.0, signal="magnitude", budget=4, start=off, **GRID)
+    with pytest.raises(XaicompError, match="no per-layer setting"):
+        auto_search(small_session, 1.0, signal="magnitude", budget=4, start=CompressionPlan(criterion="magnitude"),
+                    **GRID)

@@ -270,14 +270,16 @@ def yeom_equal_size(s: CompressionSession, mp_rows: list[dict[str, Any]]) -> lis
 
 
 def _auto_runs(s: CompressionSession, quick: bool, signals: Sequence[str], budget: int, finetune_epochs: int,
-               label: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """:func:`~xaicomp_core.evaluate.auto.auto_compare` for ``signals``: the section's common fields and the results
-    by signal. ``quick``: 6 evaluations on a coarse grid."""
+               label: str, start: dict[str, CompressionPlan] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """:func:`~xaicomp_core.evaluate.auto.auto_compare` for ``signals`` (``start``: per signal, the plan its search
+    starts from): the section's common fields and the results by signal. ``quick``: 6 evaluations on a coarse
+    grid."""
     from xaicomp_core.evaluate.auto import auto_compare, compare_summary, verdict
 
     grid: dict[str, Any] = {"sparsities": (0.0, 0.5, 0.8, 0.9), "bits": (8, 4, 3, 2)} if quick else {}
     budget = 6 if quick else budget
-    results = auto_compare(s, AUTO_MAX_DROP, signals=signals, budget=budget, finetune_epochs=finetune_epochs, **grid)
+    results = auto_compare(s, AUTO_MAX_DROP, signals=signals, budget=budget, finetune_epochs=finetune_epochs,
+                           start=start, **grid)
     out: dict[str, Any] = {"max_drop_points": AUTO_MAX_DROP, "budget": budget, "search_images": len(s.y_ref),
                            "grid": "coarse (quick)" if quick else "default", "summary": compare_summary(results),
                            "verdict": verdict(results), "signals": {}}
@@ -306,14 +308,21 @@ def auto_section(s: CompressionSession, quick: bool = False) -> dict[str, Any]:
     return out
 
 
-def auto_finetuned_section(s: CompressionSession, quick: bool = False) -> dict[str, Any]:
+def auto_finetuned_section(s: CompressionSession, quick: bool = False,
+                           auto: dict[str, Any] | None = None) -> dict[str, Any]:
     """The auto search with fine-tuning in the loop, once per signal in :data:`AUTO_FT_SIGNALS`: every plan the
-    bisection and the greedy steps measure is first fine-tuned :data:`FT_EPOCHS_HEADLINE` epochs (the calibration
-    probes are not), so the plan found is the smallest that holds *after* recovery. ``quick``: 6 evaluations on a
+    search measures is first fine-tuned :data:`FT_EPOCHS_HEADLINE` epochs (the calibration probes are not), so the
+    plan found is the smallest that holds *after* recovery. With ``auto`` (the model's :func:`auto_section`), each
+    signal's search starts from the plan the same signal found without fine-tuning (instead of its bisection), so
+    fine-tuning in the loop never ends with a larger plan than the search without it. ``quick``: 6 evaluations on a
     coarse grid."""
     t0 = time.time()
-    out, _ = _auto_runs(s, quick, AUTO_FT_SIGNALS, AUTO_FT_BUDGET, FT_EPOCHS_HEADLINE, ", fine-tuned in the loop")
-    out.update(finetune_epochs=FT_EPOCHS_HEADLINE, date=datetime.date.today().isoformat(), seconds=time.time() - t0)
+    start = {sig: CompressionPlan.from_dict(auto["signals"][sig]["plan"]) for sig in AUTO_FT_SIGNALS
+             if auto and sig in auto.get("signals", {})}
+    out, _ = _auto_runs(s, quick, AUTO_FT_SIGNALS, AUTO_FT_BUDGET, FT_EPOCHS_HEADLINE, ", fine-tuned in the loop",
+                        start or None)
+    out.update(finetune_epochs=FT_EPOCHS_HEADLINE, date=datetime.date.today().isoformat(), seconds=time.time() - t0,
+               started_from_auto=sorted(start))
     return out
 
 
@@ -509,7 +518,7 @@ def run_model(name: str, quick: bool = False, threads: int = 2, ray: bool = Fals
     res["yeom_equal_size"] = yeom_equal_size(s, res["mixed_precision"])
     res["auto"] = auto_section(s, quick)
     if quick or name in AUTO_FT_MODELS:
-        res["auto_finetuned"] = auto_finetuned_section(s, quick)
+        res["auto_finetuned"] = auto_finetuned_section(s, quick, res["auto"])
     res["within_1pt"] = within_one_point(s, res["best_by_criterion"], res["auto"])
     res["where_relevance_helps"] = where_relevance_helps(s, res["pruning_curves"], res["mixed_precision"], res["auto"])
     if not quick:
@@ -687,10 +696,13 @@ def _auto_finetuned_lines(m: dict[str, Any]) -> list[str]:
         return []
     L = ["", f"### Auto search with {a['finetune_epochs']}-epoch fine-tuning in the loop (`xaicomp auto "
          f"--finetune-epochs {a['finetune_epochs']}`)", "",
-         f"The same search, but every plan the bisection and the greedy steps measure is fine-tuned first (the "
-         f"calibration probes are not): {a['budget']} evaluations per signal on the {a['search_images']:,} reference "
-         f"images, {a['seconds'] / 60:.1f} minutes for {len(a['signals'])} signals (run on {a['date']}). The plan "
-         "found is evaluated once on the evaluation images, fine-tuned as the saved plan says.", "",
+         f"The same search, but every plan it measures is fine-tuned first (the calibration probes are not): "
+         f"{a['budget']} evaluations per signal on the {a['search_images']:,} reference images, "
+         f"{a['seconds'] / 60:.1f} minutes for {len(a['signals'])} signals (run on {a['date']})"
+         + (f"; the searches of {', '.join(a['started_from_auto'])} start from the plan the same signal found "
+            "without fine-tuning (`--start-plan`) instead of from their bisection" if a.get("started_from_auto")
+            else "") + ". The plan found is evaluated once on the evaluation images, fine-tuned as the saved plan "
+         "says.", "",
          "| signal | ratio | size | search drop | evaluation drop | evaluations | plan |",
          "|---|---|---|---|---|---|---|"]
     for sig, d in a["signals"].items():
@@ -896,7 +908,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in args.models.split(","):
             t1 = time.time()
             summary["models"][name]["auto_finetuned"] = auto_finetuned_section(
-                model_session(name, args.quick, args.threads), args.quick)
+                model_session(name, args.quick, args.threads), args.quick, summary["models"][name].get("auto"))
             summary["meta"].setdefault("partial_runs", []).append({
                 "section": args.only, "model": name, "date": datetime.date.today().isoformat(),
                 "seconds": time.time() - t1, "machine": _machine(args.threads),

@@ -8,7 +8,14 @@ import math
 import pathlib
 from typing import Any
 
-from xaicomp_core.cli.common import add_model_args, fmt_bytes, print_json, progress_printer, session_from_args
+from xaicomp_core.cli.common import (
+    add_model_args,
+    fmt_bytes,
+    print_json,
+    progress_printer,
+    read_plan_text,
+    session_from_args,
+)
 from xaicomp_core.errors import XaicompError
 
 
@@ -54,6 +61,11 @@ def cmd_auto(args: argparse.Namespace) -> int:
         out = pathlib.Path(args.save_plan)
         if out.is_dir() or not out.parent.exists():
             raise XaicompError(f"cannot write the plan to {out}: not a file in an existing folder")
+    start = None
+    if args.start_plan:
+        from xaicomp_core.plan import CompressionPlan
+
+        start = CompressionPlan.from_json(read_plan_text(args.start_plan))
     session = session_from_args(args, progress_printer("relevance", not args.json))
     if args.composite:
         session.composite = args.composite
@@ -61,7 +73,8 @@ def cmd_auto(args: argparse.Namespace) -> int:
         raise XaicompError("--finetune-epochs needs fine-tuning data (--train-data, or built-in data)")
     results = auto_compare(session, args.max_drop, signals=signals, budget=budget,
                            finetune_epochs=args.finetune_epochs, sparsities=sparsities, bits=bits, probes=probes,
-                           mix=mix, progress=progress_printer("evaluations", not args.json))
+                           mix=mix, progress=progress_printer("evaluations", not args.json),
+                           start=dict.fromkeys(signals, start) if start is not None else None)
     primary = results[signals[0]]
     if args.save_plan:
         pathlib.Path(args.save_plan).write_text(primary.plan.to_json() + "\n")
@@ -71,7 +84,7 @@ def cmd_auto(args: argparse.Namespace) -> int:
         "finetune_epochs": args.finetune_epochs, "search_images": len(session.y_ref),
         "evaluation_images": len(session.y_eval), "sparsities": sorted(set(sparsities)),
         "bits": sorted(set(bits), reverse=True),
-        "probes": probes, "mix": list(mix) if mix else None,
+        "probes": probes, "mix": list(mix) if mix else None, "start_plan": args.start_plan,
         "primary": signals[0], "saved_plan": args.save_plan, "comparison": summary,
         "results": {k: r.to_dict() for k, r in results.items()},
     }
@@ -117,6 +130,9 @@ def register(subparsers: Any) -> None:
     g.add_argument("--mix", default=None, metavar="MORE,FEWER,SHARE",
                    help="one more per-layer bit setting: SHARE of a layer's output channels at MORE bits, the rest "
                         "at FEWER, channels ranked by the signal (relevance for relevance/hybrid), e.g. 3,2,0.5")
+    g.add_argument("--start-plan", default=None, metavar="PLAN.json",
+                   help="start the greedy steps from this plan (per-layer settings on the grid, e.g. a --save-plan of "
+                        "the search without fine-tuning) when it is within the budget, instead of the bisection")
     g.add_argument("--composite", default=None, help="LRP composite of the relevance signal (default epsilon)")
     g.add_argument("--save-plan", default=None, help="write the first signal's plan as JSON to this file")
     p.add_argument("--json", action="store_true")

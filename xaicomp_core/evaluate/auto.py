@@ -30,7 +30,9 @@ How it searches (a rate-distortion allocation calibrated by real evaluations, as
    per byte saved give one chain of plans from the most accurate (dense 8 bits) to the smallest -- the plans that
    minimise ``bytes + lambda * damage`` as ``lambda`` falls.
 4. **Bisection** (about ``log2(chain length)`` evaluations): the longest prefix of the chain whose accuracy on the
-   search images is within ``max_drop`` points of the original model's.
+   search images is within ``max_drop`` points of the original model's. A **start** plan (``start=``, ``xaicomp auto
+   --start-plan``; e.g. what the search found without fine-tuning, for a search that fine-tunes) replaces it when it
+   is within the budget: one evaluation, and the search cannot end with a larger plan than its start.
 5. **Greedy** (the rest of the budget): from there, the chain of the settings still allowed is re-derived from the
    current plan and its first ``m`` steps are tried at once, kept only if the accuracy stays within the budget
    (``m`` doubles after a success and halves after a failure); a single step that fails rules out its setting and
@@ -50,7 +52,7 @@ evaluation drop can therefore differ from the search drop either way, and the re
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -367,8 +369,28 @@ class AutoSearch:
         return self._acc[key]
 
     # --------------------------------------------------------------------------------------------------------
+    def start_state(self, plan: CompressionPlan) -> dict[str, Setting]:
+        """The per-layer settings of ``plan`` (its ``layer_prune`` and ``layer_bits`` for every searched layer, as
+        :meth:`plan_for` writes them), for :meth:`run`'s ``start``.
+
+        Raises
+        ------
+        XaicompError
+            If a layer is missing or its setting is not one this search chooses from.
+        """
+        state: dict[str, Setting] = {}
+        for k in self.layers:
+            if k not in plan.layer_prune or k not in plan.layer_bits:
+                raise XaicompError(f"the start plan has no per-layer setting for {k} (use a plan from xaicomp auto)")
+            st = (float(plan.layer_prune[k]), int(plan.layer_bits[k]))
+            if st[0] not in self.sparsities or st[1] not in self.bits:
+                raise XaicompError(f"the start plan's setting of {k} ({st[0]:g} pruned, {st[1]} bits) is not on "
+                                   "the search's grid")
+            state[k] = st
+        return state
+
     def run(self, max_drop: float = 1.0, budget: int = DEFAULT_BUDGET,
-            progress: ProgressFn | None = None) -> AutoResult:
+            progress: ProgressFn | None = None, start: CompressionPlan | None = None) -> AutoResult:
         """Search (see the module docstring) and evaluate the plan found on the session's evaluation images.
 
         Parameters
@@ -379,7 +401,12 @@ class AutoSearch:
             Evaluations on the search images, at most.
         progress : callable, optional
             ``progress(done, budget)`` after each evaluation.
+        start : CompressionPlan, optional
+            A plan of per-layer settings on this search's grid (e.g. the result of the same search without
+            fine-tuning): measured first, and if it is within the budget the greedy steps start from it instead of
+            from the bisection, so the search cannot end with a larger plan than ``start``.
         """
+        start_state = self.start_state(start) if start is not None else None
         if not max_drop >= 0:
             raise XaicompError(f"max drop must be at least 0 points, got {max_drop}")
         if budget < 1:
@@ -435,14 +462,17 @@ class AutoSearch:
         # bisection: the longest feasible prefix (the end of the chain, the smallest plan, is taken as infeasible
         # unless everything before it is feasible)
         lo, hi = 0, len(chain)
-        if check(chain[0], "bisection"):
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                ok = check(chain[mid], "bisection")
-                if ok is None:
-                    break
-                lo, hi = (mid, hi) if ok else (lo, mid)
-        current = dict(chain[lo])
+        if start_state is not None and check(start_state, "start"):
+            current = dict(start_state)
+        else:
+            if check(chain[0], "bisection"):
+                while hi - lo > 1:
+                    mid = (lo + hi) // 2
+                    ok = check(chain[mid], "bisection")
+                    if ok is None:
+                        break
+                    lo, hi = (mid, hi) if ok else (lo, mid)
+            current = dict(chain[lo])
         # greedy: from there, the (calibrated) chain of the settings still allowed, re-derived from the current
         # plan; try its first m steps at once (m doubles after a success, halves after a failure); a single step
         # that fails rules out that setting and every setting of that layer at least as aggressive (as sparse or
@@ -536,17 +566,21 @@ class AutoSearch:
 def auto_search(session: CompressionSession, max_drop: float = 1.0, *, signal: str = "relevance",
                 budget: int = DEFAULT_BUDGET, finetune_epochs: int = 0,
                 search_data: str | tuple[torch.Tensor, torch.Tensor] = "reference",
-                progress: ProgressFn | None = None, **kwargs: Any) -> AutoResult:
-    """The smallest plan within ``max_drop`` points found with ``budget`` evaluations (see :class:`AutoSearch`)."""
+                progress: ProgressFn | None = None, start: CompressionPlan | None = None,
+                **kwargs: Any) -> AutoResult:
+    """The smallest plan within ``max_drop`` points found with ``budget`` evaluations (see :class:`AutoSearch`;
+    ``start``: :meth:`AutoSearch.run`)."""
     search = AutoSearch(session, signal, search_data=search_data, finetune_epochs=finetune_epochs, **kwargs)
-    return search.run(max_drop, budget, progress)
+    return search.run(max_drop, budget, progress, start)
 
 
 def auto_compare(session: CompressionSession, max_drop: float = 1.0, *,
                  signals: Sequence[str] = ("hybrid", "magnitude"), budget: int = DEFAULT_BUDGET,
                  finetune_epochs: int = 0, search_data: str | tuple[torch.Tensor, torch.Tensor] = "reference",
-                 progress: ProgressFn | None = None, **kwargs: Any) -> dict[str, AutoResult]:
-    """The same search once per signal, with the same budget each (``progress(done, total)`` over all of them)."""
+                 progress: ProgressFn | None = None, start: Mapping[str, CompressionPlan] | None = None,
+                 **kwargs: Any) -> dict[str, AutoResult]:
+    """The same search once per signal, with the same budget each (``progress(done, total)`` over all of them);
+    ``start`` maps a signal to the plan its search starts from (:meth:`AutoSearch.run`)."""
     out: dict[str, AutoResult] = {}
     total = budget * len(signals)
     for n, sig in enumerate(signals):
@@ -557,7 +591,7 @@ def auto_compare(session: CompressionSession, max_drop: float = 1.0, *,
                 progress(offset + done, total)
 
         out[sig] = auto_search(session, max_drop, signal=sig, budget=budget, finetune_epochs=finetune_epochs,
-                               search_data=search_data, progress=step, **kwargs)
+                               search_data=search_data, progress=step, start=(start or {}).get(sig), **kwargs)
         if progress is not None:
             progress(offset + budget, total)
     return out
