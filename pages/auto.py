@@ -45,7 +45,7 @@ def _open_in_compress(plan: CompressionPlan) -> None:
 
 
 with st.form("auto_form", border=True):
-    c1, c2, c3, c4 = st.columns([1.2, 1.2, 2, 1.2])
+    c1, c2, c3, c4, c5 = st.columns([1.2, 1.2, 2, 1.2, 1.2])
     c = control("au_max_drop", 1.0)
     max_drop = float(c.keep(c1.number_input(
         "Max accuracy drop (points)", min_value=0.0, max_value=100.0, value=float(c.value), step=0.25, key=c.key,
@@ -64,25 +64,33 @@ with st.form("auto_form", border=True):
         disabled=not session.can_finetune,
         help="Fine-tune every evaluated plan first, as the saved plan will be (slow: one fine-tuning per "
              "evaluation)." if session.can_finetune else "This data has no training images.")))
+    c = control("au_warm_start", DEFAULT_BUDGET)
+    warm = int(c.keep(c5.number_input(
+        "Warm start (evaluations)", min_value=0, max_value=1000, value=int(c.value), step=10, key=c.key,
+        disabled=not session.can_finetune,
+        help="With fine-tuning: first search each signal this many evaluations without fine-tuning (fast) and start "
+             "the fine-tuned search from its plan, so fine-tuning never ends with a larger plan. 0: off.")))
     # A callback (not the button's return value) so that the request survives any rerun before it is handled.
     st.form_submit_button("Run search", type="primary", icon=":material/search:",
                           on_click=lambda: st.session_state.update(au_requested=True))
 if not session.can_finetune:
     epochs = 0
+if not epochs:
+    warm = 0
 st.caption("Leaving the page stops a search under way; a finished search stays here (per browser session) until "
            "the next one.")
 
 cache = per_session_cache("auto")
-request = (session_scope_key(session), settings.composite, max_drop, budget, tuple(signals), epochs)
+request = (session_scope_key(session), settings.composite, max_drop, budget, tuple(signals), epochs, warm)
 if st.session_state.pop("au_requested", False):
     if not signals:
         st.error("Choose at least one signal.", icon=":material/warning:")
     else:
         try:
             results = run_with_progress(
-                f"Searching ({', '.join(signals)}; {budget} evaluations each): evaluations", lambda progress:
+                f"Searching ({', '.join(signals)}; {budget + warm} evaluations each): evaluations", lambda progress:
                 auto_compare(session, max_drop, signals=signals, budget=budget, finetune_epochs=epochs,
-                             composite=settings.composite, progress=progress))
+                             composite=settings.composite, progress=progress, warm_start=warm))
             cache.clear()
             cache[request] = results
         except XaicompError as e:
@@ -99,7 +107,7 @@ if shown != request:
     st.info("Showing the last search; its settings differ from the form — press **Run search** to update.",
             icon=":material/info:")
 results: dict[str, AutoResult] = cache[shown]
-_, _, drop_shown, budget_shown, signals_shown, epochs_shown = shown
+_, _, drop_shown, budget_shown, signals_shown, epochs_shown, warm_shown = shown
 
 st.info(verdict(results), icon=":material/balance:")
 
@@ -124,7 +132,9 @@ for col, (name, r) in zip(columns, results.items()):
                   border=True, help=f"Points below the original model on the {r.search_images:,} search images "
                                     f"(what the budget limits) and on the {ev.images:,} evaluation images.")
         st.caption(f"{r.evaluations} of {r.budget} evaluations · {r.seconds:.1f} s · {fmt_pct(ev.sparsity, 1)} "
-                   f"pruned · {ev.mean_bits:.2f} mean bits")
+                   f"pruned · {ev.mean_bits:.2f} mean bits"
+                   + (f" · started from the plan found in {r.warm_start} evaluations without fine-tuning"
+                      if r.warm_start else ""))
         st.dataframe([{"layer": la.name, "weights": la.params, "pruned": fmt_pct(la.sparsity, 1),
                        "bits": layer_bits_text(r.plan, la.name), "size": fmt_bytes(la.bytes)} for la in ev.layers],
                      hide_index=True, width="stretch", key=f"au_layers_{name}",
@@ -140,6 +150,8 @@ with st.expander("Reproduce on the command line"):
                ("--signals", ",".join(signals_shown))]
     if epochs_shown:
         options.append(("--finetune-epochs", str(epochs_shown)))
+        if warm_shown:
+            options.append(("--warm-start", str(warm_shown)))
     if settings.composite != DEFAULT_COMPOSITE:
         options.append(("--composite", settings.composite))
     options.append(("--save-plan", "plan.json"))

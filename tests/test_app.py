@@ -722,3 +722,33 @@ def test_auto_panel_shows_the_engine_search_and_hands_the_plan_to_compress(tmp_p
     at.sidebar.number_input(key="sb_eval_samples").set_value(350).run()
     ok(at)
     assert verdict(expect) not in infos(at) and "Run search" in infos(at) and not at.metric
+
+
+@pytest.mark.slow
+def test_auto_panel_warm_starts_a_fine_tuned_search():
+    """With fine-tuning, the Auto page first searches without it and starts from that plan (the engine's
+    ``warm_start``), says so under each signal, and the command it shows does the same."""
+    from pages.common import DataSpec, ModelSpec, Settings, session_for
+    from xaicomp_core.evaluate.auto import auto_compare
+
+    at = new_app("fashion-lenet")
+    at.sidebar.number_input(key="sb_eval_samples").set_value(300).run()
+    at.sidebar.number_input(key="sb_ref_samples").set_value(200).run()
+    goto(at, "auto")
+    at.number_input(key="au_budget").set_value(2)
+    at.number_input(key="au_ft_epochs").set_value(1)
+    at.number_input(key="au_warm_start").set_value(5)
+    at.multiselect(key="au_signals").set_value(["magnitude"])
+    next(b for b in at.button if b.label == "Run search").click()
+    at.run(timeout=600)
+    ok(at)
+    session = session_for(Settings(model=ModelSpec("builtin", "fashion-lenet"), data=DataSpec(eval_samples=300),
+                                   reference_samples=200))
+    expect = auto_compare(session, 1.0, signals=["magnitude"], budget=2, finetune_epochs=1, warm_start=5,
+                          composite="epsilon")["magnitude"]
+    shown = next(iter(at.session_state["_cache"]["auto"].values()))["magnitude"]
+    assert shown.plan == expect.plan and shown.history == expect.history and shown.warm_start == expect.warm_start
+    assert any(h["phase"] == "start" for h in shown.history)
+    if shown.warm_start:
+        assert any("started from the plan found in 5 evaluations" in c.value for c in at.caption)
+    assert "--warm-start 5" in at.code[0].value and "--finetune-epochs 1" in at.code[0].value

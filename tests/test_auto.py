@@ -223,3 +223,23 @@ def test_start_plans_off_the_grid_are_refused_in_one_line(small_session):
     with pytest.raises(XaicompError, match="no per-layer setting"):
         auto_search(small_session, 1.0, signal="magnitude", budget=4, start=CompressionPlan(criterion="magnitude"),
                     **GRID)
+
+
+def test_a_warm_start_searches_without_fine_tuning_first(fashion_ref, fashion_eval):
+    from xaicomp_core import load_builtin_dataset
+
+    train = load_builtin_dataset("fashion-mnist", "train").balanced_subset(300)
+    s = CompressionSession(load_builtin_model("fashion-lenet"), fashion_ref.balanced_subset(200),
+                           fashion_eval.balanced_subset(300), train_data=train)
+    calls = []
+    res = auto_compare(s, 1.0, signals=["magnitude"], budget=3, finetune_epochs=1, warm_start=6, probes=1,
+                       progress=lambda d, t: calls.append((d, t)), **GRID)["magnitude"]
+    pre = auto_search(s, 1.0, signal="magnitude", budget=6, probes=1, **GRID)
+    assert calls[-1] == (9, 9) and all(t == 9 for _, t in calls)
+    phases = [h["phase"] for h in res.history]
+    assert "bisection" not in phases and phases.count("start") == 1
+    start = next(h for h in res.history if h["phase"] == "start")
+    assert start["within"] and res.warm_start == 6 and res.plan.finetune_epochs == 1
+    # the fine-tuned search started where the search without fine-tuning ended
+    assert start["layers"] == {k: [pre.plan.layer_prune[k], pre.plan.layer_bits[k]] for k in pre.plan.layer_prune}
+    assert res.feasible and start["bytes"] >= min(h["bytes"] for h in res.history if h["within"])

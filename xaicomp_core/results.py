@@ -700,9 +700,10 @@ def _auto_finetuned_lines(m: dict[str, Any]) -> list[str]:
          f"{a['budget']} evaluations per signal on the {a['search_images']:,} reference images, "
          f"{a['seconds'] / 60:.1f} minutes for {len(a['signals'])} signals (run on {a['date']})"
          + (f"; the searches of {', '.join(a['started_from_auto'])} start from the plan the same signal found "
-            "without fine-tuning (`--start-plan`) instead of from their bisection" if a.get("started_from_auto")
-            else "") + ". The plan found is evaluated once on the evaluation images, fine-tuned as the saved plan "
-         "says.", "",
+            f"without fine-tuning in the search above, instead of from their bisection (the same as `xaicomp auto "
+            f"--finetune-epochs {a['finetune_epochs']} --warm-start {m['auto']['budget']}`)"
+            if a.get("started_from_auto") and m.get("auto") else "")
+         + ". The plan found is evaluated once on the evaluation images, fine-tuned as the saved plan says.", "",
          "| signal | ratio | size | search drop | evaluation drop | evaluations | plan |",
          "|---|---|---|---|---|---|---|"]
     for sig, d in a["signals"].items():

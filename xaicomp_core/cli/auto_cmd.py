@@ -30,6 +30,8 @@ def cmd_auto(args: argparse.Namespace) -> int:
         raise XaicompError(f"--budget must be at least 1 evaluation, got {budget}")
     if not 0 <= args.finetune_epochs <= 100:
         raise XaicompError(f"--finetune-epochs must be in 0..100, got {args.finetune_epochs}")
+    if not 0 <= args.warm_start <= 10000:
+        raise XaicompError(f"--warm-start must be 0..10000 evaluations, got {args.warm_start}")
     signals = [s.strip() for s in args.signals.split(",") if s.strip()]
     bad = [s for s in signals if s not in SIGNALS]
     if not signals or bad or len(set(signals)) != len(signals):
@@ -74,7 +76,8 @@ def cmd_auto(args: argparse.Namespace) -> int:
     results = auto_compare(session, args.max_drop, signals=signals, budget=budget,
                            finetune_epochs=args.finetune_epochs, sparsities=sparsities, bits=bits, probes=probes,
                            mix=mix, progress=progress_printer("evaluations", not args.json),
-                           start=dict.fromkeys(signals, start) if start is not None else None)
+                           start=dict.fromkeys(signals, start) if start is not None else None,
+                           warm_start=args.warm_start)
     primary = results[signals[0]]
     if args.save_plan:
         pathlib.Path(args.save_plan).write_text(primary.plan.to_json() + "\n")
@@ -85,6 +88,7 @@ def cmd_auto(args: argparse.Namespace) -> int:
         "evaluation_images": len(session.y_eval), "sparsities": sorted(set(sparsities)),
         "bits": sorted(set(bits), reverse=True),
         "probes": probes, "mix": list(mix) if mix else None, "start_plan": args.start_plan,
+        "warm_start": args.warm_start if args.finetune_epochs else 0,
         "primary": signals[0], "saved_plan": args.save_plan, "comparison": summary,
         "results": {k: r.to_dict() for k, r in results.items()},
     }
@@ -117,6 +121,10 @@ def register(subparsers: Any) -> None:
                                                            "(default 80; at most half of them calibrate)")
     g.add_argument("--finetune-epochs", type=int, default=0,
                    help="fine-tune every evaluated plan this many epochs (slow: one fine-tuning per evaluation)")
+    g.add_argument("--warm-start", type=int, default=0, metavar="N",
+                   help="with --finetune-epochs: first search each signal without fine-tuning (N evaluations, "
+                        "cheap) and start the fine-tuned search from its plan, so fine-tuning never ends larger "
+                        "(default 0: off)")
     g.add_argument("--signals", default="hybrid,magnitude",
                    help="signals to search with, side by side; the first one's plan is saved. hybrid: relevance "
                         "allocates, |w| prunes inside a layer; relevance: |R|·|w| inside too; magnitude: no "

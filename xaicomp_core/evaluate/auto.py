@@ -115,6 +115,9 @@ class AutoResult:
     history : list of dict
         Every evaluated plan: phase, bytes, accuracy on the search images, whether it was within the budget.
     seconds : float
+    warm_start : int
+        Evaluations of the search without fine-tuning whose plan this one started from (:func:`auto_compare`'s
+        ``warm_start``; 0: none, or not within the budget).
     """
 
     signal: str
@@ -130,6 +133,7 @@ class AutoResult:
     budget: int
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    warm_start: int = 0
 
     @property
     def compression_ratio(self) -> float:
@@ -155,7 +159,7 @@ class AutoResult:
             "layers": [{"name": la.name, "sparsity": la.sparsity, "bits": la.mean_bits, "bytes": la.bytes}
                        for la in ev.layers],
             "evaluations": self.evaluations, "budget": self.budget, "seconds": self.seconds,
-            "history": self.history,
+            "warm_start": self.warm_start, "history": self.history,
         }
 
 
@@ -578,22 +582,45 @@ def auto_compare(session: CompressionSession, max_drop: float = 1.0, *,
                  signals: Sequence[str] = ("hybrid", "magnitude"), budget: int = DEFAULT_BUDGET,
                  finetune_epochs: int = 0, search_data: str | tuple[torch.Tensor, torch.Tensor] = "reference",
                  progress: ProgressFn | None = None, start: Mapping[str, CompressionPlan] | None = None,
-                 **kwargs: Any) -> dict[str, AutoResult]:
-    """The same search once per signal, with the same budget each (``progress(done, total)`` over all of them);
-    ``start`` maps a signal to the plan its search starts from (:meth:`AutoSearch.run`)."""
+                 warm_start: int = 0, **kwargs: Any) -> dict[str, AutoResult]:
+    """The same search once per signal, with the same budget each (``progress(done, total)`` over all of them).
+
+    ``start`` maps a signal to the plan its search starts from (:meth:`AutoSearch.run`). With ``warm_start`` > 0 and
+    ``finetune_epochs`` > 0, each signal is first searched without fine-tuning (``warm_start`` evaluations, cheap) and
+    the fine-tuned search starts from the plan found when it is within the budget, so fine-tuning in the loop never
+    ends with a larger plan than the search without it; ``progress`` then counts both searches.
+    """
+    if warm_start < 0:
+        raise XaicompError(f"the warm start needs 0 or more evaluations, got {warm_start}")
+    warm = int(warm_start) if finetune_epochs else 0
+    total = (budget + warm) * len(signals)
     out: dict[str, AutoResult] = {}
-    total = budget * len(signals)
+    starts = dict(start or {})
     for n, sig in enumerate(signals):
-        offset = n * budget
+        offset = n * (budget + warm)
 
         def step(done: int, _total: int, offset: int = offset) -> None:
             if progress is not None:
                 progress(offset + done, total)
 
+        started = 0
+        if warm:
+            pre = auto_search(session, max_drop, signal=sig, budget=warm, finetune_epochs=0, search_data=search_data,
+                              progress=step, start=starts.get(sig), **kwargs)
+            if pre.feasible:
+                starts[sig] = pre.plan
+                started = warm
+
+        def step2(done: int, _total: int, offset: int = offset + warm) -> None:
+            if progress is not None:
+                progress(offset + done, total)
+
         out[sig] = auto_search(session, max_drop, signal=sig, budget=budget, finetune_epochs=finetune_epochs,
-                               search_data=search_data, progress=step, start=(start or {}).get(sig), **kwargs)
+                               search_data=search_data, progress=step2, start=starts.get(sig), **kwargs)
+        if started and any(h["phase"] == "start" and h["within"] for h in out[sig].history):
+            out[sig].warm_start = started
         if progress is not None:
-            progress(offset + budget, total)
+            progress(offset + budget + warm, total)
     return out
 
 
