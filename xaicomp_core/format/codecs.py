@@ -21,7 +21,7 @@ of the format's table (ties in cost go to the earlier one): a new keep encoding 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import numpy as np
 import torch
@@ -101,21 +101,43 @@ class KeepStats:
     rice: tuple[int, int] | None = None
 
 
-class KeepCodec:
+S = TypeVar("S")
+
+
+class SectionCodec(Generic[S]):
+    """One encoding of a section, chosen per tensor by its cost: ``name``, :meth:`applies` and :meth:`cost` of the
+    section's statistics ``S``."""
+
+    name: ClassVar[str] = ""
+
+    def applies(self, s: S) -> bool:
+        """Whether this encoding can code the section described by ``s``."""
+        raise NotImplementedError
+
+    def cost(self, s: S) -> int:
+        """Bytes of the section (only called where :meth:`applies`)."""
+        raise NotImplementedError
+
+
+def cheapest(registry: Registry, s: Any) -> tuple[Any, int]:
+    """The registered codec of least :meth:`~SectionCodec.cost` among those that apply to ``s``, and that cost
+    (ties go to the earlier registered one)."""
+    best: tuple[Any, int] | None = None
+    for _, codec in registry.items():
+        if codec.applies(s):
+            cost = codec.cost(s)
+            if best is None or cost < best[1]:
+                best = (codec, cost)
+    if best is None:
+        raise RuntimeError(f"no {registry.kind} applies to {s}")
+    return best
+
+
+class KeepCodec(SectionCodec[KeepStats]):
     """One keep encoding: which weights of a layer are kept.
 
     Subclasses set ``name`` and implement :meth:`applies`, :meth:`cost`, :meth:`encode` and :meth:`decode`.
     """
-
-    name: ClassVar[str] = ""
-
-    def applies(self, s: KeepStats) -> bool:
-        """Whether this encoding can code the mask described by ``s``."""
-        raise NotImplementedError
-
-    def cost(self, s: KeepStats) -> int:
-        """Bytes of the keep section (only called where :meth:`applies`)."""
-        raise NotImplementedError
 
     def param(self, s: KeepStats) -> int:
         """The encoding's parameter (``keep_param``; the Rice ``k``), 0 if it has none."""
@@ -156,15 +178,8 @@ def keep_codec(name: str) -> KeepCodec:
 
 def choose_keep(s: KeepStats) -> tuple[str, int, int]:
     """The cheapest keep encoding for ``s``: (name, bytes, parameter). Ties go to the earlier registered codec."""
-    best: tuple[str, int, int] | None = None
-    for _, codec in KEEP_CODECS.items():
-        if codec.applies(s):
-            cost = codec.cost(s)
-            if best is None or cost < best[1]:
-                best = (codec.name, cost, codec.param(s))
-    if best is None:
-        raise RuntimeError(f"no keep encoding applies to {s}")
-    return best
+    codec, cost = cheapest(KEEP_CODECS, s)
+    return codec.name, cost, codec.param(s)
 
 
 def _positions_mask(positions: np.ndarray, n: int, of_kept: bool) -> np.ndarray:
@@ -529,21 +544,15 @@ class ValueStats:
         return int(np.dot(np.asarray(self.counts, dtype=np.int64), np.asarray(self.levels, dtype=np.int64)))
 
 
-class ValueCodec:
+class ValueCodec(SectionCodec[ValueStats]):
     """One encoding of the values section: every kept weight's stored code (or fp32 bit pattern).
 
-    Subclasses set ``name`` and implement :meth:`applies`, :meth:`cost`, :meth:`encode` and :meth:`decode`.
+    Subclasses set ``name`` and implement :meth:`cost`, :meth:`encode` and :meth:`decode_codes` (and
+    :meth:`applies`, where not every section can be coded).
     """
 
-    name: ClassVar[str] = ""
-
-    def applies(self, s: ValueStats) -> bool:
-        """Whether this encoding can code the values described by ``s``."""
+    def applies(self, s: ValueStats) -> bool:  # noqa: D102
         return True
-
-    def cost(self, s: ValueStats) -> int:
-        """Bytes of the values section."""
-        raise NotImplementedError
 
     def encode(self, codes: np.ndarray, values: np.ndarray, kc: np.ndarray, levels: list[int]) -> bytes:
         """The section of kept weights with stored ``codes``, float ``values`` and class ids ``kc`` (kept order)."""
@@ -603,14 +612,8 @@ def value_codec(name: str) -> ValueCodec:
 
 def choose_values(s: ValueStats) -> tuple[str, int]:
     """The cheapest value encoding for ``s``: (name, bytes). Ties go to the earlier registered codec."""
-    best: tuple[str, int] | None = None
-    for _, codec in VALUE_CODECS.items():
-        if codec.applies(s):
-            cost = codec.cost(s)
-            if best is None or cost < best[1]:
-                best = (codec.name, cost)
-    assert best is not None  # "fixed" always applies
-    return best
+    codec, cost = cheapest(VALUE_CODECS, s)
+    return codec.name, cost
 
 
 def _stored_ints(codes: np.ndarray, values: np.ndarray, bits: np.ndarray) -> np.ndarray:
