@@ -153,12 +153,19 @@ def encode_section(symbols: np.ndarray, counts: np.ndarray) -> bytes:
 def decode_section(data: bytes, alphabet: int, count: int, name: str) -> tuple[np.ndarray, int]:
     """Inverse of :func:`encode_section` for ``count`` symbols of an ``alphabet``-symbol code, from untrusted
     ``data`` that starts with the section (and may go on after it): the symbols (int64) and the section's bytes."""
-    bits = np.unpackbits(np.frombuffer(bytes(data), dtype=np.uint8), bitorder="little")
+    buf = np.frombuffer(bytes(data), dtype=np.uint8)
     tb = table_bits(alphabet)
-    if len(bits) < tb:
+    end = 8 * len(buf)  # stream bits available, the table's included
+
+    def bits(lo: int, hi: int) -> np.ndarray:
+        """Stream bits ``lo .. hi-1`` (int64), zeros past the end: only these bytes are unpacked."""
+        raw = np.unpackbits(buf[lo // 8:min(len(buf), (hi + 7) // 8)], bitorder="little")[lo % 8:lo % 8 + hi - lo]
+        return np.concatenate([raw, np.zeros(hi - lo - len(raw), dtype=np.uint8)]).astype(np.int64)
+
+    if end < tb:
         raise FormatError(f"{name}: the Huffman table is truncated")
     weights = 1 << np.arange(LENGTH_BITS, dtype=np.int64)
-    lengths = bits[:tb].astype(np.int64).reshape(alphabet, LENGTH_BITS) @ weights
+    lengths = bits(0, tb).reshape(alphabet, LENGTH_BITS) @ weights
     check_lengths(lengths, name)
     max_len = int(lengths.max())
     # lookup table over max_len stream bits (first stream bit least significant): symbol and its length
@@ -169,18 +176,15 @@ def decode_section(data: bytes, alphabet: int, count: int, name: str) -> tuple[n
         step = 1 << int(lengths[s])
         lookup_sym[int(rev[s])::step] = s
         lookup_len[int(rev[s])::step] = lengths[s]
-    stream = bits[tb:]
-    end = len(stream)
-    padded = np.concatenate([stream, np.zeros(max_len, dtype=np.uint8)])
     peek_weights = 1 << np.arange(max_len, dtype=np.int64)
     out: list[int] = []
-    pos = 0
+    pos = tb
     while len(out) < count:
         lo = pos
         hi = min(lo + DECODE_WINDOW, end)
         if lo >= end:
             raise FormatError(f"{name}: the Huffman stream ends after {len(out)} of {count} values")
-        chunk = padded[lo:hi + max_len].astype(np.int64)
+        chunk = bits(lo, hi + max_len)
         peek = np.lib.stride_tricks.sliding_window_view(chunk, max_len)[:hi - lo] @ peek_weights
         wsym = lookup_sym[peek].tolist()
         wnext = (np.arange(lo, hi) + lookup_len[peek]).tolist()
@@ -192,4 +196,4 @@ def decode_section(data: bytes, alphabet: int, count: int, name: str) -> tuple[n
             pos = wnext[pos - lo]
     if pos > end:
         raise FormatError(f"{name}: the Huffman stream ends inside a codeword")
-    return np.asarray(out, dtype=np.int64), nbytes(tb + pos)
+    return np.asarray(out, dtype=np.int64), nbytes(pos)
