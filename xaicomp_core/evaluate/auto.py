@@ -408,7 +408,8 @@ class AutoSearch:
         start : CompressionPlan, optional
             A plan of per-layer settings on this search's grid (e.g. the result of the same search without
             fine-tuning): measured first, and if it is within the budget the greedy steps start from it instead of
-            from the bisection, so the search cannot end with a larger plan than ``start``.
+            from the bisection, so the search cannot end with a larger plan than ``start`` (larger by its size table,
+            which prices the codes before any fine-tuning; the result states the exact size).
         """
         start_state = self.start_state(start) if start is not None else None
         if not max_drop >= 0:
