@@ -227,9 +227,14 @@ class Compressor:
                 sl = layout.layer_slice(i)
                 klass[sl] = torch.where(keep[sl], levels.index(int(bits)), -1).to(torch.int8)
             quant = quantize(layout, self.weights_flat, keep, klass, levels, plan.quantizer)
-            size = compute_size(layout, keep, klass, quant.group_count, levels, plan.granularity, self.state,
-                                codes=quant.codes)
-            return CompressedWeights(plan, layout, keep, quant, size, overrides)
+            return CompressedWeights(plan, layout, keep, quant, self.size_of(layout, keep, quant, plan.granularity),
+                                     overrides)
+
+    def size_of(self, layout: LayerLayout, keep: torch.Tensor, quant: Quantized, granularity: str) -> SizeBreakdown:
+        """The packed size of quantized weights ``quant`` with keep-mask ``keep`` (e.g. fine-tuned weights on a
+        plan's masks and classes: their codes decide the Huffman-coded values)."""
+        return compute_size(layout, keep, quant.klass, quant.group_count, quant.levels, granularity, self.state,
+                            codes=quant.codes)
 
     def structured_overrides(self, layout: LayerLayout, keep: torch.Tensor) -> dict[str, torch.Tensor]:
         """Filter removal: for every output channel without kept weights, zero its bias and the scale and shift of

@@ -597,27 +597,23 @@ def auto_compare(session: CompressionSession, max_drop: float = 1.0, *,
     total = (budget + warm) * len(signals)
     out: dict[str, AutoResult] = {}
     starts = dict(start or {})
+
+    def shifted(offset: int) -> ProgressFn:
+        """``progress`` of one search, counted on from ``offset`` evaluations of the whole comparison."""
+        return lambda done, _total: progress(offset + done, total) if progress is not None else None
+
     for n, sig in enumerate(signals):
         offset = n * (budget + warm)
-
-        def step(done: int, _total: int, offset: int = offset) -> None:
-            if progress is not None:
-                progress(offset + done, total)
-
         started = 0
         if warm:
             pre = auto_search(session, max_drop, signal=sig, budget=warm, finetune_epochs=0, search_data=search_data,
-                              progress=step, start=starts.get(sig), **kwargs)
+                              progress=shifted(offset), start=starts.get(sig), **kwargs)
             if pre.feasible:
                 starts[sig] = pre.plan
                 started = warm
-
-        def step2(done: int, _total: int, offset: int = offset + warm) -> None:
-            if progress is not None:
-                progress(offset + done, total)
-
         out[sig] = auto_search(session, max_drop, signal=sig, budget=budget, finetune_epochs=finetune_epochs,
-                               search_data=search_data, progress=step2, start=starts.get(sig), **kwargs)
+                               search_data=search_data, progress=shifted(offset + warm), start=starts.get(sig),
+                               **kwargs)
         if started and any(h["phase"] == "start" and h["within"] for h in out[sig].history):
             out[sig].warm_start = started
         if progress is not None:

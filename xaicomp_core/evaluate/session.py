@@ -35,7 +35,7 @@ from xaicomp_core.evaluate.progressive import (
     estimate_accuracy,
     quick_indices,
 )
-from xaicomp_core.format.size import SizeBreakdown, compute_size
+from xaicomp_core.format.size import SizeBreakdown
 from xaicomp_core.io.data import DataLike, as_tensors
 from xaicomp_core.io.models import model_info, state_dict_hash
 from xaicomp_core.plan import FP32, CompressionPlan
@@ -441,9 +441,8 @@ class CompressionSession:
             quant = quantize(base.layout, flat, base.keep, base.quant.klass, plan.bit_levels, plan.quantizer)
             # same masks, bit classes and scale groups as the base plan; the codes (and so the size of the
             # Huffman-coded values) are the fine-tuned weights'
-            size = compute_size(base.layout, base.keep, quant.klass, quant.group_count, list(plan.bit_levels),
-                                plan.granularity, self.compressor.state, codes=quant.codes)
-            return dataclasses.replace(base, plan=plan, quant=quant, size=size)
+            return dataclasses.replace(base, plan=plan, quant=quant,
+                                       size=self.compressor.size_of(base.layout, base.keep, quant, plan.granularity))
 
     def needs_finetuning(self, plan: CompressionPlan) -> bool:
         """Whether :meth:`compress` would fine-tune first (the plan asks for it and its weights are not cached)."""

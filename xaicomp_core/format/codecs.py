@@ -682,6 +682,7 @@ class HuffmanValues(ValueCodec):
 
     def decode_codes(self, data: bytes, kc: np.ndarray, levels: list[int], name: str) -> np.ndarray:  # noqa: D102
         u = np.zeros(len(kc), dtype=np.uint64)
+        view = memoryview(data)  # the parts are read in place, not copied
         pos = 0
         for c, b in enumerate(levels):
             sel = kc == c
@@ -694,7 +695,7 @@ class HuffmanValues(ValueCodec):
                 u[sel] = unpack_bits(part, FP32, m)
                 pos += len(part)
             else:
-                sym, used = huffman.decode_section(data[pos:], alphabet(b), m, f"{name} ({b}-bit class)")
+                sym, used = huffman.decode_section(view[pos:], alphabet(b), m, f"{name} ({b}-bit class)")
                 u[sel] = sym.astype(np.uint64)
                 pos += used
         if pos != len(data):

@@ -150,10 +150,10 @@ def encode_section(symbols: np.ndarray, counts: np.ndarray) -> bytes:
     return pack_bits(np.concatenate([tv, sv]), np.concatenate([tw, sw]))
 
 
-def decode_section(data: bytes, alphabet: int, count: int, name: str) -> tuple[np.ndarray, int]:
+def decode_section(data: bytes | memoryview, alphabet: int, count: int, name: str) -> tuple[np.ndarray, int]:
     """Inverse of :func:`encode_section` for ``count`` symbols of an ``alphabet``-symbol code, from untrusted
     ``data`` that starts with the section (and may go on after it): the symbols (int64) and the section's bytes."""
-    buf = np.frombuffer(bytes(data), dtype=np.uint8)
+    buf = np.frombuffer(data, dtype=np.uint8)
     tb = table_bits(alphabet)
     end = 8 * len(buf)  # stream bits available, the table's included
 

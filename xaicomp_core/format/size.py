@@ -71,13 +71,13 @@ class TensorSize:
     fp32_bytes: int
     keep_encoding: str = "dense"
     keep_param: int = 0
-    value_encoding: str = "fixed"
     keep_bytes: int = 0
     class_bytes: int = 0
     scale_bytes: int = 0
     value_bytes: int = 0
     raw_bytes: int = 0
     mean_bits: float = 32.0
+    value_encoding: str = "fixed"
 
     @property
     def total(self) -> int:
@@ -172,7 +172,6 @@ def compute_size(layout: LayerLayout, keep: torch.Tensor, klass: torch.Tensor, g
         encoding's size depends on their histogram per layer and class.
     """
     index = {n: i for i, n in enumerate(layout.names)}
-    lv = torch.tensor(levels, dtype=torch.long)
     gc = group_count.long()
     kept_ch = gc.sum(1)  # kept (non-protected) weights per output channel
     ch_size = torch.tensor([layout.sizes[i] // layout.channels[i] for i in range(len(layout.names))],
@@ -204,11 +203,10 @@ def compute_size(layout: LayerLayout, keep: torch.Tensor, klass: torch.Tensor, g
         sl = layout.layer_slice(i)
         stats = KeepStats(numel, kept, c, kept < numel and bool(structured_layer[i]), mask=keep_np[sl])
         enc, kb, k_param = choose_keep(stats)
-        value_bits = int((counts * lv).sum())
         vstats = ValueStats(list(levels), counts.numpy(),
                             {k: hist[i, k, :alphabet(b)] for k, b in enumerate(levels) if b != FP32 and counts[k]})
         venc, vb = choose_values(vstats)
-        rows.append(TensorSize(name, "compressed", shape, numel, kept, 4 * numel, enc, k_param, venc, kb,
+        rows.append(TensorSize(name, "compressed", shape, numel, kept, 4 * numel, enc, k_param, kb,
                                classes.cost(kept, c, len(levels)), SCALES.cost(int(scales_per_layer[i])),
-                               vb, 0, value_bits / kept if kept else 0.0))
+                               vb, 0, vstats.value_bits / kept if kept else 0.0, value_encoding=venc))
     return SizeBreakdown(rows)
