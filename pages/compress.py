@@ -162,6 +162,13 @@ def plan_controls(plan: CompressionPlan, session: CompressionSession) -> Compres
         if not session.can_finetune:
             st.caption("Fine-tuning needs training images (built-in data or a torchvision folder); this data has "
                        "none, so the plan is evaluated without it.")
+        c = control("cp_fold_norm", plan.fold_norm)
+        fold = bool(c.keep(st.checkbox(
+            "Store BatchNorm as scale and shift", value=bool(c.value), key=c.key, on_change=c.commit,
+            disabled=not session.compressor.norms,
+            help="One scale and one shift per channel instead of weight, bias, mean and variance: 8 instead of 16 "
+                 "bytes per channel. The outputs change by float32 rounding only; the numbers shown are measured "
+                 "on the folded model." if session.compressor.norms else "This model has no BatchNorm.")))
     if not levels:
         st.error("Choose at least one bit level (fp32 keeps the kept weights unquantized).", icon=":material/warning:")
         return None
@@ -171,7 +178,7 @@ def plan_controls(plan: CompressionPlan, session: CompressionSession) -> Compres
                                bit_split=cuts_to_split(cuts), bit_ranking=ranking, granularity=granularity,
                                quantizer=quantizer, composite=plan.composite, seed=seed, finetune_epochs=epochs,
                                finetune_lr=plan.finetune_lr, layer_prune=dict(plan.layer_prune),
-                               layer_bits=dict(plan.layer_bits)).validate()
+                               layer_bits=dict(plan.layer_bits), fold_norm=fold).validate()
     except PlanError as e:
         st.error(str(e), icon=":material/warning:")
         return None

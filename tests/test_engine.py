@@ -230,7 +230,8 @@ def test_keep_encoding_choices():
 
 def test_size_matches_hand_count():
     layout, w = _layout()
-    state = {"a.weight": w["a.weight"], "a.bias": torch.zeros(4), "bn.running_mean": torch.zeros(4),
+    state = {"a.weight": w["a.weight"], "a.bias": torch.tensor([0.0, 1.0, 2.0, 3.0]),
+             "bn.running_mean": torch.zeros(4), "bn.running_var": torch.tensor([-0.0, 0.0, 0.0, 0.0]),
              "bn.num_batches_tracked": torch.tensor(3), "b.weight": w["b.weight"], "c.weight": w["c.weight"]}
     keep = torch.ones(layout.total, dtype=torch.bool)
     keep[layout.layer_slice(1)] = False
@@ -242,7 +243,10 @@ def test_size_matches_hand_count():
     size = compute_size(layout, keep, klass, q.group_count, [8, 32], "weight", state, codes=q.codes)
     rows = {t.name: t for t in size.tensors}
     assert "bn.num_batches_tracked" not in rows
-    assert rows["a.bias"].raw_bytes == 16 and rows["bn.running_mean"].raw_bytes == 16
+    assert rows["a.bias"].kind == "raw" and rows["a.bias"].raw_bytes == 16
+    # all elements equal: one float32 (format version 3); -0.0 and 0.0 are different bit patterns, so not constant
+    assert rows["bn.running_mean"].kind == "constant" and rows["bn.running_mean"].raw_bytes == 4
+    assert rows["bn.running_var"].kind == "raw" and rows["bn.running_var"].raw_bytes == 16
     a = rows["a.weight"]
     n8 = int((klass[:72] == 0).sum())
     assert a.keep_bytes == 0 and a.class_bytes == 9 and a.value_bytes == math.ceil((n8 * 8 + (72 - n8) * 32) / 8)
@@ -250,6 +254,6 @@ def test_size_matches_hand_count():
     b = rows["b.weight"]
     # kept positions 0, 1, 2 of 30: gaps 0, 0, 0 -> Rice with k = 0 is three 0-bits, one byte (indices: 15 bits)
     assert b.kept == 3 and b.keep_encoding == "rice" and b.keep_param == 0 and b.keep_bytes == 1
-    assert size.fp32_bytes == 4 * (72 + 4 + 4 + 30 + 6)
+    assert size.fp32_bytes == 4 * (72 + 4 + 4 + 4 + 30 + 6)
     assert size.estimated_bytes == sum(t.total for t in size.tensors)
     assert size.compression_ratio == pytest.approx(size.fp32_bytes / size.estimated_bytes)

@@ -12,7 +12,7 @@ import torch
 
 from xaicomp_core import CompressionPlan, FormatError, load_model
 from xaicomp_core.cli.main import main
-from xaicomp_core.format.packing import FORMAT_VERSION, MAGIC, PREAMBLE, read_header, unpack
+from xaicomp_core.format.packing import MAGIC, PREAMBLE, read_header, unpack
 from xaicomp_core.io.export import (
     dense_bytes,
     exact_logits,
@@ -104,7 +104,7 @@ def test_verify_reports_a_wrong_recorded_accuracy(lenet_session):
     header, end = read_header(res.data)
     header["evaluation"]["correct"] += 1
     hb = json.dumps(header).encode()
-    forged = PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(hb), zlib.crc32(hb)) + hb + res.data[end:]
+    forged = PREAMBLE.pack(MAGIC, header["format_version"], len(hb), zlib.crc32(hb)) + hb + res.data[end:]
     v = verify_packed(forged, lenet_session.x_eval, lenet_session.y_eval)
     assert not v.ok and "correct" in v.problems[0]
 

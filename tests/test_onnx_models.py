@@ -492,12 +492,12 @@ def _with_header(data: bytes, change) -> bytes:
     hostile writer can do)."""
     import zlib
 
-    from xaicomp_core.format.packing import FORMAT_VERSION, MAGIC, PREAMBLE, read_header
+    from xaicomp_core.format.packing import MAGIC, PREAMBLE, read_header
 
     header, start = read_header(data)
     change(header)
     h = json.dumps(header, separators=(",", ":")).encode()
-    return PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(h), zlib.crc32(h)) + h + data[start:]
+    return PREAMBLE.pack(MAGIC, header["format_version"], len(h), zlib.crc32(h)) + h + data[start:]
 
 
 def test_hostile_architecture_records_are_refused(files):

@@ -12,9 +12,10 @@ from xaicomp_core.compress.quantize import QUANTIZER_REGISTRY, QUANTIZERS  # noq
 from xaicomp_core.errors import PlanError
 from xaicomp_core.relevance.composites import COMPOSITE_REGISTRY
 
-#: Version 2 added the per-layer fields ``layer_prune`` and ``layer_bits``; a plan without them is written as
-#: version 1 (readable by every xaicomp), and version 1 plans keep loading.
-PLAN_VERSION = 2
+#: Version 2 added the per-layer fields ``layer_prune`` and ``layer_bits``, version 3 ``fold_norm``; a plan is written
+#: with the lowest version that holds it (a plan without them as version 1, readable by every xaicomp), and older
+#: plans keep loading.
+PLAN_VERSION = 3
 #: Longest plan JSON read (a plan is a few hundred characters).
 MAX_PLAN_CHARS = 1_000_000
 SCOPES = ("global", "per-layer")
@@ -75,6 +76,8 @@ def _check_field_types(d: dict[str, Any]) -> None:
     for name in _REAL_FIELDS:
         if name in d and not _real(d[name]):
             raise PlanError(f"plan field {name!r} must be a number, got {_short_repr(d[name])}")
+    if "fold_norm" in d and not isinstance(d["fold_norm"], bool):
+        raise PlanError(f"plan field 'fold_norm' must be true or false, got {_short_repr(d['fold_norm'])}")
     if "bit_levels" in d:
         v = d["bit_levels"]
         if not isinstance(v, list) or not all(isinstance(b, int) and not isinstance(b, bool) for b in v):
@@ -129,6 +132,12 @@ class CompressionPlan:
         Per-layer bit width by layer name: every kept weight of a named layer gets it (each must be one of
         ``bit_levels``); the other layers are allocated by ``bit_split`` as usual. Plans with per-layer fields are
         written as version 2.
+    fold_norm : bool
+        Store every BatchNorm as one scale and one shift per channel (``weight / sqrt(running_var + eps)`` and
+        ``bias - running_mean * scale``) with a zero mean and a constant variance of ``1 - eps``, which the packed
+        format stores as one number each: 8 bytes per channel instead of 16. The model keeps its architecture;
+        its outputs change by float32 rounding only, and the plan's evaluation measures the folded model. Plans
+        with it are written as version 3.
     """
 
     criterion: str = "lrp"
@@ -146,6 +155,7 @@ class CompressionPlan:
     finetune_lr: float = 0.01
     layer_prune: dict[str, float] = field(default_factory=dict)
     layer_bits: dict[str, int] = field(default_factory=dict)
+    fold_norm: bool = False
     version: int = PLAN_VERSION
 
     def __post_init__(self) -> None:
@@ -239,7 +249,9 @@ class CompressionPlan:
 
     # ------------------------------------------------------------------------------------------------------------
     def needed_version(self) -> int:
-        """The lowest plan version that holds this plan: 2 with per-layer fields, else 1."""
+        """The lowest plan version that holds this plan: 3 with ``fold_norm``, 2 with per-layer fields, else 1."""
+        if self.fold_norm is True:
+            return 3
         return 2 if (self.layer_prune or self.layer_bits) else 1
 
     def _validate_layers(self) -> None:
@@ -257,10 +269,11 @@ class CompressionPlan:
             raise PlanError(f"layer_bits uses bit width(s) {missing} that are not among bit_levels {self.bit_levels}")
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable dict (includes ``version``; the per-layer fields only when used, and then version 2)."""
+        """JSON-serialisable dict (includes ``version``; the per-layer fields and ``fold_norm`` only when used, and
+        then version 2 or 3)."""
         d = asdict(self)
-        for name in ("layer_prune", "layer_bits"):
-            if not d[name]:
+        for name in ("layer_prune", "layer_bits", "fold_norm"):
+            if d[name] in ({}, False):
                 del d[name]
         if self.version <= PLAN_VERSION:
             d["version"] = self.needed_version()
@@ -335,7 +348,8 @@ class CompressionPlan:
             bits += "; per layer " + ", ".join(f"{k} {'fp32' if v == FP32 else f'{v}b'}"
                                                for k, v in self.layer_bits.items())
         ft = f"; fine-tuned {self.finetune_epochs} epoch(s)" if self.finetune_epochs else ""
-        return f"{prune}; {bits}{ft}"
+        norm = "; BatchNorm stored as scale and shift" if self.fold_norm else ""
+        return f"{prune}; {bits}{ft}{norm}"
 
     def cli_words(self) -> list[str]:
         """The ``xaicomp compress`` options that reproduce this plan, as shell words (numbers written so that they
@@ -363,6 +377,8 @@ class CompressionPlan:
             words += ["--layer-prune", ",".join(f"{k}={num(v)}" for k, v in self.layer_prune.items())]
         if self.layer_bits:
             words += ["--layer-bits", ",".join(f"{k}={v}" for k, v in self.layer_bits.items())]
+        if self.fold_norm:
+            words += ["--fold-norm"]
         return words
 
     def cli_args(self) -> str:

@@ -54,8 +54,10 @@ AUTO_BUDGET = 80
 AUTO_FT_MODELS = ("fashion-vgg",)
 AUTO_FT_SIGNALS = ("hybrid", "magnitude")
 AUTO_FT_BUDGET = 60
-#: Sections ``--only`` can rerun into an existing results/summary.json (the rest of it is kept as it is).
-PARTIAL_SECTIONS = ("auto-finetuned",)
+#: Sections ``--only`` can rerun into an existing results/summary.json (the rest of it is kept as it is): ``auto``
+#: (and the tables that read it: within 1 point, where relevance helps) and ``auto-finetuned`` (which starts from the
+#: summary's ``auto`` plans).
+PARTIAL_SECTIONS = ("auto", "auto-finetuned")
 #: Prune ratios of the "where relevance helps" table.
 WHERE_RATIOS = (0.7, 0.8, 0.9)
 CURVE_RATIOS = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
@@ -908,8 +910,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         for name in args.models.split(","):
             t1 = time.time()
-            summary["models"][name]["auto_finetuned"] = auto_finetuned_section(
-                model_session(name, args.quick, args.threads), args.quick, summary["models"][name].get("auto"))
+            m, s = summary["models"][name], model_session(name, args.quick, args.threads)
+            if args.only == "auto":
+                m["auto"] = auto_section(s, args.quick)
+                m["within_1pt"] = within_one_point(s, m["best_by_criterion"], m["auto"])
+                m["where_relevance_helps"] = where_relevance_helps(s, m["pruning_curves"], m["mixed_precision"],
+                                                                   m["auto"])
+            else:
+                m["auto_finetuned"] = auto_finetuned_section(s, args.quick, m.get("auto"))
             summary["meta"].setdefault("partial_runs", []).append({
                 "section": args.only, "model": name, "date": datetime.date.today().isoformat(),
                 "seconds": time.time() - t1, "machine": _machine(args.threads),

@@ -75,7 +75,8 @@ def cmd_auto(args: argparse.Namespace) -> int:
         raise XaicompError("--finetune-epochs needs fine-tuning data (--train-data, or built-in data)")
     results = auto_compare(session, args.max_drop, signals=signals, budget=budget,
                            finetune_epochs=args.finetune_epochs, sparsities=sparsities, bits=bits, probes=probes,
-                           mix=mix, progress=progress_printer("evaluations", not args.json),
+                           mix=mix, fold_norm=args.fold_norm,
+                           progress=progress_printer("evaluations", not args.json),
                            start=dict.fromkeys(signals, start) if start is not None else None,
                            warm_start=args.warm_start)
     primary = results[signals[0]]
@@ -87,7 +88,8 @@ def cmd_auto(args: argparse.Namespace) -> int:
         "finetune_epochs": args.finetune_epochs, "search_images": len(session.y_ref),
         "evaluation_images": len(session.y_eval), "sparsities": sorted(set(sparsities)),
         "bits": sorted(set(bits), reverse=True),
-        "probes": probes, "mix": list(mix) if mix else None, "start_plan": args.start_plan,
+        "probes": probes, "mix": list(mix) if mix else None, "fold_norm": args.fold_norm,
+        "start_plan": args.start_plan,
         "warm_start": args.warm_start if args.finetune_epochs else 0,
         "primary": signals[0], "saved_plan": args.save_plan, "comparison": summary,
         "results": {k: r.to_dict() for k, r in results.items()},
@@ -138,6 +140,10 @@ def register(subparsers: Any) -> None:
     g.add_argument("--mix", default=None, metavar="MORE,FEWER,SHARE",
                    help="one more per-layer bit setting: SHARE of a layer's output channels at MORE bits, the rest "
                         "at FEWER, channels ranked by the signal (relevance for relevance/hybrid), e.g. 3,2,0.5")
+    g.add_argument("--fold-norm", default=True, action=argparse.BooleanOptionalAction,
+                   help="plans store every BatchNorm as one scale and shift per channel (8 instead of 16 bytes per "
+                        "channel; outputs change by float32 rounding only, and every plan is measured that way; "
+                        "default on)")
     g.add_argument("--start-plan", default=None, metavar="PLAN.json",
                    help="start the greedy steps from this plan (per-layer settings on the grid, e.g. a --save-plan of "
                         "the search without fine-tuning) when it is within the budget, instead of the bisection")

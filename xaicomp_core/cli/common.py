@@ -144,6 +144,9 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
                    help="per-layer prune ratios, e.g. features.0=0.3,classifier.1=0.95 (other layers: --prune)")
     g.add_argument("--layer-bits", default=None, metavar="LAYER=BITS,...",
                    help="per-layer bit widths, each one of --bits, e.g. features.0=8,classifier.1=2")
+    g.add_argument("--fold-norm", default=None, action=argparse.BooleanOptionalAction,
+                   help="store every BatchNorm as one scale and shift per channel (8 instead of 16 bytes; outputs "
+                        "change by float32 rounding only)")
     g.add_argument("--save-plan", default=None, help="write the plan as JSON to this file")
 
 
@@ -179,7 +182,7 @@ def plan_from_args(args: argparse.Namespace) -> CompressionPlan:
     for attr, field_name in (("scope", "scope"), ("granularity", "granularity"), ("bit_ranking", "bit_ranking"),
                              ("protect", "protect"), ("quantizer", "quantizer"), ("composite", "composite"),
                              ("seed", "seed"), ("finetune_epochs", "finetune_epochs"),
-                             ("finetune_lr", "finetune_lr")):
+                             ("finetune_lr", "finetune_lr"), ("fold_norm", "fold_norm")):
         if getattr(args, attr, None) is not None:
             changes[field_name] = getattr(args, attr)
     for attr, field_name, cast in (("layer_prune", "layer_prune", float), ("layer_bits", "layer_bits", int)):

@@ -120,6 +120,10 @@ class Compressor:
         self.weights_flat = self.layout.flat(self.weights).float()
         self.state = {k: v.detach() for k, v in model.state_dict().items()}
         self.following_bn = following_batchnorms(model)
+        #: BatchNorm modules that ``fold_norm`` can store as scale and shift (affine, with running statistics): eps
+        self.norms = {n: float(m.eps) for n, m in model.named_modules()
+                      if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine and m.track_running_stats
+                      and all(f"{n}.{t}" in self.state for t in ("weight", "bias", "running_mean", "running_var"))}
         self._layouts = {"none": self.layout}
         self._sorted: dict[tuple, SortedScores] = {}
         self._channel_scores: dict[tuple, torch.Tensor] = {}
@@ -227,14 +231,37 @@ class Compressor:
                 sl = layout.layer_slice(i)
                 klass[sl] = torch.where(keep[sl], levels.index(int(bits)), -1).to(torch.int8)
             quant = quantize(layout, self.weights_flat, keep, klass, levels, plan.quantizer)
-            return CompressedWeights(plan, layout, keep, quant, self.size_of(layout, keep, quant, plan.granularity),
-                                     overrides)
+            if plan.fold_norm:
+                overrides = self.folded_norms(overrides)
+            return CompressedWeights(plan, layout, keep, quant,
+                                     self.size_of(layout, keep, quant, plan.granularity, overrides), overrides)
 
-    def size_of(self, layout: LayerLayout, keep: torch.Tensor, quant: Quantized, granularity: str) -> SizeBreakdown:
+    def size_of(self, layout: LayerLayout, keep: torch.Tensor, quant: Quantized, granularity: str,
+                overrides: dict[str, torch.Tensor] | None = None) -> SizeBreakdown:
         """The packed size of quantized weights ``quant`` with keep-mask ``keep`` (e.g. fine-tuned weights on a
-        plan's masks and classes: their codes decide the Huffman-coded values)."""
-        return compute_size(layout, keep, quant.klass, quant.group_count, quant.levels, granularity, self.state,
+        plan's masks and classes: their codes decide the Huffman-coded values) and the plan's ``overrides`` of
+        other tensors (a tensor whose elements are all equal is stored as one number)."""
+        state = {**self.state, **overrides} if overrides else self.state
+        return compute_size(layout, keep, quant.klass, quant.group_count, quant.levels, granularity, state,
                             codes=quant.codes)
+
+    def folded_norms(self, overrides: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``overrides`` plus every BatchNorm (:attr:`norms`) as scale and shift: ``weight = w / sqrt(var + eps)``
+        and ``bias = b - mean * weight`` (computed in float64, rounded once to the parameter's dtype), a zero
+        ``running_mean`` and a ``running_var`` of ``1 - eps``, so that the layer computes ``x * weight + bias`` up
+        to float32 rounding. Values already overridden (the zeroed scale and shift of removed filters) are folded
+        as they are."""
+        out = dict(overrides)
+        for n, eps in self.norms.items():
+            t = {k: out.get(f"{n}.{k}", self.state[f"{n}.{k}"]) for k in ("weight", "bias", "running_mean",
+                                                                            "running_var")}
+            scale = t["weight"].double() / torch.sqrt(t["running_var"].double() + eps)
+            shift = t["bias"].double() - t["running_mean"].double() * scale
+            out[f"{n}.weight"] = scale.to(t["weight"].dtype)
+            out[f"{n}.bias"] = shift.to(t["bias"].dtype)
+            out[f"{n}.running_mean"] = torch.zeros_like(t["running_mean"])
+            out[f"{n}.running_var"] = torch.full_like(t["running_var"], 1.0 - eps)
+        return out
 
     def structured_overrides(self, layout: LayerLayout, keep: torch.Tensor) -> dict[str, torch.Tensor]:
         """Filter removal: for every output channel without kept weights, zero its bias and the scale and shift of

@@ -213,13 +213,16 @@ class AutoSearch:
         hybrid signals, "magnitude" for magnitude). In the plan such a layer is left out of ``layer_bits`` and
         takes the plan's ``bit_levels``/``bit_split`` per channel within the layer (``scope="per-layer"``); one
         mix per search, since a plan has one split.
+    fold_norm : bool
+        Plans store every BatchNorm as scale and shift (:attr:`CompressionPlan.fold_norm`, default True: 8 bytes per
+        channel instead of 16, outputs changed by float32 rounding only; every plan is measured folded).
     """
 
     def __init__(self, session: CompressionSession, signal: str = "relevance", *,
                  search_data: str | tuple[torch.Tensor, torch.Tensor] = "reference",
                  sparsities: Sequence[float] = SPARSITIES, bits: Sequence[int] = BITS, finetune_epochs: int = 0,
                  composite: str | None = None, quantizer: str = "mse", probes: int = 3,
-                 mix: tuple[int, int, float] | None = None) -> None:
+                 mix: tuple[int, int, float] | None = None, fold_norm: bool = True) -> None:
         if signal not in SIGNALS:
             raise XaicompError(f"unknown signal {signal!r}; choose one of {', '.join(SIGNALS)}")
         if finetune_epochs and not session.can_finetune:
@@ -237,6 +240,7 @@ class AutoSearch:
         self.bits: list[float] = sorted({int(b) for b in bits}, reverse=True)
         if not self.sparsities or not self.bits or any(not 0 <= s < 1 for s in self.sparsities):
             raise XaicompError("the search needs sparsities in [0, 1) and at least one bit width")
+        self.fold_norm = bool(fold_norm)
         self.mix = None
         if mix is not None:
             hi, lo, share = int(mix[0]), int(mix[1]), float(mix[2])
@@ -276,6 +280,7 @@ class AutoSearch:
                                bit_split=split, quantizer=self.quantizer, composite=self.composite,
                                finetune_epochs=self.finetune_epochs if finetune else 0,
                                layer_prune={k: s for k, (s, _) in state.items()}, layer_bits=whole,
+                               fold_norm=self.fold_norm,
                                **extra).validate()
 
     def table(self) -> tuple[dict[str, dict[Setting, tuple[int, float]]], int]:

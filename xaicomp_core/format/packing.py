@@ -10,7 +10,8 @@ The payload holds every floating-point state-dict entry in state-dict order. A c
 compresses is stored as four sections, each padded to whole bytes: which weights are kept (``keep``), the bit class
 of each kept weight or channel (``classes``), one float32 scale per (output channel, quantized class) group holding
 kept weights (``scales``), and the kept weights' codes at their bit widths (``values``). Every other tensor is raw
-float32. Bit streams are LSB-first: bit ``k`` of the stream is bit ``k % 8`` of byte ``k // 8``, and a ``w``-bit
+float32, or one float32 when all its elements are equal (kind ``constant``, format version 3). Bit streams are
+LSB-first: bit ``k`` of the stream is bit ``k % 8`` of byte ``k // 8``, and a ``w``-bit
 integer occupies stream bits ``o .. o + w - 1`` with its least significant bit first. ``docs/FORMAT.md`` is the full
 specification.
 
@@ -71,9 +72,10 @@ if TYPE_CHECKING:
     from xaicomp_core.io.models import ModelInfo
 
 MAGIC = b"\x89XCZ\r\n\x1a\n"
-#: the version this writer writes and the newest this reader reads (1: fixed-width values only; 2: adds the
-#: ``huffman`` value encoding, the tensor field ``values``)
-FORMAT_VERSION = 2
+#: the newest version this writer writes and this reader reads (1: fixed-width values only; 2: adds the ``huffman``
+#: value encoding, the tensor field ``values``; 3: adds the tensor kind ``constant``). A file is written with the
+#: lowest version that holds it: 3 only when it has a constant tensor.
+FORMAT_VERSION = 3
 FORMAT_NAME = "xaicomp-packed"
 PREAMBLE = struct.Struct("<8sIII")
 PREAMBLE_BYTES = PREAMBLE.size  # 20
@@ -97,6 +99,8 @@ MAX_TOTAL_ELEMENTS = 2**28
 MAX_TENSORS = 10_000
 MAX_DIMS = 8
 MAX_OMITTED_ELEMENTS = 2**16
+#: Elements of the constant entries (each one float32 in the payload, however many elements it declares).
+MAX_CONSTANT_ELEMENTS = 2**24
 #: For an architecture this installation cannot build (whose shapes cannot be checked): elements per byte of file.
 MAX_ELEMENTS_PER_FILE_BYTE = 1024
 #: Classes, and characters of a name (tensor, class, model, architecture).
@@ -407,7 +411,12 @@ def pack(compressed: CompressedWeights, state: dict[str, torch.Tensor], info: Mo
             raise RuntimeError(f"the size breakdown has no row for {name}")
         entry: dict[str, Any] = {"name": name, "shape": list(value.shape), "kind": row.kind}
         i = index.get(name)
-        if row.kind == "raw":
+        if row.kind == "constant":
+            data = _f32_bytes(value.reshape(-1)[:1])
+            if len(data) != row.raw_bytes:
+                raise RuntimeError(f"{name}: {len(data)} constant bytes written, {row.raw_bytes} estimated")
+            chunks.append(data)
+        elif row.kind == "raw":
             # a protected layer's weights come from the plan's values (equal to the original unless fine-tuned)
             data = _f32_bytes(value if i is None else q.values[layout.layer_slice(i)])
             if len(data) != row.raw_bytes:
@@ -435,9 +444,10 @@ def pack(compressed: CompressedWeights, state: dict[str, torch.Tensor], info: Mo
     stored = encode_payload(payload, codec)
     from xaicomp_core.version import __version__
 
+    version = 3 if any(e["kind"] == "constant" for e in entries) else 2
     header: dict[str, Any] = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": version,
         "writer": f"xaicomp {__version__}",
         "bit_order": "lsb-first",
         "byte_order": "little",
@@ -457,7 +467,7 @@ def pack(compressed: CompressedWeights, state: dict[str, torch.Tensor], info: Mo
             raise ValueError(f"extra header fields clash with format fields: {sorted(clash)}")
         header.update(extra)
     hbytes = json.dumps(header, separators=(",", ":"), allow_nan=False).encode("utf-8")
-    pre = PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(hbytes), zlib.crc32(hbytes))
+    pre = PREAMBLE.pack(MAGIC, version, len(hbytes), zlib.crc32(hbytes))
     data = pre + hbytes + stored
     return PackResult(data, header, len(pre) + len(hbytes), len(payload), len(stored), codec,
                       time.perf_counter() - t0)
@@ -568,7 +578,7 @@ def _check_tensor_entries(tensors: list[Any], model: dict[str, Any], file_bytes:
     all, and -- for an architecture this installation builds -- exactly the architecture's names and shapes."""
     if len(tensors) > MAX_TENSORS:
         raise FormatError(f"the header lists {len(tensors)} tensors, more than the {MAX_TENSORS} allowed")
-    total = omitted = 0
+    total = omitted = constant = 0
     declared: dict[str, tuple[int, ...]] = {}
     for e in tensors:
         if not isinstance(e, dict):
@@ -584,12 +594,17 @@ def _check_tensor_entries(tensors: list[Any], model: dict[str, Any], file_bytes:
         total += n
         if e.get("kind") == "omitted":
             omitted += n
+        elif e.get("kind") == "constant":
+            constant += n
         declared[name] = tuple(shape)
     if total > MAX_TOTAL_ELEMENTS:
         raise FormatError(f"the header declares {total} elements, more than the {MAX_TOTAL_ELEMENTS} allowed")
     if omitted > MAX_OMITTED_ELEMENTS:
         raise FormatError(f"the header declares {omitted} omitted integer elements, more than the "
                           f"{MAX_OMITTED_ELEMENTS} allowed")
+    if constant > MAX_CONSTANT_ELEMENTS:
+        raise FormatError(f"the header declares {constant} elements of constant tensors, more than the "
+                          f"{MAX_CONSTANT_ELEMENTS} allowed")
     expected = _arch_shapes(str(model["arch"]), len(model["class_names"]))
     if expected is None:
         if total > MAX_ELEMENTS_PER_FILE_BYTE * file_bytes:
@@ -723,6 +738,12 @@ def _unpack(data: bytes, header: dict[str, Any], start: int, t0: float) -> Packe
         kind = _req(e, "kind", str, f"{name}: ")
         if kind == "raw":
             nbytes = 4 * n
+        elif kind == "constant":
+            if header["format_version"] < 3:
+                raise FormatError(f"{name}: a constant tensor in a version-{header['format_version']} file")
+            if n < 2:
+                raise FormatError(f"{name}: a constant tensor needs at least 2 elements, got {n}")
+            nbytes = 4
         elif kind == "compressed":
             nbytes = sum(_nonneg(_req(e, k, int, f"{name}: "), k) for k in SECTION_KEYS)
         else:
@@ -731,7 +752,9 @@ def _unpack(data: bytes, header: dict[str, Any], start: int, t0: float) -> Packe
             raise FormatError(f"{name} runs past the end of the payload")
         buf = payload[offset:offset + nbytes]
         offset += nbytes
-        if kind == "raw":
+        if kind == "constant":
+            state[name] = torch.from_numpy(np.frombuffer(buf, dtype="<f4").astype(np.float32)).repeat(n).reshape(shape)
+        elif kind == "raw":
             state[name] = torch.from_numpy(np.frombuffer(buf, dtype="<f4").astype(np.float32).reshape(shape))
             if e.get("protected"):
                 layer_names.append(name)

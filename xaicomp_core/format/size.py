@@ -12,7 +12,9 @@ section, each padded to whole bytes:
   granularity), of each output channel (per-channel), or nothing (per-layer: the class is in the header);
 * **scales** — one float32 per (output channel, bit class) group that holds kept quantized weights;
 * **values** — each kept weight at its bit width (fp32 classes at 32 bits);
-* **raw** — every other tensor (biases, normalisation parameters and statistics, protected layers) as float32.
+* **raw** — every other tensor (biases, normalisation parameters and statistics, protected layers) as float32;
+* **constant** — a tensor other than a conv/linear weight whose elements are all equal (e.g. the zero mean and the
+  constant variance of a BatchNorm stored as scale and shift, ``CompressionPlan.fold_norm``), as one float32.
 
 The reference is fp32 dense: 4 bytes per floating-point element of the state dict. The estimate equals the packed
 payload byte for byte; the file adds only its JSON header: each section's bytes here are the ``cost`` of the codec
@@ -64,7 +66,7 @@ class TensorSize:
     """Bytes one tensor takes in the packed payload."""
 
     name: str
-    kind: str  # "compressed" or "raw"
+    kind: str  # "compressed", "raw" or "constant" (every element equal: one float32)
     shape: tuple[int, ...]
     numel: int
     kept: int
@@ -135,6 +137,15 @@ def is_float_entry(value: torch.Tensor) -> bool:
     return value.is_floating_point()
 
 
+def is_constant(value: torch.Tensor) -> bool:
+    """Whether a floating-point entry of two or more elements holds one float32 bit pattern in every element (the
+    packed format then stores it as one number, kind ``constant``; ``-0.0`` and ``0.0`` differ, as do NaNs)."""
+    if value.numel() < 2:
+        return False
+    bits = value.detach().to(torch.float32).contiguous().view(torch.int32).reshape(-1)
+    return bool((bits == bits[0]).all())
+
+
 def code_histograms(layout: LayerLayout, klass: torch.Tensor, codes: torch.Tensor, levels: list[int]) -> np.ndarray:
     """Kept weights per (layer, class, stored code): int64 array of shape (layers, len(levels), 256); fp32 classes
     and protected layers count nothing."""
@@ -194,6 +205,9 @@ def compute_size(layout: LayerLayout, keep: torch.Tensor, klass: torch.Tensor, g
         numel = value.numel()
         shape = tuple(value.shape)
         i = index.get(name)
+        if i is None and is_constant(value):
+            rows.append(TensorSize(name, "constant", shape, numel, numel, 4 * numel, "constant", raw_bytes=4))
+            continue
         if i is None or layout.protected[i]:
             rows.append(TensorSize(name, "raw", shape, numel, numel, 4 * numel, "raw", raw_bytes=4 * numel))
             continue
