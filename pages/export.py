@@ -120,7 +120,8 @@ c2.metric("Packed payload", fmt_bytes(res.payload_bytes),
           delta=f"{res.payload_bytes - res.estimated_bytes:+,} B vs estimate", delta_color="off", delta_arrow="off",
           help=f"{res.payload_bytes:,} bytes: kept values (at their bit widths, or Huffman-coded per layer where "
                "that is smaller), which weights are kept, bit classes, scales and the raw tensors (biases, "
-               "normalisation).")
+               "normalisation; a tensor whose elements are all equal, such as the mean and variance of a BatchNorm "
+               "stored as scale and shift, is one number).")
 c3.metric("File on disk", fmt_bytes(res.file_bytes),
           delta=f"+{res.header_bytes:,} B header", delta_color="off", delta_arrow="off",
           help=f"{res.file_bytes:,} bytes = payload ({res.stored_payload_bytes:,} B as stored, codec {codec}) + "
@@ -140,7 +141,7 @@ with st.expander("What is in the file", icon=":material/inventory_2:"):
     for t in res.header["tensors"]:
         if t["kind"] == "omitted":
             continue
-        raw = 4 * math.prod(t["shape"]) if t["kind"] == "raw" else 0
+        raw = {"raw": 4 * math.prod(t["shape"]), "constant": 4}.get(t["kind"], 0)
         rows.append({"tensor": t["name"], "shape": "×".join(map(str, t["shape"])), "stored as": t["kind"],
                      "keep encoding": t.get("keep", "-"),
                      "values": t.get("values", "fixed") if t["kind"] == "compressed" else "-",

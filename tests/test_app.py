@@ -231,6 +231,22 @@ def test_prune_slider_shows_engine_values(engine):
     assert at.session_state["plan"].bit_split == [0.4, 0.4]
 
 
+def test_fold_norm_checkbox_stores_batchnorm_as_scale_and_shift(engine, lenet_engine):
+    at = goto(new_app(), "compress")
+    ok(at)
+    assert not at.checkbox(key="cp_fold_norm").value
+    at.checkbox(key="cp_fold_norm").check().run()
+    ok(at)
+    folded = engine.evaluate(DEFAULT_PLAN.replace(fold_norm=True))
+    assert at.session_state["plan"] == DEFAULT_PLAN.replace(fold_norm=True)
+    assert_shows(at, folded)
+    assert folded.size.estimated_bytes == engine.evaluate(DEFAULT_PLAN).size.estimated_bytes - 8 * 320 + 8 * 5
+    # a model without BatchNorm: the box is there, switched off and disabled
+    at = goto(new_app("fashion-lenet"), "compress")
+    ok(at)
+    assert at.checkbox(key="cp_fold_norm").disabled
+
+
 def test_criterion_switch(lenet_engine):
     engine = lenet_engine
     at = goto(new_app("fashion-lenet"), "compress")

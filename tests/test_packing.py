@@ -653,6 +653,9 @@ BUILTIN_PLANS = {
     "channel-protected-fp32": CompressionPlan(criterion="lrp", prune_ratio=0.7, bit_levels=[32, 4, 1],
                                               bit_split=[0.1, 0.5], granularity="channel", protect="first-last"),
     "layer-filter": CompressionPlan(criterion="lrp-filter", prune_ratio=0.4, granularity="layer", **P842),
+    # BatchNorm stored as scale and shift (constant mean and variance), also on top of removed filters' overrides
+    "magnitude-fold-norm": CompressionPlan(criterion="magnitude", prune_ratio=0.5, fold_norm=True, **P842),
+    "filter-fold-norm": CompressionPlan(criterion="lrp-filter", prune_ratio=0.4, fold_norm=True, **P842),
 }
 
 
@@ -687,3 +690,82 @@ def test_round_trip_fine_tuned_plan_with_protected_layers(fashion_ref, fashion_e
     reloaded = exact_logits(pm.build_model(), session.x_eval, session.eval_batch_size)
     assert torch.equal(reloaded, session.compressed_logits(plan))
     assert pm.plan.finetune_epochs == 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# BatchNorm as scale and shift (plan fold_norm) and constant tensors (format version 3)
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def vgg_session(fashion_ref, fashion_eval):
+    from xaicomp_core import CompressionSession, load_builtin_model
+
+    return CompressionSession(load_builtin_model("fashion-vgg"), fashion_ref, fashion_eval.balanced_subset(300),
+                              reference_samples=100)
+
+
+def test_fold_norm_stores_8_bytes_per_channel_and_is_version_3(vgg_session):
+    s = vgg_session
+    plan = CompressionPlan(criterion="magnitude", prune_ratio=0.7, **P842)
+    plain, folded = s.compress(plan), s.compress(plan.replace(fold_norm=True))
+    norms = s.compressor.norms
+    channels = sum(s.model.state_dict()[f"{n}.weight"].numel() for n in norms)
+    assert len(norms) == 5 and channels == 320
+    # per BatchNorm: weight and bias stay raw (now scale and shift), mean and variance become one float32 each
+    assert plain.size.estimated_bytes - folded.size.estimated_bytes == 8 * channels - 8 * len(norms)
+    rows = {t.name: t for t in folded.size.tensors}
+    for n in norms:
+        assert rows[f"{n}.running_mean"].kind == rows[f"{n}.running_var"].kind == "constant"
+        assert rows[f"{n}.weight"].kind == rows[f"{n}.bias"].kind == "raw"
+    # the same weights, masks and codes: only the normalisation is stored differently
+    assert torch.equal(plain.quant.values, folded.quant.values) and torch.equal(plain.keep, folded.keep)
+    res, pm = check_round_trip(s, folded)
+    assert res.header["format_version"] == 3 and read_header(res.data)[0]["format_version"] == 3
+    assert pm.plan.fold_norm and pm.state["features.1.running_var"].unique().tolist() == [pytest.approx(1 - 1e-5)]
+    assert_same_logits(s, folded, pm)
+    # the folded model computes what the original BatchNorm did, up to float32 rounding
+    a = forward_logits(s.compressed_model(plain), s.x_eval, s.eval_batch_size)
+    b = forward_logits(s.compressed_model(folded), s.x_eval, s.eval_batch_size)
+    assert (a - b).abs().max() < 1e-3 * a.abs().max()
+    assert (a.argmax(1) == b.argmax(1)).double().mean() >= 0.99
+    # a plan without it still writes version 2
+    assert pack(plain, state_of(s), s.info).header["format_version"] == 2
+
+
+def test_fold_norm_on_a_model_without_batchnorm_changes_nothing(lenet_session):
+    plan = PLANS["lrp-842-weight"]
+    assert not lenet_session.compressor.norms
+    a, b = compressed(lenet_session, plan), compressed(lenet_session, plan.replace(fold_norm=True))
+    assert a.size.estimated_bytes == b.size.estimated_bytes
+    ra, rb = pack(a, state_of(lenet_session), lenet_session.info), pack(b, state_of(lenet_session), lenet_session.info)
+    assert ra.data[ra.header_bytes:] == rb.data[rb.header_bytes:] and rb.header["format_version"] == 2
+
+
+def test_constant_tensors_are_checked(vgg_session, monkeypatch):
+    from xaicomp_core.format import packing
+
+    s = vgg_session
+    folded = s.compress(CompressionPlan(criterion="magnitude", prune_ratio=0.5, fold_norm=True, **P842))
+    data = pack(folded, state_of(s), s.info).data
+    assert unpack(data).header["format_version"] == 3
+
+    def constant(h):
+        return next(t for t in h["tensors"] if t["kind"] == "constant")
+
+    def relabel(version):
+        def change(h):
+            h["format_version"] = version
+        return change
+
+    for name, change, message in [
+        ("version-2", relabel(2), "a constant tensor in a version-2 file"),
+        ("one-element", lambda h: constant(h).update(shape=[1]), "at least 2 elements|do not fit"),
+        # the payload's tensors no longer line up: refused wherever the reader notices (a section, or the end)
+        ("raw-as-constant", lambda h: next(t for t in h["tensors"] if t["kind"] == "raw").update(kind="constant"),
+         "."),
+        ("constant-as-raw", lambda h: constant(h).update(kind="raw"), "."),
+    ]:
+        with pytest.raises(FormatError, match=message):
+            unpack(rewrite_header(data, change))
+    monkeypatch.setattr(packing, "MAX_CONSTANT_ELEMENTS", 100)
+    with pytest.raises(FormatError, match="elements of constant tensors, more than the 100 allowed"):
+        unpack(data)

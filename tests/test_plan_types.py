@@ -30,6 +30,8 @@ BAD = [
     ({"prune_ratio": False}, "'prune_ratio' must be a number"),
     ({"prune_ratio": float("nan")}, "prune ratio must be in"),
     ({"finetune_lr": [0.1]}, "'finetune_lr' must be a number"),
+    ({"fold_norm": 1}, "'fold_norm' must be true or false"),
+    ({"fold_norm": "yes"}, "'fold_norm' must be true or false"),
 ]
 
 
@@ -56,3 +58,28 @@ def test_python_plans_are_checked_too_and_numpy_numbers_are_fine():
                         seed=np.int32(3)).validate()
     assert p.to_dict()["bit_levels"] == [8, 4] and type(p.seed) is int and type(p.prune_ratio) is float
     assert CompressionPlan.from_json(p.to_json()) == p
+
+
+def test_fold_norm_is_version_3_and_only_written_when_on(tmp_path):
+    """A plan is written with the lowest version that holds it: ``fold_norm`` needs 3, and a plan without it keeps
+    its version-1/2 JSON (readable by earlier xaicomp) byte for byte."""
+    from xaicomp_core.cli.common import plan_from_args
+    from xaicomp_core.cli.main import build_parser
+
+    plain = CompressionPlan(criterion="magnitude", prune_ratio=0.5, layer_prune={"fc1": 0.9})
+    assert "fold_norm" not in plain.to_dict() and plain.to_dict()["version"] == 2
+    folded = plain.replace(fold_norm=True)
+    d = folded.to_dict()
+    assert d["fold_norm"] is True and d["version"] == 3 and folded.key() != plain.key()
+    assert CompressionPlan.from_json(folded.to_json()) == folded
+    assert "BatchNorm stored as scale and shift" in folded.describe()
+    assert folded.cli_words()[-1] == "--fold-norm"
+    args = build_parser().parse_args(["compress", "--model", "fashion-lenet", *folded.cli_words()])
+    assert plan_from_args(args) == folded
+    # --no-fold-norm turns a plan file's fold off
+    f = tmp_path / "plan.json"
+    f.write_text(folded.to_json())
+    args = build_parser().parse_args(["compress", "--model", "fashion-lenet", "--plan", str(f), "--no-fold-norm"])
+    assert plan_from_args(args) == plain
+    with pytest.raises(PlanError, match="plan version 4 is newer"):
+        CompressionPlan.from_dict({**d, "version": 4})
