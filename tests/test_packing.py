@@ -766,6 +766,7 @@ def test_constant_tensors_are_checked(vgg_session, monkeypatch):
     ]:
         with pytest.raises(FormatError, match=message):
             unpack(rewrite_header(data, change))
+            pytest.fail(f"{name} was read")
     monkeypatch.setattr(packing, "MAX_CONSTANT_ELEMENTS", 100)
     with pytest.raises(FormatError, match="elements of constant tensors, more than the 100 allowed"):
         unpack(data)
