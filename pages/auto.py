@@ -70,6 +70,13 @@ with st.form("auto_form", border=True):
         disabled=not session.can_finetune,
         help="With fine-tuning: first search each signal this many evaluations without fine-tuning (fast) and start "
              "the fine-tuned search from its plan, so fine-tuning never ends with a larger plan. 0: off.")))
+    c = control("au_fold_norm", True)
+    fold = bool(c.keep(st.checkbox(
+        "Store BatchNorm as scale and shift", value=bool(c.value) and bool(session.compressor.norms), key=c.key,
+        disabled=not session.compressor.norms,
+        help="Plans store each BatchNorm as one scale and one shift per channel (8 instead of 16 bytes); the outputs "
+             "change by float32 rounding only and every plan is measured that way." if session.compressor.norms
+        else "This model has no BatchNorm.")))
     # A callback (not the button's return value) so that the request survives any rerun before it is handled.
     st.form_submit_button("Run search", type="primary", icon=":material/search:",
                           on_click=lambda: st.session_state.update(au_requested=True))
@@ -81,7 +88,7 @@ st.caption("Leaving the page stops a search under way; a finished search stays h
            "the next one.")
 
 cache = per_session_cache("auto")
-request = (session_scope_key(session), settings.composite, max_drop, budget, tuple(signals), epochs, warm)
+request = (session_scope_key(session), settings.composite, max_drop, budget, tuple(signals), epochs, warm, fold)
 if st.session_state.pop("au_requested", False):
     if not signals:
         st.error("Choose at least one signal.", icon=":material/warning:")
@@ -90,7 +97,7 @@ if st.session_state.pop("au_requested", False):
             results = run_with_progress(
                 f"Searching ({', '.join(signals)}; {budget + warm} evaluations each): evaluations", lambda progress:
                 auto_compare(session, max_drop, signals=signals, budget=budget, finetune_epochs=epochs,
-                             composite=settings.composite, progress=progress, warm_start=warm))
+                             composite=settings.composite, progress=progress, warm_start=warm, fold_norm=fold))
             cache.clear()
             cache[request] = results
         except XaicompError as e:
@@ -107,7 +114,7 @@ if shown != request:
     st.info("Showing the last search; its settings differ from the form — press **Run search** to update.",
             icon=":material/info:")
 results: dict[str, AutoResult] = cache[shown]
-_, _, drop_shown, budget_shown, signals_shown, epochs_shown, warm_shown = shown
+_, _, drop_shown, budget_shown, signals_shown, epochs_shown, warm_shown, fold_shown = shown
 
 st.info(verdict(results), icon=":material/balance:")
 
@@ -154,6 +161,8 @@ with st.expander("Reproduce on the command line"):
             options.append(("--warm-start", str(warm_shown)))
     if settings.composite != DEFAULT_COMPOSITE:
         options.append(("--composite", settings.composite))
+    if not fold_shown:
+        options.append(("--no-fold-norm",))
     options.append(("--save-plan", "plan.json"))
     try:
         sources = sources_for(settings, st.session_state.get(UPLOADS_KEY))

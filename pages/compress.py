@@ -164,7 +164,8 @@ def plan_controls(plan: CompressionPlan, session: CompressionSession) -> Compres
                        "none, so the plan is evaluated without it.")
         c = control("cp_fold_norm", plan.fold_norm)
         fold = bool(c.keep(st.checkbox(
-            "Store BatchNorm as scale and shift", value=bool(c.value), key=c.key, on_change=c.commit,
+            "Store BatchNorm as scale and shift", value=bool(c.value) and bool(session.compressor.norms), key=c.key,
+            on_change=c.commit,
             disabled=not session.compressor.norms,
             help="One scale and one shift per channel instead of weight, bias, mean and variance: 8 instead of 16 "
                  "bytes per channel. The outputs change by float32 rounding only; the numbers shown are measured "

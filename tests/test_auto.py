@@ -42,7 +42,7 @@ def test_search_finds_a_plan_within_the_budget(small_session):
     assert set(plan.layer_prune) == set(names) == set(plan.layer_bits)
     assert set(plan.layer_prune.values()) <= set(GRID["sparsities"]) and set(plan.layer_bits.values()) <= {8, 4, 2}
     assert CompressionPlan.from_json(plan.to_json()) == plan and plan.criterion == "lrp-x-weight"
-    assert plan.fold_norm and plan.version == 3  # BatchNorm as scale and shift by default (LeNet has none)
+    assert not plan.fold_norm and plan.version == 2  # the LeNet has no BatchNorm to fold: a version-2 plan
     # searched on the reference images, reported on the evaluation images
     assert res.search_images == len(s.y_ref)
     base = float((forward_logits(s.model, s.x_ref).argmax(1) == s.y_ref).double().mean())
@@ -159,7 +159,7 @@ def test_cli_auto_saves_a_plan_that_compress_reproduces(capsys, tmp_path):
     rel = d["results"]["relevance"]
     assert rel["evaluations"] <= 4
     plan = CompressionPlan.from_json(plan_path.read_text())
-    assert plan.to_dict() == rel["plan"] and plan.fold_norm and d["fold_norm"] is True
+    assert plan.to_dict() == rel["plan"] and d["fold_norm"] is True and not plan.fold_norm  # LeNet: no BatchNorm
     rc = main(["compress", *FAST, "--plan", str(plan_path), "--json"])
     again = json.loads(capsys.readouterr().out)
     assert rc == 0
@@ -246,8 +246,15 @@ def test_a_warm_start_searches_without_fine_tuning_first(fashion_ref, fashion_ev
     assert res.feasible and start["bytes"] >= min(h["bytes"] for h in res.history if h["within"])
 
 
-def test_the_search_folds_batchnorm_unless_told_not_to(small_session):
-    state = {k: (0.5, 4) for k in AutoSearch(small_session, "magnitude").layers}
-    assert AutoSearch(small_session, "magnitude").plan_for(state).fold_norm is True
-    plain = AutoSearch(small_session, "magnitude", fold_norm=False).plan_for(state)
+def test_the_search_folds_batchnorm_unless_told_not_to(small_session, fashion_ref, fashion_eval):
+    vgg = CompressionSession(load_builtin_model("fashion-vgg"), fashion_ref, fashion_eval.balanced_subset(50),
+                             reference_samples=50)
+    state = {k: (0.5, 4) for k in AutoSearch(vgg, "magnitude").layers}
+    folded = AutoSearch(vgg, "magnitude").plan_for(state)
+    assert folded.fold_norm is True and folded.version == 3
+    plain = AutoSearch(vgg, "magnitude", fold_norm=False).plan_for(state)
     assert plain.fold_norm is False and "fold_norm" not in plain.to_dict()
+    assert vgg.evaluate(folded).size.estimated_bytes == vgg.evaluate(plain).size.estimated_bytes - 8 * 320 + 8 * 5
+    # a model without BatchNorm has nothing to fold: its plans stay version 2
+    lenet_state = {k: (0.5, 4) for k in AutoSearch(small_session, "magnitude").layers}
+    assert AutoSearch(small_session, "magnitude").plan_for(lenet_state).fold_norm is False

@@ -215,7 +215,8 @@ class AutoSearch:
         mix per search, since a plan has one split.
     fold_norm : bool
         Plans store every BatchNorm as scale and shift (:attr:`CompressionPlan.fold_norm`, default True: 8 bytes per
-        channel instead of 16, outputs changed by float32 rounding only; every plan is measured folded).
+        channel instead of 16, outputs changed by float32 rounding only; every plan is measured folded). Ignored for
+        a model without BatchNorm.
     """
 
     def __init__(self, session: CompressionSession, signal: str = "relevance", *,
@@ -240,7 +241,7 @@ class AutoSearch:
         self.bits: list[float] = sorted({int(b) for b in bits}, reverse=True)
         if not self.sparsities or not self.bits or any(not 0 <= s < 1 for s in self.sparsities):
             raise XaicompError("the search needs sparsities in [0, 1) and at least one bit width")
-        self.fold_norm = bool(fold_norm)
+        self.fold_norm = bool(fold_norm) and bool(session.compressor.norms)  # nothing to fold: plans stay version 2
         self.mix = None
         if mix is not None:
             hi, lo, share = int(mix[0]), int(mix[1]), float(mix[2])
