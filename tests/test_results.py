@@ -81,9 +81,21 @@ def test_quick_pipeline_writes_everything_and_plans_recheck(tmp_path, capsys):
     for key in ("pruning_curves", "auto", "within_1pt", "best_ratio_at_1pt"):
         assert after["models"]["fashion-lenet"][key] == before["models"]["fashion-lenet"][key]
     assert "Rerun since with" in (tmp_path / "RESULTS.md").read_text()
+    # --only auto reruns the search and the tables that read it; a rerun of a section replaces its earlier record
+    for _ in range(2):
+        assert results_main(["--models", "fashion-lenet", "--quick", "--out", str(tmp_path), "--only", "auto"]) == 0
+    again = json.loads((tmp_path / "results" / "summary.json").read_text())
+    assert [r["section"] for r in again["meta"]["partial_runs"]] == ["auto-finetuned", "auto"]
+    m0, m1 = after["models"]["fashion-lenet"], again["models"]["fashion-lenet"]
+    for key in ("within_1pt", "pruning_curves", "auto_finetuned"):  # deterministic: the same numbers
+        assert m1[key] == m0[key]
+    for sig, a in m1["auto"]["signals"].items():  # the same search again (its timings differ)
+        assert (a["plan"], a["estimated_bytes"], a["evaluation"]) == (
+            m0["auto"]["signals"][sig]["plan"], m0["auto"]["signals"][sig]["estimated_bytes"],
+            m0["auto"]["signals"][sig]["evaluation"])
     assert results_main(["--models", "fashion-resnet", "--quick", "--out", str(tmp_path), "--only",
                          "auto-finetuned"]) == 2  # not in the summary: one line, nothing written
-    assert json.loads((tmp_path / "results" / "summary.json").read_text()) == after
+    assert json.loads((tmp_path / "results" / "summary.json").read_text()) == again
 
 
 @pytest.mark.parametrize("model", ["fashion-vgg", "fashion-lenet", "fashion-resnet"])

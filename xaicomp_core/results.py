@@ -918,7 +918,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                                    m["auto"])
             else:
                 m["auto_finetuned"] = auto_finetuned_section(s, args.quick, m.get("auto"))
-            summary["meta"].setdefault("partial_runs", []).append({
+            runs = summary["meta"].setdefault("partial_runs", [])
+            runs[:] = [r for r in runs if (r["section"], r["model"]) != (args.only, name)]  # superseded
+            runs.append({
                 "section": args.only, "model": name, "date": datetime.date.today().isoformat(),
                 "seconds": time.time() - t1, "machine": _machine(args.threads),
                 "command": "python -m xaicomp_core.results " + " ".join(argv or sys.argv[1:])})
