@@ -165,8 +165,7 @@ def no_exception(page) -> None:
 
 def metric(page, label: str) -> str:
     """The displayed value of the st.metric whose label is exactly ``label``."""
-    box = page.locator('[data-testid="stMetric"]').filter(
-        has=page.locator('[data-testid="stMetricLabel"]', has_text=label))
+    box = shown(page, "stMetric").filter(has=page.locator('[data-testid="stMetricLabel"]', has_text=label))
     for i in range(box.count()):
         el = box.nth(i)
         if el.locator('[data-testid="stMetricLabel"]').inner_text().strip() == label:
@@ -241,17 +240,24 @@ def engine_session():
     return session
 
 
-def engine_result(ratio: int):
-    """The engine's result for the app's default plan at a prune ratio of ``ratio`` %."""
+def engine_result(ratio: int, fold_norm: bool = False):
+    """The engine's result for the app's default plan at a prune ratio of ``ratio`` % (BatchNorm stored as scale and
+    shift with ``fold_norm``)."""
     from xaicomp_core import CompressionPlan
 
     return engine_session().evaluate(CompressionPlan(criterion="lrp", prune_ratio=ratio / 100, bit_levels=[8, 4, 2],
-                                                     bit_split=[0.2, 0.5]))
+                                                     bit_split=[0.2, 0.5], fold_norm=fold_norm))
+
+
+def shown(page, testid: str):
+    """Elements ``data-testid=testid`` of the current run: not inside a container Streamlit marks stale (under load
+    the frontend can keep a stale copy of a widget in the DOM after the run; the user does not see it)."""
+    return page.locator(f'xpath=//*[@data-testid="{testid}"][not(ancestor::*[@data-stale="true"])]')
 
 
 def prune_slider(page):
     """The (visually hidden) range input of the Compress page's prune-ratio slider."""
-    widget = page.locator('[data-testid="stSlider"]').filter(has_text="Prune ratio")
+    widget = shown(page, "stSlider").filter(has_text="Prune ratio")
     return widget.locator('input[type="range"]')
 
 
@@ -498,11 +504,29 @@ def test_two_sessions_compress_at_once(browser, app_url):
 # ------------------------------------------------------------- the plan survives errors and uploads in the browser
 def shown_controls(page) -> dict:
     """What the Compress page's main controls show in the browser (not what the server holds)."""
-    crit = page.locator('[data-testid="stSelectbox"]').filter(has_text="Criterion").first
-    levels = page.locator('[data-testid="stMultiSelect"]').filter(has_text="Bit levels").first
+    crit = shown(page, "stSelectbox").filter(has_text="Criterion").first
+    levels = shown(page, "stMultiSelect").filter(has_text="Bit levels").first
     return {"criterion": crit.locator('input[role="combobox"]').input_value().split(" — ")[0],
             "ratio": prune_slider(page).input_value(),
             "levels": levels.locator("[data-tag]").evaluate_all("els => els.map(e => e.getAttribute('aria-label'))")}
+
+
+FOLD_LABEL = "Store BatchNorm as scale and shift"
+
+
+def fold_checked(page) -> bool:
+    """Whether the Compress page's BatchNorm checkbox (under More settings) shows ticked in the browser."""
+    box = shown(page, "stCheckbox").filter(has_text=FOLD_LABEL).first
+    return box.locator('input[type="checkbox"]').is_checked()
+
+
+def tick_fold(page) -> None:
+    """Open More settings, tick the BatchNorm checkbox and wait for the new size."""
+    before = metric(page, "Size")
+    page.locator('[data-testid="stExpander"] summary', has_text="More settings").first.click()
+    page.locator('[data-testid="stCheckbox"]').filter(has_text=FOLD_LABEL).first.locator("label").click()
+    page.wait_for_function(CHANGED_JS, arg=before, timeout=60_000, polling=50)
+    wait_idle(page)
 
 
 def press_prune_slider(page, key: str) -> None:
@@ -523,7 +547,7 @@ def sidebar_upload(page, path: pathlib.Path) -> None:
 
 
 def result_caption(page) -> str:
-    return page.locator('[data-testid="stCaptionContainer"]').filter(has_text="images correct").first.inner_text()
+    return shown(page, "stCaptionContainer").filter(has_text="images correct").first.inner_text()
 
 
 def image_zip(path: pathlib.Path, per_class: int = 6) -> pathlib.Path:
@@ -553,7 +577,9 @@ def test_plan_survives_errors_and_uploads(browser, app_url, tmp_path):
     page, errors = open_app(browser, app_url)
     open_compress(page)
     default = {"criterion": "lrp", "ratio": "50", "levels": ["8 bits", "4 bits", "2 bits"]}
-    assert shown_controls(page) == default
+    assert shown_controls(page) == default and not fold_checked(page)
+    tick_fold(page)  # a control under an expander: it must survive the sequence below as well
+    assert fold_checked(page)
     press_prune_slider(page, "ArrowRight")
     plan = dict(default, ratio="55")
     assert shown_controls(page) == plan
@@ -567,7 +593,7 @@ def test_plan_survives_errors_and_uploads(browser, app_url, tmp_path):
     page.wait_for_selector('[data-testid="stMetricLabel"]:has-text("Original accuracy")', timeout=LOAD_TIMEOUT_MS)
     wait_idle(page)
     no_exception(page)
-    assert shown_controls(page) == plan
+    assert shown_controls(page) == plan and fold_checked(page)
     assert "prune 55% by lrp" in result_caption(page)
     press_prune_slider(page, "ArrowRight")  # the next touch of a control: only that control changes
     plan = dict(plan, ratio="60")
@@ -598,10 +624,11 @@ def test_plan_survives_errors_and_uploads(browser, app_url, tmp_path):
 
     from xaicomp_core.viz.figures import fmt_bytes, fmt_pct
 
-    res = engine_result(55)
+    assert fold_checked(page)
+    res = engine_result(55, fold_norm=True)
     assert metric(page, "Size") == fmt_bytes(res.size.estimated_bytes)
     assert metric(page, "Accuracy") == fmt_pct(res.accuracy)
-    assert "prune 55% by lrp" in result_caption(page)
+    assert "prune 55% by lrp" in result_caption(page) and "BatchNorm stored as scale and shift" in result_caption(page)
     assert not errors, errors
     page.close()
 
