@@ -12,6 +12,7 @@ from pages.common import (
     control,
     fmt_bytes,
     fmt_pct,
+    fold_norm_checkbox,
     get_settings,
     model_label,
     page_session,
@@ -70,13 +71,7 @@ with st.form("auto_form", border=True):
         disabled=not session.can_finetune,
         help="With fine-tuning: first search each signal this many evaluations without fine-tuning (fast) and start "
              "the fine-tuned search from its plan, so fine-tuning never ends with a larger plan. 0: off.")))
-    c = control("au_fold_norm", True)
-    fold = bool(c.keep(st.checkbox(
-        "Store BatchNorm as scale and shift", value=bool(c.value) and bool(session.compressor.norms), key=c.key,
-        disabled=not session.compressor.norms,
-        help="Plans store each BatchNorm as one scale and one shift per channel (8 instead of 16 bytes); the outputs "
-             "change by float32 rounding only and every plan is measured that way." if session.compressor.norms
-        else "This model has no BatchNorm.")))
+    fold = fold_norm_checkbox(control("au_fold_norm", True), session)  # in a form: no on_change
     # A callback (not the button's return value) so that the request survives any rerun before it is handled.
     st.form_submit_button("Run search", type="primary", icon=":material/search:",
                           on_click=lambda: st.session_state.update(au_requested=True))

@@ -702,6 +702,17 @@ def control_key(name: str) -> str:
     return name if gen == 0 else f"{name}~{gen}"
 
 
+def fold_norm_checkbox(c: Control, session: CompressionSession, **kwargs: Any) -> bool:
+    """The "Store BatchNorm as scale and shift" checkbox of control ``c`` (a plan's ``fold_norm``): off and disabled
+    for a model without BatchNorm. ``kwargs`` go to ``st.checkbox`` (e.g. ``on_change`` outside a form)."""
+    norms = bool(session.compressor.norms)
+    return bool(c.keep(st.checkbox(
+        "Store BatchNorm as scale and shift", value=bool(c.value) and norms, key=c.key, disabled=not norms,
+        help="One scale and one shift per channel instead of weight, bias, mean and variance: 8 instead of 16 bytes "
+             "per channel. The outputs change by float32 rounding only; every number shown is measured on the "
+             "folded model." if norms else "This model has no BatchNorm.", **kwargs)))
+
+
 def control(name: str, default: Any) -> Control:
     """The control ``name``: its stored value, or ``default`` if it has none yet (first visit, after a reset)."""
     values = _controls()["values"]

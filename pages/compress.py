@@ -30,6 +30,7 @@ from pages.common import (
     fmt_bytes,
     fmt_pct,
     fmt_pp,
+    fold_norm_checkbox,
     get_plan,
     get_settings,
     model_label,
@@ -158,18 +159,13 @@ def plan_controls(plan: CompressionPlan, session: CompressionSession) -> Compres
             "Recovery fine-tuning (epochs)", 0, 20, value=int(c.value), key=c.key, on_change=c.commit,
             disabled=not session.can_finetune,
             help="Train the kept weights on the training images with masks and bit widths fixed and quantization "
-                 "in the loop; the size does not change. Takes seconds to minutes per plan (cached).")))
+                 "in the loop; the size changes only through the Huffman-coded values, which follow the new codes. "
+                 "Takes seconds to minutes per plan (cached).")))
         if not session.can_finetune:
             st.caption("Fine-tuning needs training images (built-in data or a torchvision folder); this data has "
                        "none, so the plan is evaluated without it.")
         c = control("cp_fold_norm", plan.fold_norm)
-        fold = bool(c.keep(st.checkbox(
-            "Store BatchNorm as scale and shift", value=bool(c.value) and bool(session.compressor.norms), key=c.key,
-            on_change=c.commit,
-            disabled=not session.compressor.norms,
-            help="One scale and one shift per channel instead of weight, bias, mean and variance: 8 instead of 16 "
-                 "bytes per channel. The outputs change by float32 rounding only; the numbers shown are measured "
-                 "on the folded model." if session.compressor.norms else "This model has no BatchNorm.")))
+        fold = fold_norm_checkbox(c, session, on_change=c.commit)
     if not levels:
         st.error("Choose at least one bit level (fp32 keeps the kept weights unquantized).", icon=":material/warning:")
         return None

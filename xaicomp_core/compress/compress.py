@@ -102,6 +102,10 @@ def layer_indices(layout: LayerLayout, per_layer: Mapping[str, object], what: st
     return out
 
 
+#: The state-dict entries of a BatchNorm that ``fold_norm`` rewrites.
+NORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
+
+
 class Compressor:
     """What compressing needs from one model, computed once, with the sorted scores cached (thread-safe).
 
@@ -123,7 +127,7 @@ class Compressor:
         #: BatchNorm modules that ``fold_norm`` can store as scale and shift (affine, with running statistics): eps
         self.norms = {n: float(m.eps) for n, m in model.named_modules()
                       if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine and m.track_running_stats
-                      and all(f"{n}.{t}" in self.state for t in ("weight", "bias", "running_mean", "running_var"))}
+                      and all(f"{n}.{t}" in self.state for t in NORM_TENSORS)}
         self._layouts = {"none": self.layout}
         self._sorted: dict[tuple, SortedScores] = {}
         self._channel_scores: dict[tuple, torch.Tensor] = {}
@@ -253,8 +257,7 @@ class Compressor:
         as they are."""
         out = dict(overrides)
         for n, eps in self.norms.items():
-            t = {k: out.get(f"{n}.{k}", self.state[f"{n}.{k}"]) for k in ("weight", "bias", "running_mean",
-                                                                            "running_var")}
+            t = {k: out.get(f"{n}.{k}", self.state[f"{n}.{k}"]) for k in NORM_TENSORS}
             scale = t["weight"].double() / torch.sqrt(t["running_var"].double() + eps)
             shift = t["bias"].double() - t["running_mean"].double() * scale
             out[f"{n}.weight"] = scale.to(t["weight"].dtype)

@@ -441,9 +441,8 @@ class CompressionSession:
             quant = quantize(base.layout, flat, base.keep, base.quant.klass, plan.bit_levels, plan.quantizer)
             # same masks, bit classes and scale groups as the base plan; the codes (and so the size of the
             # Huffman-coded values) are the fine-tuned weights'
-            return dataclasses.replace(base, plan=plan, quant=quant,
-                                       size=self.compressor.size_of(base.layout, base.keep, quant, plan.granularity,
-                                                                               base.overrides))
+            size = self.compressor.size_of(base.layout, base.keep, quant, plan.granularity, base.overrides)
+            return dataclasses.replace(base, plan=plan, quant=quant, size=size)
 
     def needs_finetuning(self, plan: CompressionPlan) -> bool:
         """Whether :meth:`compress` would fine-tune first (the plan asks for it and its weights are not cached)."""
