@@ -121,7 +121,8 @@ class CompressionPlan:
         Seed of the ``random`` criterion and of fine-tuning.
     finetune_epochs : int
         Epochs of recovery fine-tuning after compression (0 = none); masks and bit classes stay fixed, quantization
-        is in the loop (straight-through estimator), so the size is unchanged.
+        is in the loop (straight-through estimator), so only the values section's size can change (its Huffman
+        code follows the fine-tuned codes).
     finetune_lr : float
         Learning rate of the fine-tuning (SGD, momentum 0.9, cosine decay).
     layer_prune : dict of str to float

@@ -740,8 +740,8 @@ def write_markdown(summary: dict[str, Any], path: pathlib.Path, plot_dir: str, d
           "relevance uses the 1,000 shipped reference images (LRP-epsilon unless stated); fine-tuning uses the 5,000 "
           "shipped training images with masks and bit classes fixed and quantization in the loop. Sizes are the "
           "packed payload (`estimated_bytes`, equal to the bytes `xaicomp export` writes, header excluded) against "
-          "fp32 dense; the kept values are Huffman-coded per layer where that is smaller (packed format version 2, "
-          "`docs/FORMAT.md`)."]
+          "fp32 dense; the kept values are Huffman-coded per layer where that is smaller, and a plan with `fold_norm` "
+          "stores BatchNorm as scale and shift (packed format versions 2 and 3, `docs/FORMAT.md`)."]
     for run in meta.get("partial_runs", []):
         L += ["", f"Rerun since with `{run['command']}` on {run['date']} ({run['machine']}, "
               f"{run['seconds'] / 60:.0f} minutes): the {run['section']} section of {run['model']}."]

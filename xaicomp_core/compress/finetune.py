@@ -4,7 +4,8 @@ Each step quantizes the current weights exactly as the exporter does (same keep-
 scales recomputed per (output channel, class) group) and runs the forward pass with those values; the gradient
 passes straight through the rounding to the float "shadow" weights (straight-through estimator). Only the conv and
 linear weights are trained; biases, BatchNorm parameters and statistics stay as they are (BatchNorm in eval mode),
-so the packed size of the result is exactly the size of the plan without fine-tuning.
+so the packed file keeps every section of the plan without fine-tuning but the values, whose Huffman code (where it
+is used) follows the fine-tuned codes.
 """
 
 from __future__ import annotations
