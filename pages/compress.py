@@ -174,7 +174,8 @@ def plan_controls(plan: CompressionPlan, session: CompressionSession) -> Compres
                                protect="first-last" if protect else "none", bit_levels=levels,
                                bit_split=cuts_to_split(cuts), bit_ranking=ranking, granularity=granularity,
                                quantizer=quantizer, composite=plan.composite, seed=seed, finetune_epochs=epochs,
-                               finetune_lr=plan.finetune_lr, layer_prune=dict(plan.layer_prune),
+                               finetune_lr=plan.finetune_lr, finetune_batch=plan.finetune_batch,
+                               layer_prune=dict(plan.layer_prune),
                                layer_bits=dict(plan.layer_bits), fold_norm=fold).validate()
     except PlanError as e:
         st.error(str(e), icon=":material/warning:")

@@ -81,5 +81,36 @@ def test_fold_norm_is_version_3_and_only_written_when_on(tmp_path):
     f.write_text(folded.to_json())
     args = build_parser().parse_args(["compress", "--model", "fashion-lenet", "--plan", str(f), "--no-fold-norm"])
     assert plan_from_args(args) == plain
-    with pytest.raises(PlanError, match="plan version 4 is newer"):
-        CompressionPlan.from_dict({**d, "version": 4})
+    with pytest.raises(PlanError, match="plan version 5 is newer"):
+        CompressionPlan.from_dict({**d, "version": 5})
+
+
+def test_finetune_batch_is_version_4_and_only_written_when_not_128(tmp_path):
+    """``finetune_batch`` (default 128, the batch of every earlier plan) is left out of the JSON at 128, so earlier
+    plans keep their JSON and key byte for byte; another batch makes the plan version 4, is typed, bounded, described
+    and written by ``cli_words``, and ``xaicomp compress --finetune-batch`` sets it."""
+    from xaicomp_core.cli.common import plan_from_args
+    from xaicomp_core.cli.main import build_parser
+
+    old = CompressionPlan(criterion="magnitude", prune_ratio=0.5, finetune_epochs=2, fold_norm=True)
+    assert "finetune_batch" not in old.to_dict() and old.to_dict()["version"] == 3
+    assert CompressionPlan.from_dict(old.to_dict()).finetune_batch == 128
+    small = old.replace(finetune_batch=32, finetune_lr=0.005)
+    d = small.to_dict()
+    assert d["finetune_batch"] == 32 and d["version"] == 4 and small.key() != old.key()
+    assert CompressionPlan.from_json(small.to_json()) == small
+    assert "(batch 32, learning rate 0.005)" in small.describe()
+    assert "batch" not in old.describe()
+    args = build_parser().parse_args(["compress", "--model", "fashion-lenet", *small.cli_words()])
+    assert plan_from_args(args) == small
+    f = tmp_path / "plan.json"
+    f.write_text(small.to_json())
+    args = build_parser().parse_args(["compress", "--model", "fashion-lenet", "--plan", str(f),
+                                      "--finetune-batch", "128"])
+    back = plan_from_args(args)
+    assert back == small.replace(finetune_batch=128) and "finetune_batch" not in back.to_dict()
+    assert back.to_dict()["version"] == 3
+    for bad, msg in ((0, "batch size must be an integer in 1..4096"), (5000, "1..4096"),
+                     (32.0, "'finetune_batch' must be an integer"), (True, "'finetune_batch' must be an integer")):
+        with pytest.raises(PlanError, match=msg):
+            CompressionPlan.from_dict({**d, "finetune_batch": bad})

@@ -17,6 +17,7 @@ from xaicomp_core.cli.common import (
     session_from_args,
 )
 from xaicomp_core.errors import XaicompError
+from xaicomp_core.evaluate.auto import AUTO_FINETUNE_BATCH, AUTO_FINETUNE_LR
 
 
 def cmd_auto(args: argparse.Namespace) -> int:
@@ -75,7 +76,8 @@ def cmd_auto(args: argparse.Namespace) -> int:
         raise XaicompError("--finetune-epochs needs fine-tuning data (--train-data, or built-in data)")
     results = auto_compare(session, args.max_drop, signals=signals, budget=budget,
                            finetune_epochs=args.finetune_epochs, sparsities=sparsities, bits=bits, probes=probes,
-                           mix=mix, fold_norm=args.fold_norm,
+                           mix=mix, fold_norm=args.fold_norm, finetune_batch=args.finetune_batch,
+                           finetune_lr=args.finetune_lr,
                            progress=progress_printer("evaluations", not args.json),
                            start=dict.fromkeys(signals, start) if start is not None else None,
                            warm_start=args.warm_start)
@@ -85,7 +87,8 @@ def cmd_auto(args: argparse.Namespace) -> int:
     summary = compare_summary(results)
     d: dict[str, Any] = {
         "model": session.info.name, "data": args.data, "max_drop_points": args.max_drop, "budget": budget,
-        "finetune_epochs": args.finetune_epochs, "search_images": len(session.y_ref),
+        "finetune_epochs": args.finetune_epochs, "finetune_batch": args.finetune_batch,
+        "finetune_lr": args.finetune_lr, "search_images": len(session.y_ref),
         "evaluation_images": len(session.y_eval), "sparsities": sorted(set(sparsities)),
         "bits": sorted(set(bits), reverse=True),
         "probes": probes, "mix": list(mix) if mix else None, "fold_norm": args.fold_norm,
@@ -123,6 +126,10 @@ def register(subparsers: Any) -> None:
                                                            "(default 80; at most half of them calibrate)")
     g.add_argument("--finetune-epochs", type=int, default=0,
                    help="fine-tune every evaluated plan this many epochs (slow: one fine-tuning per evaluation)")
+    g.add_argument("--finetune-batch", type=int, default=AUTO_FINETUNE_BATCH,
+                   help=f"fine-tuning batch size written into the plans (default {AUTO_FINETUNE_BATCH})")
+    g.add_argument("--finetune-lr", type=float, default=AUTO_FINETUNE_LR,
+                   help=f"fine-tuning learning rate written into the plans (default {AUTO_FINETUNE_LR})")
     g.add_argument("--warm-start", type=int, default=0, metavar="N",
                    help="with --finetune-epochs: first search each signal without fine-tuning (N evaluations, "
                         "cheap) and start the fine-tuned search from its plan, so fine-tuning never ends larger "

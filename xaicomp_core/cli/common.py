@@ -140,6 +140,7 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--finetune-epochs", type=int, default=None,
                    help="recovery fine-tuning epochs after compression (masks fixed, quantization in the loop)")
     g.add_argument("--finetune-lr", type=float, default=None, help="fine-tuning learning rate (default 0.01)")
+    g.add_argument("--finetune-batch", type=int, default=None, help="fine-tuning batch size (default 128)")
     g.add_argument("--layer-prune", default=None, metavar="LAYER=RATIO,...",
                    help="per-layer prune ratios, e.g. features.0=0.3,classifier.1=0.95 (other layers: --prune)")
     g.add_argument("--layer-bits", default=None, metavar="LAYER=BITS,...",
@@ -182,7 +183,8 @@ def plan_from_args(args: argparse.Namespace) -> CompressionPlan:
     for attr, field_name in (("scope", "scope"), ("granularity", "granularity"), ("bit_ranking", "bit_ranking"),
                              ("protect", "protect"), ("quantizer", "quantizer"), ("composite", "composite"),
                              ("seed", "seed"), ("finetune_epochs", "finetune_epochs"),
-                             ("finetune_lr", "finetune_lr"), ("fold_norm", "fold_norm")):
+                             ("finetune_lr", "finetune_lr"), ("finetune_batch", "finetune_batch"),
+                             ("fold_norm", "fold_norm")):
         if getattr(args, attr, None) is not None:
             changes[field_name] = getattr(args, attr)
     for attr, field_name, cast in (("layer_prune", "layer_prune", float), ("layer_bits", "layer_bits", int)):

@@ -84,6 +84,11 @@ SIGNALS: dict[str, dict[str, Any]] = {
                   "text": "prune by |w| inside layers; allocate by relative weight error"},
 }
 DEFAULT_BUDGET = 80
+#: The search's fine-tuning recipe: batch size and learning rate (plans default to 128 and 0.01). On 8,000 held-out
+#: Fashion-MNIST test images this recovered 0.3-0.7 points more than the plan default after 2 epochs on the
+#: VGG's auto plans (docs/ARCHITECTURE.md, "Fine-tuning recipe"), at about 1.4 times the time per fine-tuning.
+AUTO_FINETUNE_BATCH = 32
+AUTO_FINETUNE_LR = 0.005
 
 ProgressFn = Callable[[int, int], None]
 #: (sparsity, bits) of one layer; bits is a whole width, or the width of the mix (:attr:`AutoSearch.mix`) as a
@@ -202,6 +207,9 @@ class AutoSearch:
         The per-layer settings to choose from.
     finetune_epochs : int
         Fine-tune every evaluated plan this many epochs first (on the session's training data), as the plan will be.
+    finetune_batch, finetune_lr : int, float
+        The fine-tuning recipe written into the plans (default :data:`AUTO_FINETUNE_BATCH`,
+        :data:`AUTO_FINETUNE_LR`).
     composite, quantizer : str
         LRP composite of the relevance signal; quantizer of the plans.
     probes : int
@@ -223,7 +231,8 @@ class AutoSearch:
                  search_data: str | tuple[torch.Tensor, torch.Tensor] = "reference",
                  sparsities: Sequence[float] = SPARSITIES, bits: Sequence[int] = BITS, finetune_epochs: int = 0,
                  composite: str | None = None, quantizer: str = "mse", probes: int = 3,
-                 mix: tuple[int, int, float] | None = None, fold_norm: bool = True) -> None:
+                 mix: tuple[int, int, float] | None = None, fold_norm: bool = True,
+                 finetune_batch: int = AUTO_FINETUNE_BATCH, finetune_lr: float = AUTO_FINETUNE_LR) -> None:
         if signal not in SIGNALS:
             raise XaicompError(f"unknown signal {signal!r}; choose one of {', '.join(SIGNALS)}")
         if finetune_epochs and not session.can_finetune:
@@ -234,6 +243,9 @@ class AutoSearch:
         self.composite = composite or session.composite
         self.quantizer = quantizer
         self.finetune_epochs = int(finetune_epochs)
+        self.finetune_recipe = {"finetune_batch": int(finetune_batch), "finetune_lr": float(finetune_lr)}
+        if self.finetune_epochs:
+            CompressionPlan(finetune_epochs=self.finetune_epochs, **self.finetune_recipe).validate()  # one line if bad
         if not 0 <= int(probes) <= len(PROBE_FRACTIONS) + 1:
             raise XaicompError(f"probes per layer must be in 0..{len(PROBE_FRACTIONS) + 1}, got {probes}")
         self.probes = int(probes)
@@ -277,9 +289,10 @@ class AutoSearch:
             split = [share if b == hi else (1 - share if b == lo else 0.0) for b in levels[:-1]]
             extra = {"bit_ranking": "relevance" if self.spec["importance"] == "relevance" else "magnitude",
                      "granularity": "channel", "scope": "per-layer"}
+        recipe = self.finetune_recipe if finetune and self.finetune_epochs else {}
         return CompressionPlan(criterion=self.spec["criterion"], prune_ratio=0.0, bit_levels=levels,
                                bit_split=split, quantizer=self.quantizer, composite=self.composite,
-                               finetune_epochs=self.finetune_epochs if finetune else 0,
+                               finetune_epochs=self.finetune_epochs if finetune else 0, **recipe,
                                layer_prune={k: s for k, (s, _) in state.items()}, layer_bits=whole,
                                fold_norm=self.fold_norm,
                                **extra).validate()

@@ -434,7 +434,8 @@ class CompressionSession:
                 self._finetuned[key] = finetune_weights(
                     self.compressed_model(base), base.layout, self._weights_flat, base.keep, base.quant.klass,
                     plan.bit_levels, plan.quantizer, x, y, epochs=plan.finetune_epochs, lr=plan.finetune_lr,
-                    seed=plan.seed, progress=progress or self.finetune_progress, device=self.device)
+                    seed=plan.seed, batch_size=plan.finetune_batch, progress=progress or self.finetune_progress,
+                    device=self.device)
                 if len(self._finetuned) > 8:
                     self._finetuned.popitem(last=False)
             flat = self._finetuned[key]
