@@ -64,7 +64,8 @@ with st.form("auto_form", border=True):
         "Fine-tuning epochs", min_value=0, max_value=20, value=int(c.value), key=c.key,
         disabled=not session.can_finetune,
         help="Fine-tune every evaluated plan first, as the saved plan will be (in batches of 32 images at a "
-             "learning rate of 0.005; slow: one fine-tuning per evaluation)." if session.can_finetune else "This data has no training images.")))
+             "learning rate of 0.005; slow: one fine-tuning per evaluation)." if session.can_finetune
+        else "This data has no training images.")))
     c = control("au_warm_start", DEFAULT_BUDGET)
     warm = int(c.keep(c5.number_input(
         "Warm start (evaluations)", min_value=0, max_value=1000, value=int(c.value), step=10, key=c.key,

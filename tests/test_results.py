@@ -97,6 +97,28 @@ def test_quick_pipeline_writes_everything_and_plans_recheck(tmp_path, capsys):
                          "auto-finetuned"]) == 2  # not in the summary: one line, nothing written
     assert json.loads((tmp_path / "results" / "summary.json").read_text()) == again
 
+    # --only holdout checks the auto plans and the fine-tuning recipes on the test images outside the evaluation set
+    bad = fake_test_set(tmp_path / "bad-raw", corrupt=True)
+    assert results_main(["--models", "fashion-lenet", "--quick", "--out", str(tmp_path), "--only", "holdout",
+                         "--holdout-root", str(bad)]) == 2  # not the test set: one line, nothing written
+    assert json.loads((tmp_path / "results" / "summary.json").read_text()) == again
+    root = fake_test_set(tmp_path / "raw")
+    assert results_main(["--models", "fashion-lenet", "--quick", "--out", str(tmp_path), "--only", "holdout",
+                         "--holdout-root", str(root)]) == 0
+    h = json.loads((tmp_path / "results" / "summary.json").read_text())["models"]["fashion-lenet"]["holdout"]
+    assert h["images"] == 1000  # quick: a class-balanced 1,000 of the 8,000
+    assert [(r["section"], r["signal"]) for r in h["plans"]] == [
+        *(("auto", sig) for sig in m1["auto"]["signals"]), *(("auto_finetuned", sig) for sig in aft["signals"])]
+    for r in h["plans"]:  # the evaluation drops are the summary's own
+        src = m1[r["section"]]["signals"][r["signal"]]
+        assert r["estimated_bytes"] == src["estimated_bytes"]
+        assert r["evaluation_drop_points"] == pytest.approx(src["evaluation"]["drop_points"], abs=1e-9)
+        assert r["holdout_half_width"] > 0
+    assert [(r["signal"], r["finetune_batch"], r["finetune_lr"]) for r in h["recipes"]] == [
+        (sig, b, lr) for sig in aft["signals"] for b, lr in ((128, 0.01), (32, 0.005))]
+    assert all(len(r["runs"]) == 1 for r in h["recipes"])
+    assert "### Held-out check" in (tmp_path / "RESULTS.md").read_text()
+
 
 @pytest.mark.parametrize("model", ["fashion-vgg", "fashion-lenet", "fashion-resnet"])
 def test_committed_headline_rechecks(model, tmp_path, capsys):
@@ -122,3 +144,70 @@ def test_committed_finetuned_auto_plan_rechecks(tmp_path, capsys):
     assert d["accuracy"] == pytest.approx(best["evaluation"]["accuracy"], abs=0.0006)  # at most one image of 2,000
     assert (d["baseline_accuracy"] - d["accuracy"]) * 100 == pytest.approx(best["evaluation"]["drop_points"],
                                                                            abs=0.06)
+
+
+def _write_idx(path: pathlib.Path, arr) -> None:
+    import numpy as np
+
+    arr = np.asarray(arr, dtype=np.uint8)
+    path.write_bytes(bytes([0, 0, 8, arr.ndim]) + np.array(arr.shape, ">u4").tobytes() + arr.tobytes())
+
+
+def fake_test_set(folder: pathlib.Path, n: int = 10_000, seed: int = 0, corrupt: bool = False) -> pathlib.Path:
+    """Raw idx files of a test set holding the shipped evaluation images at their source indices and random images
+    elsewhere (``corrupt``: one evaluation image changed)."""
+    import numpy as np
+
+    from xaicomp_core.io.data import BUILTIN_DATASETS, DATA_DIR
+
+    with np.load(DATA_DIR / BUILTIN_DATASETS["fashion-mnist"]["eval"][0]) as z:
+        idx, images, labels = z["source_indices"], z["images"], z["labels"]
+    rng = np.random.default_rng(seed)
+    all_images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    all_labels = (np.arange(n) % 10).astype(np.uint8)
+    all_images[idx], all_labels[idx] = images, labels
+    if corrupt:
+        all_images[idx[7], 3, 3] ^= 1
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_idx(folder / "t10k-images-idx3-ubyte", all_images)
+    _write_idx(folder / "t10k-labels-idx1-ubyte", all_labels)
+    return folder
+
+
+def test_holdout_is_the_test_set_without_the_evaluation_images(tmp_path):
+    import numpy as np
+
+    from xaicomp_core.errors import DataError
+    from xaicomp_core.io.data import BUILTIN_DATASETS, DATA_DIR, load_fashion_mnist_holdout
+
+    root = fake_test_set(tmp_path / "raw")
+    hold = load_fashion_mnist_holdout(root)
+    with np.load(DATA_DIR / BUILTIN_DATASETS["fashion-mnist"]["eval"][0]) as z:
+        idx = z["source_indices"]
+    assert len(hold) == 10_000 - len(idx) == 8_000
+    raw_images = np.random.default_rng(0).integers(0, 256, (10_000, 28, 28), dtype=np.uint8)
+    rest = np.setdiff1d(np.arange(10_000), idx)
+    assert np.array_equal(hold.images, raw_images[rest]) and np.array_equal(hold.labels, rest % 10)
+    with pytest.raises(DataError, match="not images of the test set"):
+        load_fashion_mnist_holdout(fake_test_set(tmp_path / "bad", corrupt=True))
+    small = tmp_path / "small"  # a test set too short to hold the source indices
+    small.mkdir()
+    _write_idx(small / "t10k-images-idx3-ubyte", raw_images[:int(idx.max())])
+    _write_idx(small / "t10k-labels-idx1-ubyte", np.arange(int(idx.max())) % 10)
+    with pytest.raises(DataError, match="not images of the test set"):
+        load_fashion_mnist_holdout(small)
+
+
+def test_paired_drop_by_hand():
+    import torch
+
+    from xaicomp_core.results import paired_drop
+
+    y = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
+    base = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 0, 0])  # 8 right
+    pred = torch.tensor([0, 1, 2, 3, 4, 0, 0, 7, 8, 0])  # lost 5 and 6, won 8: 7 right
+    drop, half = paired_drop(base, pred, y)
+    # lost 2, won 1: drop (2 - 1) / 10; variance (2 + 1 - 1 / 10) / 100
+    assert drop == pytest.approx(10.0)
+    assert half == pytest.approx(100 * 1.96 * (2.9 / 100) ** 0.5)
+    assert paired_drop(base, base, y) == (0.0, 0.0)

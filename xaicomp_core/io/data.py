@@ -408,6 +408,32 @@ def find_fashion_mnist_raw(root: str | pathlib.Path | None = None) -> pathlib.Pa
                     "the folder of a torchvision FashionMNIST download")
 
 
+def load_fashion_mnist_holdout(root: str | pathlib.Path | None = None) -> ImageDataset:
+    """The Fashion-MNIST test images that the shipped evaluation set does not hold (8,000 of the 10,000).
+
+    A second, larger set the compressed models never met, for checking how well a drop measured on the 2,000
+    evaluation images carries over (``python -m xaicomp_core.results --only holdout``). Read from the raw idx files
+    (:func:`find_fashion_mnist_raw`: Debian's ``dataset-fashion-mnist`` or a torchvision download under ``root``);
+    the shipped evaluation asset names its source indices, and its images must equal the raw test images there.
+
+    Raises
+    ------
+    DataError
+        If the raw files are not found, or the shipped evaluation images are not those of this test set.
+    """
+    test = load_mnist_like(find_fashion_mnist_raw(root), False, FASHION_MNIST_CLASSES, "fashion-mnist/test")
+    path = DATA_DIR / BUILTIN_DATASETS["fashion-mnist"]["eval"][0]
+    with np.load(path, allow_pickle=False) as z:
+        idx, images, labels = z["source_indices"].astype(np.int64), z["images"], z["labels"]
+    n = len(test.labels)
+    if (idx.min(initial=0) < 0 or idx.max(initial=0) >= n or len(np.unique(idx)) != len(idx)
+            or not np.array_equal(test.images[idx], images) or not np.array_equal(test.labels[idx], labels)):
+        raise DataError(f"the shipped evaluation images are not images of the test set in {test.source}; "
+                        "no held-out set can be formed from it")
+    rest = np.setdiff1d(np.arange(n), idx)
+    return test.subset(rest, f"fashion-mnist/test without the evaluation images ({len(rest):,})")
+
+
 class _SafeUnpickler(pickle.Unpickler):
     """Unpickler for CIFAR-10 python batches that only rebuilds plain containers and numpy arrays."""
 
