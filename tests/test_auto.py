@@ -9,7 +9,15 @@ import torch
 
 from xaicomp_core import CompressionPlan, CompressionSession, XaicompError, load_builtin_model
 from xaicomp_core.cli import main
-from xaicomp_core.evaluate.auto import AutoSearch, _hull, auto_compare, auto_search, compare_summary
+from xaicomp_core.evaluate.auto import (
+    AUTO_FINETUNE_BATCH,
+    AUTO_FINETUNE_LR,
+    AutoSearch,
+    _hull,
+    auto_compare,
+    auto_search,
+    compare_summary,
+)
 from xaicomp_core.evaluate.session import forward_logits
 
 GRID = {"sparsities": (0.0, 0.5, 0.9), "bits": (8, 4, 2)}
@@ -125,6 +133,16 @@ def test_search_with_fine_tuning(fashion_ref, fashion_eval):
     res = auto_search(s, 2.0, signal="magnitude", budget=4, finetune_epochs=1, sparsities=(0.0, 0.9),
                       bits=(8, 2))
     assert res.plan.finetune_epochs == 1 and res.evaluation.plan.finetune_epochs == 1
+    # the search's fine-tuning recipe is written into the plan (xaicomp compress --plan fine-tunes it the same way)
+    assert (res.plan.finetune_batch, res.plan.finetune_lr) == (AUTO_FINETUNE_BATCH, AUTO_FINETUNE_LR) == (32, 0.005)
+    assert res.plan.to_dict()["version"] == 4
+    other = AutoSearch(s, "magnitude", finetune_epochs=1, finetune_batch=128, finetune_lr=0.01)
+    state = {k: (0.0, 8) for k in other.layers}
+    assert other.plan_for(state).to_dict()["version"] == 2 and "finetune_batch" not in other.plan_for(state).to_dict()
+    assert "finetune_batch" not in AutoSearch(s, "magnitude", finetune_epochs=1).plan_for(state, finetune=False
+                                                                                          ).to_dict()
+    with pytest.raises(XaicompError, match="batch size must be an integer in 1..4096"):
+        AutoSearch(s, "magnitude", finetune_epochs=1, finetune_batch=0)
     phases = [h["phase"] for h in res.history]
     assert phases[0] == "calibration" and "bisection" in phases and len(phases) <= 4
     # the calibration probes are not fine-tuned, every other evaluated plan is (and cached by the session)

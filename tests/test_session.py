@@ -172,6 +172,12 @@ def test_finetune_keeps_masks_bits_and_size(fashion_ref, fashion_eval):
     r0, r1 = s.evaluate(plan), s.evaluate(tuned_plan)
     assert r1.accuracy > r0.accuracy  # 90 % pruned at 4/2 bits loses a lot; one epoch recovers some
     assert r1.sparsity == r0.sparsity and r1.size.estimated_bytes == tuned.size.estimated_bytes
+    # the plan's batch size is the fine-tuning's: 1,000 images in batches of 32 are 32 steps, and other weights
+    steps.clear()
+    small = s.compress(tuned_plan.replace(finetune_batch=32), progress=lambda d, t: steps.append((d, t)))
+    assert steps[-1] == (32, 32) and not torch.equal(small.quant.values, tuned.quant.values)
+    assert torch.equal(small.keep, base.keep) and small.size.estimated_bytes == pack(
+        small, model.state_dict(), s.info).payload_bytes
     assert s.check_unchanged()
     no_train = CompressionSession(model, fashion_ref.balanced_subset(50), fashion_eval.balanced_subset(100))
     from xaicomp_core import PlanError
