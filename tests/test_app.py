@@ -335,6 +335,15 @@ def test_recovery_finetuning(lenet_engine):
         k: v for k, v in untuned.size.section_totals().items() if k in same}
     assert tuned.accuracy > untuned.accuracy  # ... and recovers accuracy lost at 90 % pruning
     assert at.session_state["plan"].finetune_epochs == 1
+    # the recipe: the plan default until another is chosen; then the plan and the numbers are the engine's with it
+    box = at.selectbox(key="cp_ft_recipe")
+    assert box.value == (128, 0.01) and not box.disabled and len(box.options) == 2
+    box.set_value((32, 0.005)).run()
+    ok(at)
+    assert (at.session_state["plan"].finetune_batch, at.session_state["plan"].finetune_lr) == (32, 0.005)
+    assert_shows(at, lenet_engine.evaluate(plan.replace(finetune_batch=32, finetune_lr=0.005)))
+    at.number_input(key="cp_ft_epochs").set_value(0).run()
+    assert at.selectbox(key="cp_ft_recipe").disabled
 
 
 def test_sweep_on_tradeoffs(lenet_engine):
