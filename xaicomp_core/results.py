@@ -794,10 +794,11 @@ def _holdout_lines(m: dict[str, Any]) -> list[str]:
         return []
     names = {"auto": "auto", "auto_finetuned": "auto, fine-tuned in the loop"}
     L = ["", f"### Held-out check: {h['images']:,} more test images (`python -m xaicomp_core.results --only holdout`)",
-         "", f"The Fashion-MNIST test images outside the evaluation set ({h['source']}; the original model "
-         f"{_pct(h['baseline_accuracy'])} there), which no search, choice or fine-tuning ever saw, from Debian's "
-         f"`dataset-fashion-mnist` (run on {h['date']}). Drops are paired (the same images before and after) with "
-         "their 95 % intervals: on 2,000 images a drop is known to about ±0.4 points, so a plan that holds on the "
+         "", f"The {h['images']:,} Fashion-MNIST test images outside the evaluation set (the original model "
+         f"{_pct(h['baseline_accuracy'])} there), which no search, choice or fine-tuning ever saw, read from "
+         f"Debian's `dataset-fashion-mnist` (run on {h['date']}). Drops are paired (the same images before and "
+         "after), with the half-width of their 95 % interval: a drop near 1 point is known to about ±0.8 points on "
+         f"the 2,000 evaluation images and to about ±0.4 on these {h['images']:,}, so a plan that holds on the "
          "evaluation images can fail here and the other way round.", "",
          "| search | signal | ratio | size | search drop | evaluation drop | held-out drop |",
          "|---|---|---|---|---|---|---|"]
