@@ -131,9 +131,12 @@ for col, (name, r) in zip(columns, results.items()):
         st.metric("Accuracy (evaluation images)", fmt_pct(ev.accuracy), **pp_delta(ev.accuracy_change), border=True,
                   help=f"{ev.correct:,} of {ev.images:,} evaluation images correct (original: "
                        f"{ev.baseline_correct:,}); the search never saw them.")
-        st.metric("Drop: search / evaluation", f"{search_drop:.2f} / {-100 * ev.accuracy_change:.2f} pt",
+        st.metric("Drop: search / evaluation", f"{search_drop:.2f} / {-100 * ev.accuracy_change:.2f} "
+                  f"± {r.evaluation_half_width:.2f} pt",
                   border=True, help=f"Points below the original model on the {r.search_images:,} search images "
-                                    f"(what the budget limits) and on the {ev.images:,} evaluation images.")
+                                    f"(what the budget limits) and on the {ev.images:,} evaluation images, with "
+                                    "the half-width of its 95 % interval: on a few thousand images a drop near "
+                                    "1 point is known only to within most of a point.")
         st.caption(f"{r.evaluations} of {r.budget} evaluations · {r.seconds:.1f} s · {fmt_pct(ev.sparsity, 1)} "
                    f"pruned · {ev.mean_bits:.2f} mean bits"
                    + (f" · started from the plan found in {r.warm_start} evaluations without fine-tuning"

@@ -710,7 +710,8 @@ def test_auto_panel_shows_the_engine_search_and_hands_the_plan_to_compress(tmp_p
         assert chunk[1][1] == fmt_bytes(r.estimated_bytes)
         assert (chunk[2][1], chunk[2][2]) == (fmt_pct(ev.accuracy), fmt_pp(ev.accuracy_change))
         search_drop = 100 * (r.search_baseline - r.search_accuracy)
-        assert chunk[3][1] == f"{search_drop:.2f} / {-100 * ev.accuracy_change:.2f} pt"
+        half = r.evaluation_half_width
+        assert half > 0 and chunk[3][1] == f"{search_drop:.2f} / {-100 * ev.accuracy_change:.2f} ± {half:.2f} pt"
         table = frame.value
         assert list(table["layer"]) == [la.name for la in ev.layers]
         assert list(table["bits"]) == [str(r.plan.layer_bits[la.name]) for la in ev.layers]

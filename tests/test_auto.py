@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -17,6 +18,7 @@ from xaicomp_core.evaluate.auto import (
     auto_compare,
     auto_search,
     compare_summary,
+    verdict,
 )
 from xaicomp_core.evaluate.session import forward_logits
 
@@ -61,6 +63,18 @@ def test_search_finds_a_plan_within_the_budget(small_session):
     within = [h["bytes"] for h in res.history if h["within"]]
     assert res.estimated_bytes == min(within) == s.evaluate(plan).size.estimated_bytes
     assert res.compression_ratio > 3
+    # the drop on the evaluation images comes with its paired 95 % interval, counted here by hand
+    ev = res.evaluation
+    lost = int(((s.baseline_pred == s.y_eval) & (ev.predictions != s.y_eval)).sum())
+    won = int(((s.baseline_pred != s.y_eval) & (ev.predictions == s.y_eval)).sum())
+    n = len(s.y_eval)
+    assert lost + won > 0 and res.evaluation_half_width == pytest.approx(
+        196 * ((lost + won - (lost - won) ** 2 / n) / n ** 2) ** 0.5)
+    assert s.drop_interval(ev) == (pytest.approx(-100 * ev.accuracy_change), res.evaluation_half_width)
+    assert res.to_dict()["evaluation"]["drop_half_width_points"] == res.evaluation_half_width
+    assert f"± {res.evaluation_half_width:.2f}" in verdict({"relevance": res})
+    with pytest.raises(XaicompError, match="needs an exact evaluation"):
+        s.drop_interval(dataclasses.replace(ev, estimate=True))  # first numbers from a subset have none
     # per-layer sparsities are what the plan says
     for layer in res.evaluation.layers:
         assert layer.sparsity == pytest.approx(plan.layer_prune[layer.name], abs=0.5 / layer.params + 1e-9)

@@ -19,7 +19,6 @@ import contextlib
 import datetime
 import io
 import json
-import math
 import pathlib
 import platform
 import sys
@@ -32,7 +31,7 @@ import torch
 
 from xaicomp_core.bench import _cpu_name, run_bench
 from xaicomp_core.errors import DataError
-from xaicomp_core.evaluate.session import CompressionSession
+from xaicomp_core.evaluate.session import CompressionSession, paired_drop
 from xaicomp_core.evaluate.sweep import pareto_flags
 from xaicomp_core.io.atomic import atomic_write
 from xaicomp_core.io.data import load_builtin_dataset
@@ -331,16 +330,6 @@ def auto_finetuned_section(s: CompressionSession, quick: bool = False,
     out.update(finetune_epochs=FT_EPOCHS_HEADLINE, date=datetime.date.today().isoformat(), seconds=time.time() - t0,
                started_from_auto=sorted(start))
     return out
-
-
-def paired_drop(base_pred: torch.Tensor, pred: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """Accuracy drop in points of ``pred`` against ``base_pred`` on the same images, and the half-width of its 95 %
-    interval (paired: only the images on which the two disagree about correctness count)."""
-    n = len(y)
-    lost = int(((base_pred == y) & (pred != y)).sum())
-    won = int(((base_pred != y) & (pred == y)).sum())
-    var = max(lost + won - (lost - won) ** 2 / n, 0.0) / n ** 2
-    return 100 * (lost - won) / n, 100 * 1.96 * math.sqrt(var)
 
 
 def holdout_section(s: CompressionSession, m: dict[str, Any], quick: bool = False,

@@ -102,12 +102,14 @@ def cmd_auto(args: argparse.Namespace) -> int:
         return 0
     print(f"model      {session.info.name}   search on {len(session.y_ref)} reference images, reported on "
           f"{len(session.y_eval)} evaluation images   budget {budget} evaluations per signal")
-    print(f"{'signal':10s} {'ratio':>7s} {'size':>10s} {'search drop':>12s} {'eval drop':>10s} {'evals':>6s}  plan")
+    print(f"{'signal':10s} {'ratio':>7s} {'size':>10s} {'search drop':>12s} {'eval drop (95 %)':>17s} {'evals':>6s}"
+          "  plan")
     for k, r in results.items():
         row = summary["signals"][k]
         flag = "" if r.feasible else "  (nothing within the budget; the most accurate plan tried)"
         print(f"{k:10s} {r.compression_ratio:>6.1f}x {fmt_bytes(r.estimated_bytes):>10s} "
-              f"{row['search_drop_points']:>11.2f}p {row['evaluation_drop_points']:>9.2f}p {r.evaluations:>6d}  "
+              f"{row['search_drop_points']:>11.2f}p {row['evaluation_drop_points']:>9.2f}p "
+              f"± {r.evaluation_half_width:<4.2f}p {r.evaluations:>6d}  "
               f"{r.plan.describe()}{flag}")
     if args.save_plan:
         print(f"wrote the {signals[0]} plan to {args.save_plan} (xaicomp compress --plan {args.save_plan})")

@@ -120,6 +120,9 @@ class AutoResult:
     history : list of dict
         Every evaluated plan: phase, bytes, accuracy on the search images, whether it was within the budget.
     seconds : float
+    evaluation_half_width : float
+        Half-width in points of the 95 % interval of the drop on the evaluation images
+        (:meth:`CompressionSession.drop_interval`).
     warm_start : int
         Evaluations of the search without fine-tuning whose plan this one started from (:func:`auto_compare`'s
         ``warm_start``; 0: none, or not within the budget).
@@ -139,6 +142,7 @@ class AutoResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     warm_start: int = 0
+    evaluation_half_width: float = 0.0
 
     @property
     def compression_ratio(self) -> float:
@@ -157,6 +161,7 @@ class AutoResult:
                        "drop_points": 100 * (self.search_baseline - self.search_accuracy)},
             "evaluation": {"images": ev.images, "accuracy": ev.accuracy, "baseline_accuracy": ev.baseline_accuracy,
                            "drop_points": -100 * ev.accuracy_change,
+                           "drop_half_width_points": self.evaluation_half_width,
                            "within_max_drop": -100 * ev.accuracy_change <= self.max_drop + 1e-9,
                            "sparsity": ev.sparsity, "mean_bits": ev.mean_bits},
             "estimated_bytes": ev.size.estimated_bytes, "fp32_bytes": ev.size.fp32_bytes,
@@ -584,7 +589,8 @@ class AutoSearch:
         evaluation = self.session.evaluate(plan)
         return AutoResult(self.signal, plan, feasible, float(max_drop), acc, self.baseline, len(self.y),
                           evaluation.size.estimated_bytes, evaluation, used, int(budget), self.history,
-                          time.perf_counter() - t0)
+                          time.perf_counter() - t0,
+                          evaluation_half_width=self.session.drop_interval(evaluation)[1])
 
 
 def auto_search(session: CompressionSession, max_drop: float = 1.0, *, signal: str = "relevance",
@@ -644,7 +650,8 @@ def compare_summary(results: dict[str, AutoResult]) -> dict[str, Any]:
     """Side by side: per signal the ratio, bytes and accuracies, and which signal found the smaller plan."""
     rows = {k: {"compression_ratio": r.compression_ratio, "estimated_bytes": r.estimated_bytes,
                 "search_drop_points": 100 * (r.search_baseline - r.search_accuracy),
-                "evaluation_drop_points": -100 * r.evaluation.accuracy_change, "feasible": r.feasible,
+                "evaluation_drop_points": -100 * r.evaluation.accuracy_change,
+                "evaluation_drop_half_width_points": r.evaluation_half_width, "feasible": r.feasible,
                 "evaluations": r.evaluations} for k, r in results.items()}
     feasible = {k: r for k, r in results.items() if r.feasible}
     smallest = min(feasible, key=lambda k: feasible[k].estimated_bytes) if feasible else None
@@ -747,9 +754,11 @@ def verdict(results: dict[str, AutoResult]) -> str:
     drops = []
     for k, r in results.items():
         d = -100 * r.evaluation.accuracy_change + 0.0  # (no "-0.00")
-        drops.append(f"{k} {d:.2f}" + (" (above the budget)" if d > drop + 1e-9 else ""))
+        drops.append(f"{k} {d:.2f} ± {r.evaluation_half_width:.2f}" + (" (above the budget)" if d > drop + 1e-9
+                                                                         else ""))
     parts.append(f"On the {n_eval:,} evaluation images, which the search never saw, the drops are "
-                 + ", ".join(drops) + " points. The search measures on its own images (by default the reference "
+                 + ", ".join(drops) + " points (± the half-width of the 95 % interval: on this many images a "
+                 "drop is known only that well). The search measures on its own images (by default the reference "
                  "images, from the training split), so the two drops can differ either way.")
     if feasible:
         over = {k for k, r in results.items() if -100 * r.evaluation.accuracy_change > drop + 1e-9}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -179,6 +180,18 @@ class EvaluationResult:
             "accuracy_stderr": self.accuracy_stderr,
             "eval_images": self.eval_images,
         }
+
+
+def paired_drop(base_pred: torch.Tensor, pred: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """Accuracy drop in points of ``pred`` against ``base_pred`` on the same images (labels ``y``), and the
+    half-width of its 95 % interval, paired: only the images on which the two disagree about correctness count
+    (normal approximation of the difference of two paired proportions)."""
+    n = len(y)
+    lost = int(((base_pred == y) & (pred != y)).sum())
+    won = int(((base_pred != y) & (pred == y)).sum())
+    var = max(lost + won - (lost - won) ** 2 / n, 0.0) / n ** 2
+    return 100 * (lost - won) / n, 100 * 1.96 * math.sqrt(var)
+
 
 
 class CompressionSession:
@@ -628,6 +641,13 @@ class CompressionSession:
         return 0
 
     # ------------------------------------------------------------------------------------------------------------
+    def drop_interval(self, result: EvaluationResult) -> tuple[float, float]:
+        """The accuracy drop of an exact result on the evaluation images, in points, and the half-width of its 95 %
+        interval (:func:`paired_drop` against the original model's predictions on the same images)."""
+        if result.estimate or len(result.predictions) != len(self.y_eval):
+            raise XaicompError("an interval of the drop needs an exact evaluation on all evaluation images")
+        return paired_drop(self.baseline_pred, result.predictions, self.y_eval)
+
     def input_relevance(self, indices: list[int], plan: CompressionPlan | None = None, composite: str | None = None,
                         target: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Pixel relevance (N, H, W) and logits for evaluation samples, for the original model or a compressed one.
