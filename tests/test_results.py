@@ -117,6 +117,14 @@ def test_quick_pipeline_writes_everything_and_plans_recheck(tmp_path, capsys):
     assert [(r["signal"], r["finetune_batch"], r["finetune_lr"]) for r in h["recipes"]] == [
         (sig, b, lr) for sig in aft["signals"] for b, lr in ((128, 0.01), (32, 0.005))]
     assert all(len(r["runs"]) == 1 for r in h["recipes"])
+    so = h["search_on_holdout"]  # the search on one half of the held-out images, checked on the other
+    assert so["search_images"] == so["check_images"] == 500 and so["budget"] == 6
+    assert [r["signal"] for r in so["signals"]] == ["relevance", "hybrid", "magnitude"]
+    for r in so["signals"]:
+        assert r["evaluations"] <= 6 and r["check_half_width"] >= 0 and r["plan"]["layer_prune"]
+        if r["feasible"]:
+            assert r["search_drop_points"] <= 1.0 + 1e-9
+    assert "of these images instead of the reference images" in (tmp_path / "RESULTS.md").read_text()
     assert "### Held-out check" in (tmp_path / "RESULTS.md").read_text()
 
 
