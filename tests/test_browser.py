@@ -522,9 +522,11 @@ def fold_checked(page) -> bool:
 
 def tick_fold(page) -> None:
     """Open More settings, tick the BatchNorm checkbox and wait for the new size."""
+    wait_idle(page)  # a click during a run can land on a widget the run is about to replace
     before = metric(page, "Size")
-    page.locator('[data-testid="stExpander"] summary', has_text="More settings").first.click()
-    page.locator('[data-testid="stCheckbox"]').filter(has_text=FOLD_LABEL).first.locator("label").click()
+    shown(page, "stExpander").filter(has_text="More settings").first.locator("summary").first.click()
+    box = shown(page, "stCheckbox").filter(has_text=FOLD_LABEL).first
+    box.locator("label").click()
     page.wait_for_function(CHANGED_JS, arg=before, timeout=60_000, polling=50)
     wait_idle(page)
 

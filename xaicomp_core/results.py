@@ -871,7 +871,9 @@ def write_markdown(summary: dict[str, Any], path: pathlib.Path, plot_dir: str, d
           "`results/summary.json`; every plan there can be re-checked with `xaicomp compress --plan`.", "",
           "Accuracy is top-1 on the shipped class-balanced evaluation set (2,000 Fashion-MNIST test images); "
           "relevance uses the 1,000 shipped reference images (LRP-epsilon unless stated); fine-tuning uses the 5,000 "
-          "shipped training images with masks and bit classes fixed and quantization in the loop. Sizes are the "
+          "shipped training images with masks and bit classes fixed and quantization in the loop, in batches of 128 "
+          "at a learning rate of 0.01 (the plan default) except where a plan says otherwise (the auto search's: 32 "
+          "at 0.005). Sizes are the "
           "packed payload (`estimated_bytes`, equal to the bytes `xaicomp export` writes, header excluded) against "
           "fp32 dense; the kept values are Huffman-coded per layer where that is smaller, and a plan with `fold_norm` "
           "stores BatchNorm as scale and shift (packed format versions 2 and 3, `docs/FORMAT.md`)."]
