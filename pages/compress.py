@@ -43,22 +43,22 @@ from pages.common import (
     split_to_cuts,
 )
 from xaicomp_core import CRITERIA, CompressionPlan, CompressionSession, EvaluationResult, PlanError, XaicompError
-from xaicomp_core.evaluate.auto import AUTO_FINETUNE_BATCH, AUTO_FINETUNE_LR
+from xaicomp_core.evaluate.auto import FINETUNE_RECIPES
 from xaicomp_core.evaluate.explain import explain_plan
-from xaicomp_core.plan import BIT_RANKINGS, DEFAULT_FINETUNE_BATCH, FP32, GRANULARITIES, QUANTIZERS, SCOPES
+from xaicomp_core.plan import BIT_RANKINGS, FP32, GRANULARITIES, QUANTIZERS, SCOPES
 from xaicomp_core.viz import figures
 from xaicomp_core.viz.style import criterion_option
 
 LEVEL_OPTIONS = [FP32, 8, 7, 6, 5, 4, 3, 2, 1]
 MAX_LEVELS = 4
-#: The fine-tuning recipes offered: (batch size, learning rate) of the plan default and of ``xaicomp auto``.
-FINETUNE_RECIPES = [(DEFAULT_FINETUNE_BATCH, CompressionPlan.finetune_lr), (AUTO_FINETUNE_BATCH, AUTO_FINETUNE_LR)]
+#: The fine-tuning recipes offered, (batch size, learning rate), by their names.
+RECIPE_NAMES = {recipe: name for name, recipe in FINETUNE_RECIPES.items()}
 
 
 def _recipe_label(recipe: tuple[int, float]) -> str:
     batch, lr = recipe
-    name = {FINETUNE_RECIPES[0]: " (plan default)", FINETUNE_RECIPES[1]: " (as xaicomp auto)"}.get(tuple(recipe), "")
-    return f"batch {batch}, learning rate {lr:g}{name}"
+    name = RECIPE_NAMES.get(tuple(recipe))
+    return f"batch {batch}, learning rate {lr:g}" + (f" ({name})" if name else "")
 
 
 def _bits_label(b: int) -> str:
@@ -171,7 +171,7 @@ def plan_controls(plan: CompressionPlan, session: CompressionSession) -> Compres
                  "in the loop; the size changes only through the Huffman-coded values, which follow the new codes. "
                  "Takes seconds to minutes per plan (cached).")))
         c = control("cp_ft_recipe", (plan.finetune_batch, plan.finetune_lr))
-        recipes = [*FINETUNE_RECIPES, *([tuple(c.value)] if tuple(c.value) not in FINETUNE_RECIPES else [])]
+        recipes = [*RECIPE_NAMES, *([tuple(c.value)] if tuple(c.value) not in RECIPE_NAMES else [])]
         batch, lr = c.keep(st.selectbox(
             "Fine-tuning recipe", recipes, index=recipes.index(tuple(c.value)), key=c.key, on_change=c.commit,
             format_func=_recipe_label, disabled=not session.can_finetune or not epochs,

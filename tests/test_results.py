@@ -209,7 +209,7 @@ def test_holdout_is_the_test_set_without_the_evaluation_images(tmp_path):
 def test_paired_drop_by_hand():
     import torch
 
-    from xaicomp_core.evaluate.session import paired_drop
+    from xaicomp_core.evaluate.progressive import paired_drop
 
     y = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
     base = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 0, 0])  # 8 right

@@ -16,8 +16,10 @@ from xaicomp_core.relevance.composites import COMPOSITE_REGISTRY
 #: ``finetune_batch``; a plan is written with the lowest version that holds it (a plan without them as version 1,
 #: readable by every xaicomp), and older plans keep loading.
 PLAN_VERSION = 4
-#: The fine-tuning batch size of every plan that does not name one (all plans before version 4 fine-tuned so).
+#: The fine-tuning batch size of every plan that does not name one (all plans before version 4 fine-tuned so), and
+#: the default learning rate.
 DEFAULT_FINETUNE_BATCH = 128
+DEFAULT_FINETUNE_LR = 0.01
 #: Longest plan JSON read (a plan is a few hundred characters).
 MAX_PLAN_CHARS = 1_000_000
 SCOPES = ("global", "per-layer")
@@ -159,7 +161,7 @@ class CompressionPlan:
     composite: str = "epsilon"
     seed: int = 0
     finetune_epochs: int = 0
-    finetune_lr: float = 0.01
+    finetune_lr: float = DEFAULT_FINETUNE_LR
     finetune_batch: int = DEFAULT_FINETUNE_BATCH
     layer_prune: dict[str, float] = field(default_factory=dict)
     layer_bits: dict[str, int] = field(default_factory=dict)
@@ -364,7 +366,7 @@ class CompressionPlan:
                                                for k, v in self.layer_bits.items())
         ft = f"; fine-tuned {self.finetune_epochs} epoch(s)" if self.finetune_epochs else ""
         if self.finetune_epochs and (self.finetune_batch != DEFAULT_FINETUNE_BATCH
-                                     or self.finetune_lr != CompressionPlan.finetune_lr):
+                                     or self.finetune_lr != DEFAULT_FINETUNE_LR):
             ft += f" (batch {self.finetune_batch}, learning rate {self.finetune_lr:g})"
         norm = "; BatchNorm stored as scale and shift" if self.fold_norm else ""
         return f"{prune}; {bits}{ft}{norm}"

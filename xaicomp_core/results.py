@@ -31,7 +31,9 @@ import torch
 
 from xaicomp_core.bench import _cpu_name, run_bench
 from xaicomp_core.errors import DataError
-from xaicomp_core.evaluate.session import CompressionSession, paired_drop
+from xaicomp_core.evaluate.auto import FINETUNE_RECIPES
+from xaicomp_core.evaluate.progressive import paired_drop
+from xaicomp_core.evaluate.session import CompressionSession
 from xaicomp_core.evaluate.sweep import pareto_flags
 from xaicomp_core.io.atomic import atomic_write
 from xaicomp_core.io.data import load_builtin_dataset
@@ -59,8 +61,8 @@ AUTO_FT_BUDGET = 60
 #: (and the tables that read it: within 1 point, where relevance helps), ``auto-finetuned`` (which starts from the
 #: summary's ``auto`` plans) and ``holdout`` (which checks the summary's auto plans on held-out test images).
 PARTIAL_SECTIONS = ("auto", "auto-finetuned", "holdout")
-#: The held-out check: the fine-tuning recipes compared on each fine-tuned auto plan, with these seeds.
-HOLDOUT_RECIPES = (("plan default", 128, 0.01), ("xaicomp auto", 32, 0.005))
+#: The held-out check: the seeds of each fine-tuning recipe (``evaluate.auto.FINETUNE_RECIPES``) on each fine-tuned
+#: auto plan.
 HOLDOUT_SEEDS = (0, 1, 2)
 #: Prune ratios of the "where relevance helps" table.
 WHERE_RATIOS = (0.7, 0.8, 0.9)
@@ -336,11 +338,11 @@ def holdout_section(s: CompressionSession, m: dict[str, Any], quick: bool = Fals
                     root: str | None = None) -> dict[str, Any]:
     """How the drops of the summary's auto plans carry over to the Fashion-MNIST test images outside the evaluation
     set (:func:`~xaicomp_core.io.data.load_fashion_mnist_holdout`, 8,000 images; a class-balanced 1,000 with
-    ``quick``): each auto plan (without and with fine-tuning in the loop) on them, with 95 % intervals; and, for each
-    fine-tuned auto plan, the fine-tuning recipes of :data:`HOLDOUT_RECIPES` with the seeds :data:`HOLDOUT_SEEDS`
-    (one with ``quick``) on the search, evaluation and held-out images; and the auto search of
-    :data:`AUTO_SIGNALS` run on a class-balanced half of the held-out images instead of the reference images, its
-    plans checked on the evaluation images and on the other half."""
+    ``quick``): each auto plan (without and with fine-tuning in the loop) on them, with 95 % intervals; for each
+    fine-tuned auto plan, the fine-tuning recipes of :data:`~xaicomp_core.evaluate.auto.FINETUNE_RECIPES` with the
+    seeds :data:`HOLDOUT_SEEDS` (one with ``quick``) on the search, evaluation and held-out images; and the auto
+    search of :data:`AUTO_SIGNALS` run on a class-balanced half of the held-out images instead of the reference
+    images, its plans checked on the evaluation images and on the other half."""
     from xaicomp_core.evaluate.session import forward_logits
     from xaicomp_core.io.data import as_tensors, balanced_indices, load_fashion_mnist_holdout
 
@@ -350,12 +352,11 @@ def holdout_section(s: CompressionSession, m: dict[str, Any], quick: bool = Fals
         hold = hold.balanced_subset(1000)
     xh, yh = as_tensors(hold, s.info.preprocessing, s.info.num_classes, "held-out images")
     base_h = forward_logits(s.model, xh).argmax(1)
-    base_e = s.baseline_pred
     base_r = forward_logits(s.model, s.x_ref).argmax(1)
 
     def measure(plan: CompressionPlan) -> dict[str, Any]:
         cw = s.compress(plan)
-        ev, ev_half = paired_drop(base_e, s.compressed_logits(cw, s.x_eval).argmax(1), s.y_eval)
+        ev, ev_half = s.drop_interval(s.evaluate(plan))
         ho, ho_half = paired_drop(base_h, s.compressed_logits(cw, xh).argmax(1), yh)
         se, _ = paired_drop(base_r, s.compressed_logits(cw, s.x_ref).argmax(1), s.y_ref)
         return {"estimated_bytes": cw.size.estimated_bytes, "ratio": cw.size.compression_ratio,
@@ -371,7 +372,7 @@ def holdout_section(s: CompressionSession, m: dict[str, Any], quick: bool = Fals
     recipes = []
     for sig, d in (m.get("auto_finetuned") or {}).get("signals", {}).items():
         plan = CompressionPlan.from_dict(d["plan"])
-        for label, batch, lr in HOLDOUT_RECIPES:
+        for label, (batch, lr) in FINETUNE_RECIPES.items():
             runs = []
             for seed in HOLDOUT_SEEDS[:1] if quick else HOLDOUT_SEEDS:
                 _log(f"held-out check: {sig} plan fine-tuned by the {label} recipe, seed {seed}")

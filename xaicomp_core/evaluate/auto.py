@@ -60,7 +60,7 @@ import torch
 
 from xaicomp_core.errors import XaicompError
 from xaicomp_core.evaluate.session import CompressionSession, EvaluationResult, forward_logits
-from xaicomp_core.plan import CompressionPlan
+from xaicomp_core.plan import DEFAULT_FINETUNE_BATCH, DEFAULT_FINETUNE_LR, CompressionPlan
 
 #: Per-layer prune ratios the search chooses from.
 SPARSITIES: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.93, 0.95,
@@ -89,6 +89,9 @@ DEFAULT_BUDGET = 80
 #: VGG's auto plans (docs/ARCHITECTURE.md, "Fine-tuning recipe"), at about 1.4 times the time per fine-tuning.
 AUTO_FINETUNE_BATCH = 32
 AUTO_FINETUNE_LR = 0.005
+#: The fine-tuning recipes (batch size, learning rate) the Compress page offers and the held-out check compares.
+FINETUNE_RECIPES: dict[str, tuple[int, float]] = {"plan default": (DEFAULT_FINETUNE_BATCH, DEFAULT_FINETUNE_LR),
+                                                  "xaicomp auto": (AUTO_FINETUNE_BATCH, AUTO_FINETUNE_LR)}
 
 ProgressFn = Callable[[int, int], None]
 #: (sparsity, bits) of one layer; bits is a whole width, or the width of the mix (:attr:`AutoSearch.mix`) as a

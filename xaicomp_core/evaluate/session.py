@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import math
 import threading
 import time
 from collections import OrderedDict
@@ -34,6 +33,7 @@ from xaicomp_core.evaluate.progressive import (
     QUICK_IMAGES,
     Anticipator,
     estimate_accuracy,
+    paired_drop,
     quick_indices,
 )
 from xaicomp_core.format.size import SizeBreakdown
@@ -180,18 +180,6 @@ class EvaluationResult:
             "accuracy_stderr": self.accuracy_stderr,
             "eval_images": self.eval_images,
         }
-
-
-def paired_drop(base_pred: torch.Tensor, pred: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """Accuracy drop in points of ``pred`` against ``base_pred`` on the same images (labels ``y``), and the
-    half-width of its 95 % interval, paired: only the images on which the two disagree about correctness count
-    (normal approximation of the difference of two paired proportions)."""
-    n = len(y)
-    lost = int(((base_pred == y) & (pred != y)).sum())
-    won = int(((base_pred != y) & (pred == y)).sum())
-    var = max(lost + won - (lost - won) ** 2 / n, 0.0) / n ** 2
-    return 100 * (lost - won) / n, 100 * 1.96 * math.sqrt(var)
-
 
 
 class CompressionSession:
