@@ -3,6 +3,7 @@ for many plans and every built-in model, and clear errors for truncated, altered
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import struct
@@ -38,7 +39,7 @@ from xaicomp_core.format.packing import (
     unpack,
     unpack_bits,
 )
-from xaicomp_core.format.size import compute_size
+from xaicomp_core.format.size import compute_size, stored_masks, zero_codes
 from xaicomp_core.io.export import exact_logits, forward_logits
 
 BUILTINS = ["fashion-lenet", "fashion-vgg", "fashion-resnet"]
@@ -56,7 +57,7 @@ def pack_plan(session, plan: CompressionPlan, codec: str = "none"):
     return cw, pack(cw, state_of(session), session.info, codec=codec)
 
 
-def recompress(session, plan: CompressionPlan, keep: torch.Tensor) -> CompressedWeights:
+def recompress(session, plan: CompressionPlan, keep: torch.Tensor, zeros_as_pruned: bool = True) -> CompressedWeights:
     """The plan's bit allocation and quantization on a hand-made keep-mask, with the engine's own functions."""
     layout = session.layout_for(plan.protect)
     params = dict(session.model.named_parameters())
@@ -69,7 +70,7 @@ def recompress(session, plan: CompressionPlan, keep: torch.Tensor) -> Compressed
                           plan.granularity, plan.scope)
     quant = quantize(layout, w, keep, klass, levels, plan.quantizer)
     size = compute_size(layout, keep, klass, quant.group_count, levels, plan.granularity, state_of(session),
-                        codes=quant.codes)
+                        codes=quant.codes, zeros_as_pruned=zeros_as_pruned)
     return CompressedWeights(plan, layout, keep, quant, size)
 
 
@@ -85,10 +86,19 @@ def check_round_trip(session, cw: CompressedWeights, codec: str = "none"):
     pm = unpack(res.data)
     assert pm.payload_bytes == res.payload_bytes
     assert torch.equal(pm.values, cw.quant.values)
-    assert torch.equal(pm.keep | pm.layout.protected_flat, cw.keep | cw.layout.protected_flat)
-    active = cw.quant.klass >= 0
-    assert torch.equal(pm.klass, cw.quant.klass)
-    quantized = active & (torch.tensor(cw.quant.levels)[cw.quant.klass.long().clamp(min=0)] != 32)
+    # the file stores the plan's masks, except that tensors whose size row says so store their zero codes as pruned
+    keep, klass = stored_masks(cw.layout, cw.keep, cw.quant.klass, cw.quant.codes, cw.quant.levels, cw.size)
+    zero = zero_codes(cw.quant.klass, cw.quant.codes, cw.quant.levels)
+    assert torch.equal(keep ^ cw.keep, zero & ~keep) and bool((cw.quant.values[zero] == 0).all())
+    rows = {t.name: t for t in cw.size.tensors}
+    for i, name in enumerate(cw.layout.names):
+        z = int(zero[cw.layout.layer_slice(i)].sum())
+        assert rows[name].zeros_pruned in (0, z) and rows[name].kept == int(keep[cw.layout.layer_slice(i)].sum()) \
+            or cw.layout.protected[i]
+    assert torch.equal(pm.keep | pm.layout.protected_flat, keep | cw.layout.protected_flat)
+    active = klass >= 0
+    assert torch.equal(pm.klass, klass)
+    quantized = active & (torch.tensor(cw.quant.levels)[klass.long().clamp(min=0)] != 32)
     assert torch.equal(pm.codes[quantized], cw.quant.codes[quantized])
     assert pm.size().estimated_bytes == res.payload_bytes
     original = {**state_of(session), **cw.overrides}  # removed filters: zeroed bias / BatchNorm
@@ -260,7 +270,7 @@ def test_every_channel_pruned_but_one_is_channel_encoded(lenet_session):
     i = 2
     per = layout.sizes[i] // layout.channels[i]
     keep[layout.offsets[i] + per:layout.offsets[i + 1]] = False
-    cw = recompress(lenet_session, plan, keep)
+    cw = recompress(lenet_session, plan, keep, zeros_as_pruned=False)  # 3-bit zero codes would make it ragged
     assert cw.size.tensors[4].name == layout.names[i] and cw.size.tensors[4].keep_encoding == "channels"
     check_round_trip(lenet_session, cw)
 
@@ -365,14 +375,37 @@ FROZEN_SHA256 = {
     "channels-layer": "8f9b15f745bfd5081b718b983c4568335952c2721bb2c89edeba17265df8f31c",
 }
 
+# This writer: as version 2's, except that a tensor stores its zero codes as pruned where that is cheaper (the reader
+# is unchanged; the file is still format version 2).
+FROZEN_ZEROS_SHA256 = FROZEN_SHA256 | {
+    "mag-842-channel": "7d54872ec61a3333184c636aa9c2ae138eb183344ea241098f72d7a5d3821066",
+    "mag-842-layer-absmax": "2d762dd73774d50944cfff7a04f1cf121470e191a804e5dbbf45929b083b7226",
+    "fp32-class-mixed": "927a3805ca91d5712caeac51ef502f5b41a0f4a56246c3a49ebe41f683edb6ac",
+    "fp32-class-channel": "99d6a69f25c8fc678c54bac422f2907be551824d4ea45cadc4fac079b871f9d9",
+    "light": "a5f9bd6203e526deba61dba17c3e57fdaa36d639339299955e80b6934919acee",
+    "random-7-3": "bb92143b1b92da858b6fd862c7fda459eae05d35758396e05f35c707a5e71e05",
+}
+
 
 def frozen_digest(res) -> str:
     data = res.data[res.header_bytes:] + json.dumps(res.header["tensors"], separators=(",", ":")).encode()
     return hashlib.sha256(data).hexdigest()
 
 
-def frozen_compressed(session, name: str) -> CompressedWeights:
-    """The frozen case ``name`` compressed afresh (no cache: the registered value codecs decide its size)."""
+def frozen_compressed(session, name: str, zeros_as_pruned: bool = True) -> CompressedWeights:
+    """The frozen case ``name`` compressed afresh (no cache: the registered value codecs decide its size); with
+    ``zeros_as_pruned=False``, sized and so written with the plan's masks as they are (the writers before zero codes
+    could be stored as pruned)."""
+    cw = _frozen_compressed(session, name)
+    if zeros_as_pruned:
+        return cw
+    q = cw.quant
+    return dataclasses.replace(cw, size=compute_size(cw.layout, cw.keep, q.klass, q.group_count, q.levels,
+                                                     cw.plan.granularity, state_of(session), codes=q.codes,
+                                                     zeros_as_pruned=False))
+
+
+def _frozen_compressed(session, name: str) -> CompressedWeights:
     if name.startswith("channels-"):
         # a third of every layer's output channels removed: the "channels" keep encoding everywhere
         layout = session.layout
@@ -388,10 +421,32 @@ def frozen_compressed(session, name: str) -> CompressedWeights:
 
 @pytest.mark.parametrize("name", list(FROZEN_SHA256))
 def test_packed_bytes_are_unchanged(lenet_session, name):
-    cw = frozen_compressed(lenet_session, name)
+    cw = frozen_compressed(lenet_session, name, zeros_as_pruned=False)
     res = pack(cw, state_of(lenet_session), lenet_session.info)
     assert res.payload_bytes == cw.size.estimated_bytes
     assert frozen_digest(res) == FROZEN_SHA256[name]
+
+
+@pytest.mark.parametrize("name", list(FROZEN_ZEROS_SHA256))
+def test_packed_bytes_with_zero_codes_as_pruned_are_unchanged(lenet_session, name):
+    cw = frozen_compressed(lenet_session, name)
+    plain = frozen_compressed(lenet_session, name, zeros_as_pruned=False)
+    res = pack(cw, state_of(lenet_session), lenet_session.info)
+    assert res.payload_bytes == cw.size.estimated_bytes
+    assert frozen_digest(res) == FROZEN_ZEROS_SHA256[name]
+    # the same weights, never more bytes; equal bytes exactly where no tensor stores its zero codes as pruned
+    pm = unpack(res.data)
+    assert torch.equal(pm.values, cw.quant.values) and pm.size().estimated_bytes == res.payload_bytes
+    moved = [t.name for t in cw.size.tensors if t.zeros_pruned]
+    assert cw.size.estimated_bytes <= plain.size.estimated_bytes
+    assert (cw.size.estimated_bytes < plain.size.estimated_bytes) == bool(moved)
+    assert (FROZEN_ZEROS_SHA256[name] == FROZEN_SHA256[name]) == (not moved)
+
+
+def test_some_frozen_plans_store_zero_codes_as_pruned(lenet_session):
+    moved = {name for name in FROZEN_ZEROS_SHA256
+             if any(t.zeros_pruned for t in frozen_compressed(lenet_session, name).size.tensors)}
+    assert moved and moved != set(FROZEN_ZEROS_SHA256)
 
 
 @pytest.mark.parametrize("name", list(FROZEN_V1_SHA256))
@@ -399,7 +454,7 @@ def test_fixed_width_values_are_format_version_1s_bytes_and_version_1_files_read
     huffman = VALUE_CODECS.get("huffman")
     VALUE_CODECS.unregister("huffman")
     try:
-        cw = frozen_compressed(lenet_session, name)
+        cw = frozen_compressed(lenet_session, name, zeros_as_pruned=False)
         res = pack(cw, state_of(lenet_session), lenet_session.info)
     finally:
         register_value_codec(huffman)
@@ -424,8 +479,8 @@ def test_frozen_plans_use_both_value_encodings(lenet_session):
 
 def test_frozen_plans_use_every_keep_encoding(lenet_session):
     seen = set()
-    for name in FROZEN_PLANS:
-        seen |= {t.keep_encoding for t in compressed(lenet_session, FROZEN_PLANS[name]).size.tensors
+    for name in FROZEN_PLANS:  # with the plans' masks (the zero codes stored as pruned change some encodings)
+        seen |= {t.keep_encoding for t in frozen_compressed(lenet_session, name, zeros_as_pruned=False).size.tensors
                  if t.kind == "compressed"}
     assert seen | {"channels"} == set(KEEP_ENCODINGS)  # "channels": the hand-made masks of the channels-* cases
 

@@ -97,9 +97,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     print("           " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in sec.items()))
     print(f"{'layer':24s} {'shape':>18s} {'sparsity':>9s} {'bits':>6s} {'bytes':>10s}  keep / values encoding")
     for layer in result.layers:
-        enc = "(protected)" if layer.protected else f"{layer.keep_encoding} / {layer.value_encoding}"
         print(f"{layer.name:24s} {str(tuple(layer.shape)):>18s} {layer.sparsity:>9.1%} {layer.mean_bits:>6.2f} "
-              f"{layer.bytes:>10,d}  {enc}")
+              f"{layer.bytes:>10,d}  {layer.encoding}")
     return 0
 
 

@@ -77,6 +77,15 @@ class LayerStats:
     bytes: int
     fp32_bytes: int
     value_encoding: str = "fixed"
+    zeros_pruned: int = 0  # kept weights quantized to exactly 0 that the file stores as pruned (cheaper there)
+
+    @property
+    def encoding(self) -> str:
+        """``"keep / values"`` encodings, with the zero codes stored as pruned if any (for tables)."""
+        if self.protected:
+            return "(protected)"
+        zeros = f", {self.zeros_pruned:,} zero codes as pruned" if self.zeros_pruned else ""
+        return f"{self.keep_encoding} / {self.value_encoding}{zeros}"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable dict."""
@@ -601,7 +610,8 @@ class CompressionSession:
             layers.append(LayerStats(name.removesuffix(".weight"), kind, layout.shapes[i], layout.sizes[i], kept,
                                      1 - kept / layout.sizes[i], mean_bits, hist, layout.protected[i],
                                      t.keep_encoding, t.total + self._bias_bytes(cw.size, name), t.fp32_bytes
-                                     + self._bias_bytes(cw.size, name, fp32=True), t.value_encoding))
+                                     + self._bias_bytes(cw.size, name, fp32=True), t.value_encoding,
+                                     t.zeros_pruned))
         n_comp = int(comp_mask.sum())
         pruned_comp = int((~keep & comp_mask).sum())
         active = klass >= 0

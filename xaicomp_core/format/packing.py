@@ -63,7 +63,7 @@ from xaicomp_core.format.codecs import (
 )
 from xaicomp_core.format.codecs import nonnegative as _nonneg
 from xaicomp_core.format.codecs import require as _req
-from xaicomp_core.format.size import SizeBreakdown, compute_size, is_float_entry
+from xaicomp_core.format.size import SizeBreakdown, compute_size, is_float_entry, stored_masks
 from xaicomp_core.plan import FP32, CompressionPlan
 from xaicomp_core.registry import RegistryView
 
@@ -238,10 +238,11 @@ class PackedModel:
         return ModelInfo(m["name"], m["arch"], list(m["class_names"]), pre, "packed file")
 
     def size(self) -> SizeBreakdown:
-        """The engine's size accounting of the decoded contents (recomputed, not read from the header)."""
+        """The engine's size accounting of the decoded contents as they are stored (recomputed, not read from the
+        header; the masks are the stored ones, so no zero codes are moved into them again)."""
         plan_gran = str(self.header["granularity"])
         return compute_size(self.layout, self.keep, self.klass, self.group_count, self.levels, plan_gran, self.state,
-                            codes=self.codes)
+                            codes=self.codes, zeros_as_pruned=False)
 
     def weights(self) -> dict[str, torch.Tensor]:
         """Dequantized conv/linear weights by name."""
@@ -389,12 +390,18 @@ def pack(compressed: CompressedWeights, state: dict[str, torch.Tensor], info: Mo
     plan: CompressionPlan = cw.plan
     q = cw.quant
     levels = [int(b) for b in q.levels]
-    keep = cw.keep.numpy().astype(bool)
-    klass = q.klass.numpy()
+    # the masks as stored: zero codes of the tensors whose size row says so are stored as pruned
+    keep_t, klass_t = stored_masks(layout, cw.keep, q.klass, q.codes, levels, cw.size)
+    dropped = klass_t != q.klass
+    n_lv = len(levels)
+    gone = torch.bincount(layout.channel_of[dropped] * n_lv + q.klass[dropped].long(),
+                          minlength=layout.total_channels * n_lv).view(layout.total_channels, n_lv)
+    keep = keep_t.numpy().astype(bool)
+    klass = klass_t.numpy()
     codes = q.codes.numpy()
     values = q.values.numpy()
     scales = q.scales.numpy()
-    group_count = q.group_count.numpy()
+    group_count = (q.group_count.long() - gone).numpy()
     index = {name: i for i, name in enumerate(layout.names)}
     rows = {t.name: t for t in cw.size.tensors}
 

@@ -12,6 +12,10 @@ section, each padded to whole bytes:
   granularity), of each output channel (per-channel), or nothing (per-layer: the class is in the header);
 * **scales** — one float32 per (output channel, bit class) group that holds kept quantized weights;
 * **values** — each kept weight at its bit width (fp32 classes at 32 bits);
+* **zeros as pruned** — a kept weight whose code decodes to exactly 0 (the middle code of a 2..8-bit class) holds
+  the same value as a pruned one; per tensor, when it is cheaper, such weights are stored as pruned (left out of the
+  keep section, the classes, the scale groups and the values). The decoded weights are the same either way, and a
+  reader needs nothing new: it reads a sparser mask (``TensorSize.zeros_pruned`` counts them);
 * **raw** — every other tensor (biases, normalisation parameters and statistics, protected layers) as float32;
 * **constant** — a tensor other than a conv/linear weight whose elements are all equal (e.g. the zero mean and the
   constant variance of a BatchNorm stored as scale and shift, ``CompressionPlan.fold_norm``), as one float32.
@@ -32,6 +36,7 @@ from xaicomp_core.compress.layout import LayerLayout
 from xaicomp_core.format.bitstream import class_bits, index_bits, rice_cost  # noqa: F401  (public)
 from xaicomp_core.format.codecs import (
     SCALES,
+    ClassLayout,
     KeepStats,
     ValueStats,
     alphabet,
@@ -80,6 +85,7 @@ class TensorSize:
     raw_bytes: int = 0
     mean_bits: float = 32.0
     value_encoding: str = "fixed"
+    zeros_pruned: int = 0
 
     @property
     def total(self) -> int:
@@ -158,17 +164,80 @@ def code_histograms(layout: LayerLayout, klass: torch.Tensor, codes: torch.Tenso
     return out.numpy().reshape(len(layout.names), n_lv, 256)
 
 
+def zero_codes(klass: torch.Tensor, codes: torch.Tensor, levels: list[int]) -> torch.Tensor:
+    """Flat bool mask of the weights whose stored code decodes to exactly 0: a class of 2..8 bits and the code
+    ``qmax = 2^(bits-1) - 1`` (value ``(qmax - qmax) * scale``). 1-bit classes have no zero; fp32 classes store the
+    float itself."""
+    lv = torch.tensor([int(b) for b in levels] + [0], dtype=torch.long)  # index -1 (no class) -> 0 bits
+    bits = lv[klass.long()]
+    quant = (bits >= 2) & (bits <= 8)
+    return quant & (codes.long() == (1 << (bits.clamp(min=1) - 1)) - 1)
+
+
+def stored_masks(layout: LayerLayout, keep: torch.Tensor, klass: torch.Tensor, codes: torch.Tensor,
+                 levels: list[int], size: SizeBreakdown) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keep-mask and classes a packed file stores: those of the plan, except that in every tensor whose row of
+    ``size`` has ``zeros_pruned`` the weights of :func:`zero_codes` are stored as pruned (class -1)."""
+    rows = {t.name: t for t in size.tensors}
+    zero = zero_codes(klass, codes, levels)
+    use = torch.zeros_like(zero)
+    for i, name in enumerate(layout.names):
+        row = rows.get(name)
+        if row is not None and row.zeros_pruned:
+            use[layout.layer_slice(i)] = True
+    drop = zero & use
+    return keep & ~drop, torch.where(drop, torch.full_like(klass, -1), klass)
+
+
+class _LayerTotals:
+    """Per-layer counts of one way of storing the kept weights (given their counts per channel and class), and the
+    row of a compressed tensor stored that way."""
+
+    def __init__(self, layout: LayerLayout, gc: torch.Tensor, levels: list[int]) -> None:
+        self.layout, self.levels = layout, levels
+        n_layers = len(layout.names)
+        kept_ch = gc.sum(1)  # kept (non-protected) weights per output channel
+        ch_size = torch.tensor([layout.sizes[i] // layout.channels[i] for i in range(n_layers)],
+                               dtype=torch.long)[layout.layer_of_channel]
+        full_or_empty = (kept_ch == 0) | (kept_ch == ch_size)
+        self.per_layer = torch.zeros(n_layers, len(levels), dtype=torch.long).index_add_(0, layout.layer_of_channel,
+                                                                                          gc)
+        quant_cols = torch.tensor([b != FP32 for b in levels])
+        self.scales = torch.zeros(n_layers, dtype=torch.long).index_add_(
+            0, layout.layer_of_channel, ((gc > 0) & quant_cols).sum(1)).tolist()
+        ragged = torch.zeros(n_layers, dtype=torch.long).index_add_(0, layout.layer_of_channel,
+                                                                    (~full_or_empty).long())
+        self.structured = (ragged == 0).tolist()
+
+    def row(self, i: int, name: str, shape: tuple[int, ...], mask: np.ndarray, hist: np.ndarray, classes: ClassLayout,
+            zeros_pruned: int = 0) -> TensorSize:
+        levels = self.levels
+        counts = self.per_layer[i]
+        kept = int(counts.sum())
+        numel = self.layout.sizes[i]
+        c = self.layout.channels[i]
+        stats = KeepStats(numel, kept, c, kept < numel and self.structured[i], mask=mask)
+        enc, kb, k_param = choose_keep(stats)
+        vstats = ValueStats(list(levels), counts.numpy(),
+                            {k: hist[k, :alphabet(b)] for k, b in enumerate(levels) if b != FP32 and counts[k]})
+        venc, vb = choose_values(vstats)
+        return TensorSize(name, "compressed", shape, numel, kept, 4 * numel, enc, k_param, kb,
+                          classes.cost(kept, c, len(levels)), SCALES.cost(self.scales[i]), vb, 0,
+                          vstats.value_bits / kept if kept else 0.0, value_encoding=venc, zeros_pruned=zeros_pruned)
+
+
 def compute_size(layout: LayerLayout, keep: torch.Tensor, klass: torch.Tensor, group_count: torch.Tensor,
                  levels: list[int], granularity: str, state: dict[str, torch.Tensor], *,
-                 codes: torch.Tensor) -> SizeBreakdown:
+                 codes: torch.Tensor, zeros_as_pruned: bool = True) -> SizeBreakdown:
     """Size of every state-dict tensor in the packed payload.
 
     Parameters
     ----------
     layout : LayerLayout
     keep, klass : Tensor
-        Flat keep-mask and class index (-1 = none) per compressible weight. Only ``keep`` is read (for the Rice
-        coding of the kept positions); the counts per class come from ``group_count``.
+        Flat keep-mask and class index (-1 = none) per compressible weight: ``keep`` for the Rice coding of the
+        kept positions, ``klass`` (with ``codes``) for the code histograms and the zero codes; the counts per class
+        come from ``group_count``.
     group_count : Tensor
         Kept weights per (global channel, class), shape (total_channels, len(levels)): everything the size
         depends on besides the layout.
@@ -181,23 +250,24 @@ def compute_size(layout: LayerLayout, keep: torch.Tensor, klass: torch.Tensor, g
     codes : Tensor
         Flat stored code per weight (:attr:`~xaicomp_core.compress.quantize.Quantized.codes`): the ``huffman`` value
         encoding's size depends on their histogram per layer and class.
+    zeros_as_pruned : bool
+        Whether a tensor may store its kept weights of :func:`zero_codes` as pruned where that is cheaper (what the
+        writer does; its row then has ``zeros_pruned``). ``False`` gives the size with the plan's masks as they are.
     """
     index = {n: i for i, n in enumerate(layout.names)}
-    gc = group_count.long()
-    kept_ch = gc.sum(1)  # kept (non-protected) weights per output channel
-    ch_size = torch.tensor([layout.sizes[i] // layout.channels[i] for i in range(len(layout.names))],
-                           dtype=torch.long)[layout.layer_of_channel]
-    full_or_empty = (kept_ch == 0) | (kept_ch == ch_size)
-    per_layer = torch.zeros(len(layout.names), len(levels), dtype=torch.long).index_add_(0, layout.layer_of_channel, gc)
-    quant_cols = torch.tensor([b != FP32 for b in levels])
-    scales_per_layer = torch.zeros(len(layout.names), dtype=torch.long).index_add_(
-        0, layout.layer_of_channel, ((gc > 0) & quant_cols).sum(1))
-    ragged = torch.zeros(len(layout.names), dtype=torch.long).index_add_(
-        0, layout.layer_of_channel, (~full_or_empty).long())
-    structured_layer = ragged == 0
-    classes = class_layout(granularity)
+    n_lv = len(levels)
     keep_np = keep.detach().cpu().numpy().astype(bool, copy=False)
     hist = code_histograms(layout, klass, codes, levels)
+    plain = _LayerTotals(layout, group_count.long(), levels)
+    zero = zero_codes(klass, codes, levels)
+    merged: _LayerTotals | None = None
+    if zeros_as_pruned and bool(zero.any()):  # the same with the zero codes stored as pruned
+        kz = klass.long()[zero]
+        gz = torch.bincount(layout.channel_of[zero] * n_lv + kz, minlength=layout.total_channels * n_lv)
+        merged = _LayerTotals(layout, group_count.long() - gz.view(layout.total_channels, n_lv), levels)
+        keep_z = keep_np & ~zero.numpy()
+        zeros_per_layer = torch.bincount(layout.layer_of[zero], minlength=len(layout.names)).tolist()
+    classes = class_layout(granularity)
     rows = []
     for name, value in state.items():
         if not is_float_entry(value):
@@ -211,16 +281,15 @@ def compute_size(layout: LayerLayout, keep: torch.Tensor, klass: torch.Tensor, g
         if i is None or layout.protected[i]:
             rows.append(TensorSize(name, "raw", shape, numel, numel, 4 * numel, "raw", raw_bytes=4 * numel))
             continue
-        counts = per_layer[i]
-        kept = int(counts.sum())
-        c = layout.channels[i]
         sl = layout.layer_slice(i)
-        stats = KeepStats(numel, kept, c, kept < numel and bool(structured_layer[i]), mask=keep_np[sl])
-        enc, kb, k_param = choose_keep(stats)
-        vstats = ValueStats(list(levels), counts.numpy(),
-                            {k: hist[i, k, :alphabet(b)] for k, b in enumerate(levels) if b != FP32 and counts[k]})
-        venc, vb = choose_values(vstats)
-        rows.append(TensorSize(name, "compressed", shape, numel, kept, 4 * numel, enc, k_param, kb,
-                               classes.cost(kept, c, len(levels)), SCALES.cost(int(scales_per_layer[i])),
-                               vb, 0, vstats.value_bits / kept if kept else 0.0, value_encoding=venc))
+        row = plain.row(i, name, shape, keep_np[sl], hist[i], classes)
+        if merged is not None and zeros_per_layer[i]:
+            h = hist[i].copy()
+            for k, b in enumerate(levels):
+                if 2 <= b <= 8:
+                    h[k, (1 << (b - 1)) - 1] = 0
+            alt = merged.row(i, name, shape, keep_z[sl], h, classes, zeros_per_layer[i])
+            if alt.total < row.total:
+                row = alt
+        rows.append(row)
     return SizeBreakdown(rows)

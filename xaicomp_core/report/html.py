@@ -378,7 +378,7 @@ def _render(session: CompressionSession, plan: CompressionPlan, result: Evaluati
         hist = ", ".join(f"{k}: {v:,}" for k, v in layer.bits_histogram.items() if v)
         layer_rows.append([layer.name, layer.kind, "×".join(str(d) for d in layer.shape), f"{layer.params:,}",
                            f"{layer.kept:,}", f"{layer.sparsity:.1%}", f"{layer.mean_bits:.2f}", hist or "-",
-                           "(protected)" if layer.protected else f"{layer.keep_encoding} / {layer.value_encoding}",
+                           layer.encoding,
                            f"{layer.bytes:,}",
                            f"{layer.fp32_bytes:,}"])
     sweep_html = ""
