@@ -168,10 +168,10 @@ def zero_codes(klass: torch.Tensor, codes: torch.Tensor, levels: list[int]) -> t
     """Flat bool mask of the weights whose stored code decodes to exactly 0: a class of 2..8 bits and the code
     ``qmax = 2^(bits-1) - 1`` (value ``(qmax - qmax) * scale``). 1-bit classes have no zero; fp32 classes store the
     float itself."""
-    lv = torch.tensor([int(b) for b in levels] + [0], dtype=torch.long)  # index -1 (no class) -> 0 bits
-    bits = lv[klass.long()]
-    quant = (bits >= 2) & (bits <= 8)
-    return quant & (codes.long() == (1 << (bits.clamp(min=1) - 1)) - 1)
+    # the zero code per class (-1: none), the last entry for index -1 (no class)
+    zero_code = torch.tensor([(1 << (int(b) - 1)) - 1 if 2 <= int(b) <= 8 else -1 for b in levels] + [-1],
+                             dtype=codes.dtype)
+    return codes == zero_code[klass.long()]
 
 
 def stored_masks(layout: LayerLayout, keep: torch.Tensor, klass: torch.Tensor, codes: torch.Tensor,
@@ -257,12 +257,14 @@ def compute_size(layout: LayerLayout, keep: torch.Tensor, klass: torch.Tensor, g
     index = {n: i for i, n in enumerate(layout.names)}
     n_lv = len(levels)
     keep_np = keep.detach().cpu().numpy().astype(bool, copy=False)
-    hist = code_histograms(layout, klass, codes, levels)
+    kl = klass.long()  # once: both below index with it
+    hist = code_histograms(layout, kl, codes, levels)
     plain = _LayerTotals(layout, group_count.long(), levels)
-    zero = zero_codes(klass, codes, levels)
     merged: _LayerTotals | None = None
-    if zeros_as_pruned and bool(zero.any()):  # the same with the zero codes stored as pruned
-        kz = klass.long()[zero]
+    zero_count = sum(int(hist[:, k, (1 << (b - 1)) - 1].sum()) for k, b in enumerate(levels) if 2 <= b <= 8)
+    if zeros_as_pruned and zero_count:  # the same with the zero codes stored as pruned
+        zero = zero_codes(kl, codes, levels)
+        kz = kl[zero]
         gz = torch.bincount(layout.channel_of[zero] * n_lv + kz, minlength=layout.total_channels * n_lv)
         merged = _LayerTotals(layout, group_count.long() - gz.view(layout.total_channels, n_lv), levels)
         keep_z = keep_np & ~zero.numpy()
