@@ -85,7 +85,7 @@ SIGNALS: dict[str, dict[str, Any]] = {
 }
 DEFAULT_BUDGET = 80
 #: The search's fine-tuning recipe: batch size and learning rate (plans default to 128 and 0.01). On 8,000 held-out
-#: Fashion-MNIST test images this recovered 0.3-0.7 points more than the plan default after 2 epochs on the
+#: Fashion-MNIST test images this recovered 0.3-0.8 points more than the plan default after 2 epochs on the
 #: VGG's auto plans (docs/ARCHITECTURE.md, "Fine-tuning recipe"), at about 1.4 times the time per fine-tuning.
 AUTO_FINETUNE_BATCH = 32
 AUTO_FINETUNE_LR = 0.005
