@@ -56,7 +56,7 @@ lint: install
 bench: install
 	$(VENV)/bin/xaicomp bench --json
 
-# Regenerates results/summary.json, docs/results/*.png and RESULTS.md (about 80 minutes on 2 cores).
+# Regenerates results/summary.json, docs/results/*.png and RESULTS.md (about 60 minutes on 2 cores).
 # RAY=HEAD:6379 evaluates the plans on that Ray cluster, RAY=local on a local Ray instance (README: Scaling out).
 results: install
 	$(PY) -m xaicomp_core.results $(if $(RAY),--ray $(filter-out local,$(RAY)))
