@@ -86,7 +86,8 @@ def check_round_trip(session, cw: CompressedWeights, codec: str = "none"):
     assert pm.payload_bytes == res.payload_bytes
     assert torch.equal(pm.values, cw.quant.values)
     # the file stores the plan's masks, except that tensors whose size row says so store their zero codes as pruned
-    keep, klass = stored_masks(cw.layout, cw.keep, cw.quant.klass, cw.quant.codes, cw.quant.levels, cw.size)
+    keep, klass, gc = stored_masks(cw.layout, cw.keep, cw.quant.klass, cw.quant.codes, cw.quant.levels, cw.size,
+                                   cw.quant.group_count)
     zero = zero_codes(cw.quant.klass, cw.quant.codes, cw.quant.levels)
     assert torch.equal(keep ^ cw.keep, zero & ~keep) and bool((cw.quant.values[zero] == 0).all())
     rows = {t.name: t for t in cw.size.tensors}
@@ -99,8 +100,9 @@ def check_round_trip(session, cw: CompressedWeights, codec: str = "none"):
     q = cw.quant
     as_planned = compute_size(cw.layout, cw.keep, q.klass, q.group_count, q.levels, cw.plan.granularity, state,
                               codes=q.codes, zeros_as_pruned=False)
-    gc = torch.bincount(cw.layout.channel_of[klass >= 0] * len(q.levels) + klass[klass >= 0].long(),
-                        minlength=q.group_count.numel()).view_as(q.group_count)
+    # the stored counts are those of the stored classes
+    assert torch.equal(gc, torch.bincount(cw.layout.channel_of[klass >= 0] * len(q.levels) + klass[klass >= 0].long(),
+                                          minlength=q.group_count.numel()).view_as(q.group_count))
     as_stored = compute_size(cw.layout, keep, klass, gc, q.levels, cw.plan.granularity, state, codes=q.codes,
                              zeros_as_pruned=False)
     for row, a, b in zip(cw.size.tensors, as_planned.tensors, as_stored.tensors):

@@ -391,17 +391,13 @@ def pack(compressed: CompressedWeights, state: dict[str, torch.Tensor], info: Mo
     q = cw.quant
     levels = [int(b) for b in q.levels]
     # the masks as stored: zero codes of the tensors whose size row says so are stored as pruned
-    keep_t, klass_t = stored_masks(layout, cw.keep, q.klass, q.codes, levels, cw.size)
-    dropped = klass_t != q.klass
-    n_lv = len(levels)
-    gone = torch.bincount(layout.channel_of[dropped] * n_lv + q.klass[dropped].long(),
-                          minlength=layout.total_channels * n_lv).view(layout.total_channels, n_lv)
+    keep_t, klass_t, gc_t = stored_masks(layout, cw.keep, q.klass, q.codes, levels, cw.size, q.group_count)
     keep = keep_t.numpy().astype(bool)
     klass = klass_t.numpy()
     codes = q.codes.numpy()
     values = q.values.numpy()
     scales = q.scales.numpy()
-    group_count = (q.group_count.long() - gone).numpy()
+    group_count = gc_t.numpy()
     index = {name: i for i, name in enumerate(layout.names)}
     rows = {t.name: t for t in cw.size.tensors}
 

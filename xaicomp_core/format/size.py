@@ -174,10 +174,18 @@ def zero_codes(klass: torch.Tensor, codes: torch.Tensor, levels: list[int]) -> t
     return codes == zero_code[klass.long()]
 
 
+def _group_counts(layout: LayerLayout, mask: torch.Tensor, kl: torch.Tensor, n_lv: int) -> torch.Tensor:
+    """Weights of ``mask`` per (global channel, class), shape (total_channels, n_lv); ``kl`` the long class index."""
+    return torch.bincount(layout.channel_of[mask] * n_lv + kl[mask],
+                          minlength=layout.total_channels * n_lv).view(layout.total_channels, n_lv)
+
+
 def stored_masks(layout: LayerLayout, keep: torch.Tensor, klass: torch.Tensor, codes: torch.Tensor,
-                 levels: list[int], size: SizeBreakdown) -> tuple[torch.Tensor, torch.Tensor]:
-    """The keep-mask and classes a packed file stores: those of the plan, except that in every tensor whose row of
-    ``size`` has ``zeros_pruned`` the weights of :func:`zero_codes` are stored as pruned (class -1)."""
+                 levels: list[int], size: SizeBreakdown,
+                 group_count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The keep-mask, classes and kept weights per (channel, class) a packed file stores: those of the plan
+    (``group_count``), except that in every tensor whose row of ``size`` has ``zeros_pruned`` the weights of
+    :func:`zero_codes` are stored as pruned (class -1)."""
     rows = {t.name: t for t in size.tensors}
     zero = zero_codes(klass, codes, levels)
     use = torch.zeros_like(zero)
@@ -186,7 +194,8 @@ def stored_masks(layout: LayerLayout, keep: torch.Tensor, klass: torch.Tensor, c
         if row is not None and row.zeros_pruned:
             use[layout.layer_slice(i)] = True
     drop = zero & use
-    return keep & ~drop, torch.where(drop, torch.full_like(klass, -1), klass)
+    gc = group_count.long() - _group_counts(layout, drop, klass.long(), len(levels))
+    return keep & ~drop, torch.where(drop, torch.full_like(klass, -1), klass), gc
 
 
 class _LayerTotals:
@@ -264,9 +273,7 @@ def compute_size(layout: LayerLayout, keep: torch.Tensor, klass: torch.Tensor, g
     zero_count = sum(int(hist[:, k, (1 << (b - 1)) - 1].sum()) for k, b in enumerate(levels) if 2 <= b <= 8)
     if zeros_as_pruned and zero_count:  # the same with the zero codes stored as pruned
         zero = zero_codes(kl, codes, levels)
-        kz = kl[zero]
-        gz = torch.bincount(layout.channel_of[zero] * n_lv + kz, minlength=layout.total_channels * n_lv)
-        merged = _LayerTotals(layout, group_count.long() - gz.view(layout.total_channels, n_lv), levels)
+        merged = _LayerTotals(layout, group_count.long() - _group_counts(layout, zero, kl, n_lv), levels)
         keep_z = keep_np & ~zero.numpy()
         zeros_per_layer = torch.bincount(layout.layer_of[zero], minlength=len(layout.names)).tolist()
     classes = class_layout(granularity)
