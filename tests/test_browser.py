@@ -520,14 +520,42 @@ def fold_checked(page) -> bool:
     return box.locator('input[type="checkbox"]').is_checked()
 
 
+def click_to_check(page, label, tries: int = 3) -> int:
+    """Click ``label`` (of a checkbox or radio option) until its input shows checked; return the clicks it took.
+
+    A click can be lost in the browser while the page is still laying out under it (an expander opening, charts
+    drawn beside it on a loaded machine): the input stays as it was and no run starts. The input's checked state
+    changes in the browser at once, whatever the server's load, so only such a lost click is repeated (at most
+    ``tries`` clicks in all); an input that was checked and then reset by the app's run is never clicked again, so
+    the caller's check of what the page shows still fails."""
+    box = label.locator("input")
+    for attempt in range(1, tries + 1):
+        label.click()
+        deadline = time.perf_counter() + 10
+        while time.perf_counter() < deadline:
+            if box.is_checked():
+                return attempt
+            time.sleep(0.05)
+    raise AssertionError(f"{tries} clicks on {label} left it unchecked")
+
+
 def tick_fold(page) -> None:
     """Open More settings, tick the BatchNorm checkbox and wait for the new size."""
     wait_idle(page)  # a click during a run can land on a widget the run is about to replace
     before = metric(page, "Size")
     shown(page, "stExpander").filter(has_text="More settings").first.locator("summary").first.click()
     box = shown(page, "stCheckbox").filter(has_text=FOLD_LABEL).first
-    box.locator("label").click()
-    page.wait_for_function(CHANGED_JS, arg=before, timeout=60_000, polling=50)
+    clicks = click_to_check(page, box.locator("label"))
+    try:
+        page.wait_for_function(CHANGED_JS, arg=before, timeout=60_000, polling=50)
+    except Exception as e:
+        state = page.evaluate("""() => ({
+            script: document.querySelector('[data-testid="stApp"]').getAttribute('data-test-script-state'),
+            boxes: [...document.querySelectorAll('[data-testid="stCheckbox"]')].map(e => [e.innerText.slice(0, 40),
+                e.querySelector('input').checked, !!e.closest('[data-stale="true"]')])})""")
+        page.screenshot(path=str(ROOT / "test-artifacts" / "tick_fold_failure.png"), full_page=True)
+        raise AssertionError(f"the size did not change after ticking the BatchNorm box ({clicks} click(s); size "
+                             f"{before} before): {state}") from e
     wait_idle(page)
 
 
@@ -541,7 +569,7 @@ def press_prune_slider(page, key: str) -> None:
 
 
 def sidebar_choose(page, label: str) -> None:
-    page.locator('[data-testid="stSidebar"] label', has_text=label).first.click()
+    click_to_check(page, page.locator('[data-testid="stSidebar"] label', has_text=label).first)
 
 
 def sidebar_upload(page, path: pathlib.Path) -> None:
