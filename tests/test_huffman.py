@@ -76,6 +76,47 @@ def test_deep_codes_are_limited_to_15_bits():
     assert huffman.decode_section(data, 30, len(sym), "t")[0].tolist() == sym.tolist()
 
 
+def _histograms():
+    """Histograms of every shape the size accounting meets: one symbol, two, uniform, skewed, sparse over 256
+    symbols, and one deep enough to need the length limit."""
+    rng = np.random.default_rng(7)
+    out = [np.array([0, 9, 0]), np.array([5, 0, 1]), np.array([1, 1]), np.full(16, 40),
+           np.array([2 ** i for i in range(30)]), np.array([10 ** 6, 1, 1, 0])]
+    for _ in range(200):
+        n = int(rng.choice([3, 4, 8, 16, 128, 256]))
+        c = rng.integers(0, rng.choice([2, 20, 5000]), n) * (rng.random(n) < rng.random())
+        if rng.random() < 0.5:  # bell-shaped, like quantized weights
+            c = np.round(rng.random() * 10 ** rng.integers(2, 6) * np.exp(-((np.arange(n) - n / 2) / (n / 8 + 1)) ** 2))
+        c = c.astype(np.int64)
+        c[rng.integers(n)] += 1
+        out.append(c)
+    return out
+
+
+def test_section_lower_bound_is_below_the_section_and_close_to_it():
+    for counts in _histograms():
+        exact, bound = huffman.section_bytes(counts), huffman.section_bytes_lower_bound(counts)
+        assert bound <= exact, counts
+        # Huffman is within one bit per symbol of the entropy (more only where the length limit cut the code)
+        assert exact - bound <= (int(counts.sum()) + 7) // 8 + 2 or int(huffman.code_lengths(counts).max()) == 15
+
+
+def test_values_lower_bound_is_below_the_cheapest_encoding():
+    from xaicomp_core.format.codecs import ValueStats, values_lower_bound
+
+    rng = np.random.default_rng(3)
+    hists = _histograms()
+    for _ in range(100):
+        levels = [32, 8, 4, 2][int(rng.integers(0, 2)):]
+        hist = {c: np.resize(hists[int(rng.integers(len(hists)))], alphabet(b)) for c, b in enumerate(levels)
+                if b != 32}
+        counts = np.array([int(rng.integers(0, 50)) if b == 32 else int(hist[c].sum()) for c, b in enumerate(levels)])
+        s = ValueStats(levels, counts, {c: h for c, h in hist.items() if counts[c]})
+        if not s.hist:
+            continue
+        assert values_lower_bound(s) <= choose_values(s)[1]
+
+
 def test_a_long_stream_decodes_across_windows(monkeypatch):
     monkeypatch.setattr(huffman, "DECODE_WINDOW", 37)
     rng = np.random.default_rng(1)

@@ -223,6 +223,32 @@ def test_round_trip_lenet(lenet_session, name):
     assert pm.plan == plan
 
 
+@pytest.mark.parametrize("name", ["lrp-842-weight", "lrp-842-channel", "8-and-1-bit", "absmax-7-3"])
+def test_the_lower_bound_shortcut_changes_no_size(lenet_session, monkeypatch, name):
+    """compute_size prices the plan's masks exactly only where a lower bound of them is not above the masks with
+    the zero codes stored as pruned; with the bound disabled (every layer priced both ways in full) every row is
+    the same."""
+    from xaicomp_core.format import size as size_module
+
+    cw = compressed(lenet_session, PLANS[name])
+    args = (cw.layout, cw.keep, cw.quant.klass, cw.quant.group_count, cw.quant.levels, PLANS[name].granularity,
+            state_of(lenet_session))
+    row, skipped = size_module._LayerTotals.row, []
+
+    def counted(self, *a, **k):
+        out = row(self, *a, **k)
+        skipped.append(out is None)
+        return out
+
+    monkeypatch.setattr(size_module._LayerTotals, "row", counted)
+    fast = compute_size(*args, codes=cw.quant.codes)
+    if name != "8-and-1-bit":  # (1-bit classes have no zero code)
+        assert any(skipped)  # the shortcut was taken somewhere
+    monkeypatch.setattr(size_module, "values_lower_bound", lambda s: 0)
+    full = compute_size(*args, codes=cw.quant.codes)
+    assert [t.to_dict() for t in fast.tensors] == [t.to_dict() for t in full.tensors]
+
+
 def test_all_keep_encodings_are_exercised(lenet_session):
     seen = set()
     for plan in PLANS.values():

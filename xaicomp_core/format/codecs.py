@@ -554,6 +554,10 @@ class ValueCodec(SectionCodec[ValueStats]):
     def applies(self, s: ValueStats) -> bool:  # noqa: D102
         return True
 
+    def lower_bound(self, s: ValueStats) -> int:
+        """A number of bytes :meth:`cost` is never below, cheaper to compute (default: the cost itself)."""
+        return self.cost(s)
+
     def encode(self, codes: np.ndarray, values: np.ndarray, kc: np.ndarray, levels: list[int]) -> bytes:
         """The section of kept weights with stored ``codes``, float ``values`` and class ids ``kc`` (kept order)."""
         raise NotImplementedError
@@ -616,6 +620,12 @@ def choose_values(s: ValueStats) -> tuple[str, int]:
     return codec.name, cost
 
 
+def values_lower_bound(s: ValueStats) -> int:
+    """Bytes the cheapest value encoding of ``s`` (:func:`choose_values`) never goes below: the least
+    :meth:`ValueCodec.lower_bound` of the encodings that apply."""
+    return min(codec.lower_bound(s) for _, codec in VALUE_CODECS.items() if codec.applies(s))
+
+
 def _stored_ints(codes: np.ndarray, values: np.ndarray, bits: np.ndarray) -> np.ndarray:
     """The unsigned integer stored per kept weight: its code, or its float32 bit pattern at 32 bits."""
     u = np.asarray(codes).astype(np.uint64)
@@ -664,6 +674,10 @@ class HuffmanValues(ValueCodec):
                 continue
             total += nbytes(FP32 * int(s.counts[c])) if b == FP32 else huffman.section_bytes(s.hist[c])
         return total
+
+    def lower_bound(self, s: ValueStats) -> int:  # noqa: D102
+        return sum(nbytes(FP32 * int(s.counts[c])) if b == FP32 else huffman.section_bytes_lower_bound(s.hist[c])
+                   for c, b in enumerate(s.levels) if s.counts[c])
 
     def encode(self, codes: np.ndarray, values: np.ndarray, kc: np.ndarray, levels: list[int]) -> bytes:  # noqa: D102
         bits = np.asarray(levels, dtype=np.int64)[kc]

@@ -45,6 +45,7 @@ from xaicomp_core.format.codecs import (
     class_layout,
     rice_codes_kept,  # noqa: F401  (public)
     rice_target,
+    values_lower_bound,
 )
 from xaicomp_core.plan import FP32
 
@@ -219,7 +220,9 @@ class _LayerTotals:
         self.structured = (ragged == 0).tolist()
 
     def row(self, i: int, name: str, shape: tuple[int, ...], mask: np.ndarray, hist: np.ndarray, classes: ClassLayout,
-            zeros_pruned: int = 0) -> TensorSize:
+            zeros_pruned: int = 0, above: int | None = None) -> TensorSize | None:
+        """The row of layer ``i``; with ``above``, None instead when a lower bound of its total (the values by
+        :func:`~xaicomp_core.format.codecs.values_lower_bound`, no Huffman code built) already exceeds ``above``."""
         levels = self.levels
         counts = self.per_layer[i]
         kept = int(counts.sum())
@@ -229,9 +232,11 @@ class _LayerTotals:
         enc, kb, k_param = choose_keep(stats)
         vstats = ValueStats(list(levels), counts.numpy(),
                             {k: hist[k, :alphabet(b)] for k, b in enumerate(levels) if b != FP32 and counts[k]})
+        cb, sb = classes.cost(kept, c, len(levels)), SCALES.cost(self.scales[i])
+        if above is not None and kb + cb + sb + values_lower_bound(vstats) > above:
+            return None
         venc, vb = choose_values(vstats)
-        return TensorSize(name, "compressed", shape, numel, kept, 4 * numel, enc, k_param, kb,
-                          classes.cost(kept, c, len(levels)), SCALES.cost(self.scales[i]), vb, 0,
+        return TensorSize(name, "compressed", shape, numel, kept, 4 * numel, enc, k_param, kb, cb, sb, vb, 0,
                           vstats.value_bits / kept if kept else 0.0, value_encoding=venc, zeros_pruned=zeros_pruned)
 
 
@@ -291,14 +296,19 @@ def compute_size(layout: LayerLayout, keep: torch.Tensor, klass: torch.Tensor, g
             rows.append(TensorSize(name, "raw", shape, numel, numel, 4 * numel, "raw", raw_bytes=4 * numel))
             continue
         sl = layout.layer_slice(i)
-        row = plain.row(i, name, shape, keep_np[sl], hist[i], classes)
         if merged is not None and zeros_per_layer[i]:
             h = hist[i].copy()
             for k, b in enumerate(levels):
                 if 2 <= b <= 8:
                     h[k, (1 << (b - 1)) - 1] = 0
             alt = merged.row(i, name, shape, keep_z[sl], h, classes, zeros_per_layer[i])
-            if alt.total < row.total:
+            # the plan's masks are kept unless ``alt`` is strictly cheaper (ties go to them), so they are priced
+            # exactly unless even a lower bound of their total is above ``alt``'s
+            assert alt is not None
+            row = plain.row(i, name, shape, keep_np[sl], hist[i], classes, above=alt.total)
+            if row is None or alt.total < row.total:
                 row = alt
+        else:
+            row = plain.row(i, name, shape, keep_np[sl], hist[i], classes)
         rows.append(row)
     return SizeBreakdown(rows)
