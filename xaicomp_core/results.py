@@ -1062,6 +1062,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"xaicomp: error: {e}", file=sys.stderr)
                 return 2
         for name in args.models.split(","):
+            if args.only == "auto-finetuned" and not (args.quick or name in AUTO_FT_MODELS):
+                _log(f"{name}: no auto search with fine-tuning in the loop (only {', '.join(AUTO_FT_MODELS)}, as in a "
+                     "full run)")
+                continue
             t1 = time.time()
             m, s = summary["models"][name], model_session(name, args.quick, args.threads)
             if args.only == "holdout":
