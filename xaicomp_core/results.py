@@ -51,11 +51,7 @@ FT_CURVE_CRITERIA = ["lrp", "lrp-signed", "magnitude", "random", "lrp-filter"]
 #: The auto search (``xaicomp auto``) in ``make results``: its signals, accuracy budget and evaluations per signal.
 AUTO_SIGNALS = ("relevance", "hybrid", "magnitude")
 AUTO_MAX_DROP = 1.0
-#: Evaluations per signal of the search without fine-tuning (``xaicomp auto --budget``; the CLI's and the app's
-#: default is 80). The search on fashion-vgg's reference images was still finding smaller plans after 80
-#: evaluations (hybrid: 73.6 kB at 80, 70.0 kB at 200) and found none after 200 (the same plan at 400; the
-#: remaining evaluations were failed exchanges). About one minute per signal there on 2 cores.
-AUTO_BUDGET = 200
+AUTO_BUDGET = 80
 #: The auto search with fine-tuning in the loop (every plan it measures is fine-tuned first, as the saved plan will
 #: be): only on the model the project's goals name, about 10 s per 2-epoch fine-tuning there on 2 cores.
 AUTO_FT_MODELS = ("fashion-vgg",)
@@ -746,8 +742,7 @@ def _auto_lines(m: dict[str, Any]) -> list[str]:
     a = m.get("auto")
     if not a:
         return []
-    L = ["", f"### Auto search: smallest plan within {a['max_drop_points']:g} point (`xaicomp auto --budget "
-         f"{a['budget']}`)", "",
+    L = ["", f"### Auto search: smallest plan within {a['max_drop_points']:g} point (`xaicomp auto`)", "",
          f"Per-layer sparsity and bit width searched with {a['budget']} evaluations per signal on the "
          f"{a['search_images']:,} reference images ({a['grid']} grid, {a['seconds'] / 60:.1f} minutes for all "
          "signals), the plan found then evaluated once on the evaluation images, which the search never saw. No "
