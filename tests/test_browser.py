@@ -520,7 +520,7 @@ def fold_checked(page) -> bool:
     return box.locator('input[type="checkbox"]').is_checked()
 
 
-def click_to_check(page, label, tries: int = 3) -> int:
+def click_to_check(label, tries: int = 3) -> int:
     """Click ``label`` (of a checkbox or radio option) until its input shows checked; return the clicks it took.
 
     A click can be lost in the browser while the page is still laying out under it (an expander opening, charts
@@ -545,7 +545,7 @@ def tick_fold(page) -> None:
     before = metric(page, "Size")
     shown(page, "stExpander").filter(has_text="More settings").first.locator("summary").first.click()
     box = shown(page, "stCheckbox").filter(has_text=FOLD_LABEL).first
-    clicks = click_to_check(page, box.locator("label"))
+    clicks = click_to_check(box.locator("label"))
     try:
         page.wait_for_function(CHANGED_JS, arg=before, timeout=60_000, polling=50)
     except Exception as e:
@@ -569,7 +569,7 @@ def press_prune_slider(page, key: str) -> None:
 
 
 def sidebar_choose(page, label: str) -> None:
-    click_to_check(page, page.locator('[data-testid="stSidebar"] label', has_text=label).first)
+    click_to_check(page.locator('[data-testid="stSidebar"] label', has_text=label).first)
 
 
 def sidebar_upload(page, path: pathlib.Path) -> None:

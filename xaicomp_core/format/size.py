@@ -165,12 +165,18 @@ def code_histograms(layout: LayerLayout, klass: torch.Tensor, codes: torch.Tenso
     return out.numpy().reshape(len(layout.names), n_lv, 256)
 
 
+def _zero_code(bits: int) -> int:
+    """The stored code of a ``bits``-bit class that decodes to exactly 0 (``qmax = 2^(bits-1) - 1`` for 2..8 bits),
+    -1 for a class without one (1 bit, fp32)."""
+    return (1 << (int(bits) - 1)) - 1 if 2 <= int(bits) <= 8 else -1
+
+
 def zero_codes(klass: torch.Tensor, codes: torch.Tensor, levels: list[int]) -> torch.Tensor:
     """Flat bool mask of the weights whose stored code decodes to exactly 0: a class of 2..8 bits and the code
     ``qmax = 2^(bits-1) - 1`` (value ``(qmax - qmax) * scale``). 1-bit classes have no zero; fp32 classes store the
     float itself."""
     # the zero code per class (-1: none), the last entry for index -1 (no class)
-    zero_code = torch.tensor([(1 << (int(b) - 1)) - 1 if 2 <= int(b) <= 8 else -1 for b in levels] + [-1],
+    zero_code = torch.tensor([_zero_code(b) for b in levels] + [-1],
                              dtype=codes.dtype)
     return codes == zero_code[klass.long()]
 
@@ -275,7 +281,7 @@ def compute_size(layout: LayerLayout, keep: torch.Tensor, klass: torch.Tensor, g
     hist = code_histograms(layout, kl, codes, levels)
     plain = _LayerTotals(layout, group_count.long(), levels)
     merged: _LayerTotals | None = None
-    zero_count = sum(int(hist[:, k, (1 << (b - 1)) - 1].sum()) for k, b in enumerate(levels) if 2 <= b <= 8)
+    zero_count = sum(int(hist[:, k, _zero_code(b)].sum()) for k, b in enumerate(levels) if _zero_code(b) >= 0)
     if zeros_as_pruned and zero_count:  # the same with the zero codes stored as pruned
         zero = zero_codes(kl, codes, levels)
         merged = _LayerTotals(layout, group_count.long() - _group_counts(layout, zero, kl, n_lv), levels)
@@ -299,8 +305,8 @@ def compute_size(layout: LayerLayout, keep: torch.Tensor, klass: torch.Tensor, g
         if merged is not None and zeros_per_layer[i]:
             h = hist[i].copy()
             for k, b in enumerate(levels):
-                if 2 <= b <= 8:
-                    h[k, (1 << (b - 1)) - 1] = 0
+                if _zero_code(b) >= 0:
+                    h[k, _zero_code(b)] = 0
             alt = merged.row(i, name, shape, keep_z[sl], h, classes, zeros_per_layer[i])
             # the plan's masks are kept unless ``alt`` is strictly cheaper (ties go to them), so they are priced
             # exactly unless even a lower bound of their total is above ``alt``'s
